@@ -1,0 +1,21 @@
+"""Re-categorize a catalog: predicted category, confidence and top-k for every product image.
+
+With no arguments it runs the bundled sample catalog through the bundled model on a local Ray.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs._main import run_job
+from pipeline.config import RecategorizeConfig, parse_args
+from pipeline.recategorize import format_summary, run
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(RecategorizeConfig, argv, __doc__)
+    print(format_summary(run(cfg)))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))

@@ -1,0 +1,22 @@
+"""Train a category classifier on Ray Train and export the best epoch as a model artifact."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jobs._main import run_job
+from pipeline.config import TrainConfig, parse_args
+from pipeline.train import run
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(TrainConfig, argv, __doc__)
+    summary = run(cfg)
+    summary.pop("history", None)
+    summary.pop("config", None)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))

@@ -1,0 +1,111 @@
+"""Catalog manifests: schemas, validation before any work, and where relative URIs resolve.
+
+Validation reads only the metadata and the `product_id` column, so it is cheap next to the job
+itself, and a bad manifest stops the job before Ray starts any task or anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from pipeline import storage
+from pipeline.errors import ManifestError
+
+REQUIRED = {"product_id": pa.string(), "image_uri": pa.string()}
+OPTIONAL = {"current_category": pa.string()}
+TRAINING_REQUIRED = {**REQUIRED, "category": pa.string()}
+TRAINING_OPTIONAL = {"coarse_category": pa.string(), "split": pa.string()}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    uri: str
+    base_uri: str  # folder that relative image_uri values resolve against
+    num_rows: int
+    columns: tuple[str, ...]
+
+    def has(self, column: str) -> bool:
+        return column in self.columns
+
+
+def _is_stringish(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def open_dataset(uri: str) -> ds.Dataset:
+    fs, path = storage.arrow_filesystem(uri)
+    try:
+        return ds.dataset(path, filesystem=fs, format="parquet")
+    except FileNotFoundError as exc:
+        raise ManifestError(f"manifest {uri!r} not found") from exc
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"manifest {uri!r} is not readable Parquet: {exc}") from exc
+
+
+def _sample(values: list, limit: int = 5) -> str:
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return shown + (f" ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def validate_manifest(uri: str, training: bool = False) -> Manifest:
+    """Check columns, types, emptiness and product_id uniqueness; raise ManifestError naming
+    the file, the column and the offending values."""
+    uri = storage.normalize(uri)
+    dataset = open_dataset(uri)
+    required = TRAINING_REQUIRED if training else REQUIRED
+    optional = {**OPTIONAL, **(TRAINING_OPTIONAL if training else {})}
+    schema = dataset.schema
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise ManifestError(
+            f"manifest {uri!r} lacks required column(s) {', '.join(missing)} "
+            f"(has: {', '.join(schema.names)})"
+        )
+    for name in [*required, *(c for c in optional if c in schema.names)]:
+        t = schema.field(name).type
+        if not _is_stringish(t):
+            raise ManifestError(f"manifest {uri!r}: column {name!r} must be string, found {t}")
+    try:
+        table = dataset.to_table(columns=["product_id", "image_uri"])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"manifest {uri!r} is not readable Parquet: {exc}") from exc
+    if table.num_rows == 0:
+        raise ManifestError(f"manifest {uri!r} is empty (0 rows)")
+    ids = table.column("product_id")
+    if ids.null_count:
+        raise ManifestError(
+            f"manifest {uri!r}: column 'product_id' has {ids.null_count} null value(s)"
+        )
+    counts = pc.value_counts(ids)
+    dupes = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(dupes):
+        raise ManifestError(
+            f"manifest {uri!r}: column 'product_id' has duplicate values: {_sample(dupes.to_pylist())}"
+        )
+    if training:
+        _validate_training_columns(uri, dataset)
+    base = uri if storage.filesystem(uri)[0].isdir(storage.filesystem(uri)[1]) else storage.parent(uri)
+    return Manifest(uri=uri, base_uri=base, num_rows=table.num_rows, columns=tuple(schema.names))
+
+
+def _validate_training_columns(uri: str, dataset: ds.Dataset) -> None:
+    cols = [c for c in ("category", "split") if c in dataset.schema.names]
+    table = dataset.to_table(columns=cols)
+    if table.column("category").null_count:
+        raise ManifestError(
+            f"manifest {uri!r}: column 'category' has {table.column('category').null_count} null "
+            "value(s); every training row needs a label"
+        )
+    if "split" in cols:
+        found = set(pc.unique(table.column("split")).to_pylist())
+        bad = sorted(str(v) for v in found - set(SPLITS))
+        if bad:
+            raise ManifestError(
+                f"manifest {uri!r}: column 'split' has invalid value(s) {_sample(bad)} "
+                f"(valid: {', '.join(SPLITS)})"
+            )

@@ -1,0 +1,23 @@
+"""Joining Ray: a local in-process Ray by default, a cluster when RAY_ADDRESS or --ray-address
+says so. The same job code runs on a laptop and under `ray job submit`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=False)
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))

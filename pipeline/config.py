@@ -1,0 +1,207 @@
+"""Typed job configs: defaults in code, then a YAML file, then command-line flags.
+
+Each job has one pydantic model. `parse_args` builds an argparse parser from the model's fields
+(every field has a default and a description, which becomes its --help), so a flag, a YAML key and
+a Python attribute are the same name. The effective config is written next to the job's outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline import storage
+from pipeline.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES_DIR = REPO_ROOT / "examples"
+SAMPLE_MANIFEST = str(EXAMPLES_DIR / "sample-catalog" / "manifest.parquet")
+BUNDLED_MODEL = str(EXAMPLES_DIR / "model")
+GROCERY_DATASET = str(REPO_ROOT.parent / "shared" / "datasets" / "grocery-store")
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join ('auto' or ray://host:port). Default: RAY_ADDRESS if set, "
+        "else a local Ray started in-process.",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs for a local in-process Ray (ignored on a cluster). Default: all."
+    )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, uri: str) -> None:
+        storage.write_text(uri, self.to_yaml())
+
+
+class RecategorizeConfig(JobConfig):
+    manifest: str = Field(
+        SAMPLE_MANIFEST,
+        description="Catalog manifest: Parquet file or folder, local path or URI (s3://...).",
+    )
+    model: str = Field(BUNDLED_MODEL, description="Model artifact folder (local path or URI).")
+    output: str = Field(
+        "outputs/recategorize",
+        description="Output folder (local path or URI): predictions/*.parquet, summary.json, "
+        "config.yaml, _SUCCESS.",
+    )
+    review_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="Rows with confidence below this get needs_review=true."
+    )
+    top_k: int = Field(5, ge=1, le=100, description="How many ranked categories to keep per row.")
+    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    preprocess_batch_size: int = Field(32, ge=1, description="Images per fetch/decode task batch.")
+    num_actors: int = Field(1, ge=1, description="Inference actor pool size (one model replica each).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Inference device. 'auto': cuda when the cluster has GPUs, else cpu."
+    )
+    gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per inference actor on cuda.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
+    max_image_bytes: int = Field(
+        50_000_000, ge=1, description="Images larger than this many bytes become too_large errors."
+    )
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="Images with more pixels than this become too_large errors."
+    )
+    run_id: str | None = Field(None, description="Run identifier. Default: UTC time + random suffix.")
+    overwrite: bool = Field(
+        False, description="Replace a completed run already in the output folder."
+    )
+
+
+class TrainConfig(JobConfig):
+    manifest: str = Field(
+        "manifests/grocery.parquet",
+        description="Training manifest (product_id, image_uri, category, optional "
+        "coarse_category and split). Make one with `python -m jobs.make_manifest`.",
+    )
+    output: str = Field(
+        "outputs/train", description="Output folder: model/ artifact, checkpoints/, config.yaml."
+    )
+    model_name: str = Field("mobilenet_v3_small", description="Architecture from the model registry.")
+    weights: str | None = Field(
+        None,
+        description="Starting weights: a torchvision weights name (e.g. IMAGENET1K_V1, needs "
+        "internet) or a .safetensors file path/URI. Default: random init.",
+    )
+    input_size: int = Field(160, ge=32, le=1024, description="Square input size in pixels.")
+    epochs: int = Field(40, ge=1, description="Training epochs.")
+    batch_size: int = Field(64, ge=1, description="Per-worker training batch size.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1,
+        description="Stratified validation share when the manifest has no split column.",
+    )
+    seed: int = Field(0, description="Seed for splits, init and augmentation.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas).")
+    use_gpu: bool = Field(False, description="One GPU per training worker.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per training worker.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per worker. Default: the node's CPU count."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, description="Best checkpoints kept in storage.")
+    max_train_rows: int | None = Field(
+        None, ge=1, description="Use at most this many training rows (for smoke runs)."
+    )
+
+
+class MakeManifestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        GROCERY_DATASET,
+        description="Grocery Store dataset folder (with train.txt/val.txt/classes.csv), or any "
+        "class-per-folder image tree.",
+    )
+    output: str = Field("manifests/grocery.parquet", description="Manifest Parquet file to write.")
+    layout: Literal["auto", "grocery-store", "folders"] = Field(
+        "auto", description="Source layout. 'auto': grocery-store when classes.csv exists."
+    )
+    splits: str = Field(
+        "train,val", description="Grocery Store splits to include, comma-separated."
+    )
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None]:
+    """argparse type and choices for a field annotation (scalars, Optional[...] and Literal)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(args[0])
+    if origin is Literal:
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices
+    return annotation, None
+
+
+def build_parser(cls: type[BaseModel], description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML file setting any option below; flags override it."
+    )
+    for name, field in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind, choices = _flag_type(field.annotation)
+        help_text = field.description or ""
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{help_text} (default: {field.default})")
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices,
+                                default=argparse.SUPPRESS, metavar=None if choices else name.upper(),
+                                help=f"{help_text} (default: {field.default})")
+    return parser
+
+
+def parse_args(cls: type[C], argv: list[str] | None, description: str) -> C:
+    """Defaults, then --config YAML, then flags; raise ConfigError naming the bad option."""
+    args = vars(build_parser(cls, description).parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file:
+        try:
+            loaded = yaml.safe_load(storage.read_bytes(config_file)) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {config_file!r} not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_file!r} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file!r} must hold a mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update(args)
+    return validate(cls, values, source=config_file)
+
+
+def validate(cls: type[C], values: dict[str, Any], source: str | None = None) -> C:
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "(config)"
+            flag = "--" + name.replace("_", "-")
+            if err["type"] == "extra_forbidden":
+                valid = ", ".join(cls.model_fields)
+                problems.append(f"unknown option {name!r} (valid: {valid})")
+            else:
+                problems.append(f"{flag}: {err['msg']} (got {err.get('input')!r})")
+        where = f" in {source}" if source else ""
+        raise ConfigError(f"invalid {cls.__name__}{where}: " + "; ".join(problems)) from exc

@@ -1,0 +1,101 @@
+"""Turn labelled image folders into training manifests (Parquet)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import ManifestError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MANIFEST_SCHEMA = pa.schema([
+    ("product_id", pa.string()),
+    ("image_uri", pa.string()),
+    ("category", pa.string()),
+    ("coarse_category", pa.string()),
+    ("split", pa.string()),
+])
+
+
+def grocery_store_rows(root: str, splits: list[str]) -> list[dict]:
+    """Rows from the Grocery Store dataset's split files (`path, fine_id, coarse_id`) and
+    classes.csv (fine and coarse names)."""
+    root_path = Path(root)
+    classes_file = root_path / "classes.csv"
+    if not classes_file.exists():
+        raise ManifestError(f"{root!r} has no classes.csv; is it the Grocery Store dataset?")
+    fine, coarse = {}, {}
+    with open(classes_file, newline="") as f:
+        for row in csv.DictReader(f):
+            fine[int(row["Class ID (int)"])] = row["Class Name (str)"].strip()
+            coarse[int(row["Coarse Class ID (int)"])] = row["Coarse Class Name (str)"].strip()
+    rows = []
+    for split in splits:
+        split_file = root_path / f"{split}.txt"
+        if not split_file.exists():
+            raise ManifestError(f"{root!r} has no split file {split}.txt")
+        for line in split_file.read_text().splitlines():
+            if not line.strip():
+                continue
+            rel, fine_id, coarse_id = (part.strip() for part in line.split(","))
+            rows.append({
+                "product_id": f"grocery/{Path(rel).with_suffix('').as_posix()}",
+                "image_uri": str((root_path / rel).resolve()),
+                "category": fine[int(fine_id)],
+                "coarse_category": coarse[int(coarse_id)],
+                "split": split,
+            })
+    return rows
+
+
+def folder_rows(root: str) -> list[dict]:
+    """Rows from `root/<class>/**/image` or `root/<split>/<class>/**/image` (split in
+    train/val/test). The class is the first folder level under the split (or root)."""
+    root_path = Path(root).resolve()
+    if not root_path.is_dir():
+        raise ManifestError(f"{root!r} is not a folder")
+    top = {p.name for p in root_path.iterdir() if p.is_dir()}
+    split_layout = bool(top) and top <= {"train", "val", "test"}
+    rows = []
+    for dirpath, _, files in sorted(os.walk(root_path)):
+        for name in sorted(files):
+            path = Path(dirpath) / name
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            rel = path.relative_to(root_path)
+            parts = rel.parts
+            if split_layout:
+                if len(parts) < 3:
+                    continue
+                split, category = parts[0], parts[1]
+            else:
+                if len(parts) < 2:
+                    continue
+                split, category = None, parts[0]
+            rows.append({"product_id": rel.with_suffix("").as_posix(), "image_uri": str(path),
+                         "category": category, "coarse_category": None, "split": split})
+    if not rows:
+        raise ManifestError(f"no images found in class folders under {root!r}")
+    return rows
+
+
+def write_manifest(rows: list[dict], uri: str) -> int:
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    fs, path = storage.arrow_filesystem(uri)
+    if storage.is_local(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    pq.write_table(table, path, filesystem=fs)
+    return table.num_rows
+
+
+def make_manifest(source: str, output: str, layout: str = "auto",
+                  splits: tuple[str, ...] = ("train", "val")) -> int:
+    if layout == "auto":
+        layout = "grocery-store" if (Path(source) / "classes.csv").exists() else "folders"
+    rows = grocery_store_rows(source, list(splits)) if layout == "grocery-store" else folder_rows(source)
+    return write_manifest(rows, output)

@@ -1,0 +1,60 @@
+"""Inference stage: a callable class that loads the model once and maps a batch to predictions.
+
+Top-k leaves as class indices (numeric arrays travel zero-copy); the output stage names them.
+uint8 NHWC images go to the device as they are (4x less to copy than float32) and are normalized
+there. Rows that failed preprocessing pass through with null predictions. No Ray imports, so the
+same class runs in a Ray actor pool, a plain script or a GPU benchmark.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.artifact import load_artifact
+from pipeline.transforms import norm_tensors, to_model_input
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+class Classifier:
+    def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
+                 num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = resolve_device(device)
+        self.model, self.meta = load_artifact(model_uri, self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.classes = np.array(self.meta.classes, dtype=object)
+        self.top_k = min(top_k, len(self.classes))
+        self.mean, self.std = norm_tensors(self.meta.mean, self.meta.std, self.device)
+
+    @torch.inference_mode()
+    def probabilities(self, images: np.ndarray) -> torch.Tensor:
+        """Softmax (with the artifact's temperature) for a uint8 NHWC batch."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        logits = self.model(to_model_input(x, self.mean, self.std)).float()
+        return torch.softmax(logits / self.meta.temperature, dim=1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        n = len(images)
+        ok = np.asarray(batch["status"]) == "ok"
+        predicted = np.full(n, None, dtype=object)
+        confidence = np.full(n, np.nan, dtype=np.float32)
+        top_index = np.full((n, self.top_k), -1, dtype=np.int32)
+        top_scores = np.full((n, self.top_k), np.nan, dtype=np.float32)
+        if ok.any():
+            probs = self.probabilities(images[ok])
+            scores, idx = probs.topk(self.top_k, dim=1)
+            scores, idx = scores.cpu().numpy(), idx.cpu().numpy()
+            top_index[ok] = idx
+            top_scores[ok] = scores
+            predicted[ok] = self.classes[idx[:, 0]]
+            confidence[ok] = scores[:, 0]
+        return {**batch, "predicted_category": predicted, "confidence": confidence,
+                "top_k_index": top_index, "top_k_scores": top_scores}

@@ -1,0 +1,100 @@
+"""The nightly job's Ray Data plan: manifest -> preprocess (CPU tasks) -> predict (actor pool)
+-> format -> Parquet (staged, then committed) -> run summary.
+
+Everything that can be checked before work starts is checked first (config, manifest, model
+artifact, output location), so a bad argument fails fast and writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import uuid
+
+from pipeline import storage
+from pipeline.artifact import load_metadata
+from pipeline.catalog import validate_manifest
+from pipeline.config import RecategorizeConfig
+from pipeline.errors import ConfigError
+from pipeline.outputs import (
+    SUMMARY_FILE,
+    OutputFormatter,
+    check_output,
+    commit,
+    staging_uri,
+    summarize,
+)
+from pipeline.predict import Classifier
+from pipeline.preprocess import Preprocessor
+
+
+# Decoding a large upload needs a few hundred MB. Declaring it also keeps Ray from fusing the
+# decode tasks into the inference actors (fusion needs equal remote args), so decode runs in
+# parallel CPU tasks instead of serially inside each model replica.
+DECODE_TASK_MEMORY = 256 * 1024**2
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def inference_device(cfg: RecategorizeConfig) -> str:
+    from pipeline.cluster import cluster_gpus
+
+    gpus = cluster_gpus()
+    if cfg.device == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda was requested but the Ray cluster has no GPUs")
+    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
+
+
+def run(cfg: RecategorizeConfig) -> dict:
+    import ray.data
+
+    from pipeline.cluster import init_ray
+
+    start = time.perf_counter()
+    run_id = cfg.run_id or new_run_id()
+    manifest = validate_manifest(cfg.manifest)
+    meta = load_metadata(cfg.model)
+    model_uri = storage.normalize(cfg.model)
+    output = storage.normalize(cfg.output)
+    check_output(output, manifest.uri, meta.model_version, cfg.overwrite)
+
+    init_ray(cfg.ray_address, cfg.num_cpus)
+    device = inference_device(cfg)
+    fs, path = storage.arrow_filesystem(manifest.uri)
+    columns = ["product_id", "image_uri"] + (
+        ["current_category"] if manifest.has("current_category") else [])
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+    ds = ds.map_batches(
+        Preprocessor(meta.input_size, manifest.base_uri, cfg.max_image_bytes, cfg.max_image_pixels),
+        batch_size=cfg.preprocess_batch_size, batch_format="numpy", num_cpus=1,
+        memory=DECODE_TASK_MEMORY)
+    ds = ds.map_batches(
+        Classifier,
+        fn_constructor_kwargs={"model_uri": model_uri, "device": device, "top_k": cfg.top_k,
+                               "num_threads": max(1, int(cfg.cpus_per_actor))},
+        batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor if device == "cuda" else 0)
+    ds = ds.map_batches(
+        OutputFormatter(meta.classes, meta.architecture, meta.model_version, run_id, cfg.review_threshold),
+        batch_format="numpy", num_cpus=0.5)
+    staging = staging_uri(output, run_id)
+    out_fs, out_path = storage.arrow_filesystem(staging)
+    ds.write_parquet(out_path, filesystem=out_fs)
+
+    commit(output, run_id, manifest.uri, meta.model_version, manifest.num_rows)
+    cfg.save(storage.join(output, "config.yaml"))
+    summary = summarize(output, run_id, time.perf_counter() - start, {
+        "manifest": manifest.uri, "model": model_uri, "model_name": meta.architecture,
+        "model_version": meta.model_version, "device": device,
+        "output": storage.join(output, "predictions"),
+    })
+    storage.write_json(storage.join(output, SUMMARY_FILE), summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    return json.dumps(summary, indent=2)

@@ -1,0 +1,144 @@
+"""One interface over local disk and object storage: callers pass URIs, fsspec does the rest.
+
+Local paths, file://, s3://, gs:// and https:// differ only in the URI. S3 credentials and
+endpoint come from the standard AWS chain (environment, profile, instance role), including
+AWS_ENDPOINT_URL for S3-compatible servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.core import url_to_fs
+
+from pipeline.errors import OutputError
+
+
+def has_scheme(uri: str) -> bool:
+    return "://" in uri
+
+
+def is_local(uri: str) -> bool:
+    return not has_scheme(uri) or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """Absolute local path of a local URI (plain path or file://)."""
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def normalize(uri: str) -> str:
+    """Absolute local path for local URIs; object-store URIs unchanged (minus a trailing slash)."""
+    return local_path(uri) if is_local(uri) else uri.rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_local(base):
+        return os.path.join(local_path(base), *parts)
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def parent(uri: str) -> str:
+    if is_local(uri):
+        return os.path.dirname(local_path(uri))
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+
+
+def resolve(uri: str, base: str) -> str:
+    """Resolve a possibly relative URI against `base` (a folder URI), as manifests require."""
+    if has_scheme(uri) or os.path.isabs(uri):
+        return uri
+    return join(base, uri)
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path inside it for a URI."""
+    fs, path = url_to_fs(normalize(uri))
+    return fs, path
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem (wrapping fsspec) for Ray Data and pyarrow readers and writers."""
+    fs, path = filesystem(uri)
+    if is_local(uri):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(uri: str, recursive: bool = True) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files under a folder URI (recursively), as full URIs, sorted."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    found = sorted(p for p in fs.find(path) if p.endswith(suffix))
+    if is_local(uri):
+        return found
+    scheme = uri.split("://", 1)[0]
+    return [f"{scheme}://{p}" for p in found]
+
+
+def move(src: str, dst: str) -> None:
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if is_local(src):
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+    fs.mv(src_path, dst_path)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, before any work, when the output location cannot be written."""
+    probe = join(uri, ".write-probe")
+    try:
+        makedirs(uri)
+        write_bytes(probe, b"ok")
+        remove(probe, recursive=False)
+    except Exception as exc:  # any backend error means the same thing to the user
+        raise OutputError(f"output location {uri!r} is not writable: {exc}") from exc
