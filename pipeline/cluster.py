@@ -16,7 +16,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=False)
+        # "local" always starts a private Ray: a bare ray.init() would attach to any cluster a
+        # `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
+                 include_dashboard=False)
 
 
 def cluster_gpus() -> float:

@@ -28,7 +28,6 @@ from pipeline.outputs import (
 from pipeline.predict import Classifier
 from pipeline.preprocess import Preprocessor
 
-
 # Decoding a large upload needs a few hundred MB. Declaring it also keeps Ray from fusing the
 # decode tasks into the inference actors (fusion needs equal remote args), so decode runs in
 # parallel CPU tasks instead of serially inside each model replica.

@@ -160,6 +160,12 @@ def evaluate(model, batches, mean, std, device, fine_to_coarse: torch.Tensor | N
     return out
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -209,6 +215,8 @@ def train_loop_per_worker(config: dict) -> None:
                       if config["fine_to_coarse"] else None)
 
     model = create_model(cfg.model_name, len(config["classes"]), cfg.weights)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(model, cfg.bn_momentum)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, config["train_rows"] // (cfg.batch_size * world))
@@ -307,7 +315,8 @@ def run(cfg: TrainConfig) -> dict:
     except Exception as exc:  # Ray wraps worker failures; keep the cause chained
         raise TrainingError(f"training failed: {exc}") from exc
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
-    history = result.metrics_dataframe.to_dict(orient="records") if result.metrics_dataframe is not None else []
+    frame = result.metrics_dataframe
+    history = frame.to_dict(orient="records") if frame is not None else []
     model = create_model(cfg.model_name, len(data.classes))
     with best_ckpt.as_directory() as folder:
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))

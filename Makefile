@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine; each installs what it needs first.
+#   make demo   re-categorize the bundled sample catalog with the bundled model (local Ray)
+#   make test   run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint install
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PY) -m jobs.recategorize
+
+test: install
+	$(PY) -m ruff check pipeline jobs tests examples
+	$(PY) -m pytest

@@ -1,0 +1,65 @@
+import pyarrow as pa
+import pytest
+
+from pipeline.catalog import validate_manifest
+from pipeline.errors import ManifestError
+from tests.conftest import write_manifest
+
+GOOD = [{"product_id": "a", "image_uri": "x.jpg"}, {"product_id": "b", "image_uri": "y.jpg"}]
+
+
+def test_valid_file_and_folder(tmp_path):
+    m = validate_manifest(str(write_manifest(tmp_path / "m.parquet", GOOD)))
+    assert m.num_rows == 2 and m.base_uri == str(tmp_path)
+    write_manifest(tmp_path / "folder" / "part-0.parquet", GOOD[:1])
+    write_manifest(tmp_path / "folder" / "part-1.parquet", GOOD[1:])
+    m = validate_manifest(str(tmp_path / "folder"))
+    assert m.num_rows == 2 and m.base_uri == str(tmp_path / "folder")
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [{"product_id": "a"}])
+    with pytest.raises(ManifestError, match=r"m\.parquet.*image_uri"):
+        validate_manifest(str(path))
+
+
+def test_wrong_type(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [{"product_id": 1, "image_uri": "x.jpg"}])
+    with pytest.raises(ManifestError, match=r"'product_id' must be string, found int64"):
+        validate_manifest(str(path))
+
+
+def test_empty(tmp_path):
+    schema = pa.schema([("product_id", pa.string()), ("image_uri", pa.string())])
+    path = write_manifest(tmp_path / "m.parquet", [], schema=schema)
+    with pytest.raises(ManifestError, match="empty"):
+        validate_manifest(str(path))
+
+
+def test_duplicates_are_listed(tmp_path):
+    rows = [*GOOD, {"product_id": "a", "image_uri": "z.jpg"}, {"product_id": "b", "image_uri": "w"}]
+    path = write_manifest(tmp_path / "m.parquet", rows)
+    with pytest.raises(ManifestError, match=r"duplicate values: 'a', 'b'"):
+        validate_manifest(str(path))
+
+
+def test_null_product_id(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [*GOOD, {"product_id": None, "image_uri": "q"}])
+    with pytest.raises(ManifestError, match="null"):
+        validate_manifest(str(path))
+
+
+def test_not_found_and_not_parquet(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        validate_manifest(str(tmp_path / "nope.parquet"))
+    (tmp_path / "bad.parquet").write_text("hello")
+    with pytest.raises(ManifestError, match="not readable Parquet"):
+        validate_manifest(str(tmp_path / "bad.parquet"))
+
+
+def test_training_manifest_checks(tmp_path):
+    with pytest.raises(ManifestError, match="category"):
+        validate_manifest(str(write_manifest(tmp_path / "a.parquet", GOOD)), training=True)
+    rows = [{**r, "category": "c", "split": s} for r, s in zip(GOOD, ["train", "holdout"], strict=True)]
+    with pytest.raises(ManifestError, match=r"'split' has invalid value\(s\) 'holdout'"):
+        validate_manifest(str(write_manifest(tmp_path / "b.parquet", rows)), training=True)

@@ -1,0 +1,34 @@
+import pyarrow.parquet as pq
+
+from pipeline.importers import make_manifest
+
+
+def test_grocery_store_counts_match_split_files(grocery_root, tmp_path):
+    out = tmp_path / "m.parquet"
+    n = make_manifest(str(grocery_root), str(out))
+    table = pq.read_table(out)
+    lines = {s: sum(1 for line in (grocery_root / f"{s}.txt").read_text().splitlines() if line.strip())
+             for s in ("train", "val")}
+    assert n == table.num_rows == lines["train"] + lines["val"]
+    splits = table.column("split").to_pylist()
+    assert splits.count("train") == lines["train"] and splits.count("val") == lines["val"]
+    assert len(set(table.column("category").to_pylist())) == 81
+    assert len(set(table.column("coarse_category").to_pylist())) == 43
+    assert len(set(table.column("product_id").to_pylist())) == n
+    row = table.slice(0, 1).to_pylist()[0]
+    assert (row["category"], row["coarse_category"]) == ("Golden-Delicious", "Apple")
+
+
+def test_class_folder_tree(tmp_path, sample_images):
+    for split in ("train", "val"):
+        for src in sample_images[:3]:
+            target = tmp_path / "tree" / split / src.parent.name / src.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(src.read_bytes())
+    (tmp_path / "tree" / "train" / "README.txt").write_text("not an image")
+    n = make_manifest(str(tmp_path / "tree"), str(tmp_path / "m.parquet"))
+    table = pq.read_table(tmp_path / "m.parquet")
+    assert n == 6
+    assert sorted(set(table.column("category").to_pylist())) == sorted(
+        p.parent.name for p in sample_images[:3])
+    assert table.column("split").to_pylist().count("val") == 3

@@ -1,0 +1,95 @@
+"""End to end on a real local Ray, real Grocery images, real Parquet."""
+
+import json
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifact import load_metadata
+from pipeline.config import RecategorizeConfig
+from pipeline.errors import OutputError
+from pipeline.outputs import OUTPUT_SCHEMA
+from pipeline.preprocess import Preprocessor
+from pipeline.recategorize import run
+
+
+def test_preprocessor_keeps_every_row(small_catalog):
+    manifest, n, expected = small_catalog
+    table = pq.read_table(manifest)
+    batch = {k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}
+    out = Preprocessor(64, str(manifest.parent))(batch)
+    assert out["image"].shape == (n, 64, 64, 3)
+    errors = {pid: et for pid, et in zip(out["product_id"], out["error_type"], strict=True) if et}
+    assert errors == expected
+    ok = out["status"] == "ok"
+    assert ok.sum() == n - 3 and out["image"][ok].reshape(n - 3, -1).std(axis=1).min() > 5
+
+
+@pytest.mark.slow
+def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
+    manifest, n, expected = small_catalog
+    out = tmp_path / "out"
+    cfg = RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(out),
+                             batch_size=8, preprocess_batch_size=4, top_k=3)
+    summary = run(cfg)
+
+    table = pq.read_table(out / "predictions")
+    assert table.num_rows == n == summary["rows"]
+    assert [(f.name, f.type) for f in table.schema] == [(f.name, f.type) for f in OUTPUT_SCHEMA]
+    rows = {r["product_id"]: r for r in table.to_pylist()}
+    assert set(rows) == set(pq.read_table(manifest).column("product_id").to_pylist())
+
+    classes = set(load_metadata(bundled_model).classes)
+    for pid, row in rows.items():
+        if pid in expected:
+            assert row["status"] == "error" and row["error_type"] == expected[pid]
+            assert row["error_message"] and row["predicted_category"] is None
+            assert row["needs_review"] is True and row["top_k"] is None
+            continue
+        assert row["status"] == "ok" and row["error_type"] is None
+        assert row["predicted_category"] in classes
+        assert 0.0 < row["confidence"] <= 1.0
+        scores = [t["score"] for t in row["top_k"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert row["top_k"][0] == {"category": row["predicted_category"],
+                                   "score": row["confidence"]}
+        assert row["category_changed"] == (row["predicted_category"] != row["current_category"])
+        assert row["needs_review"] == (row["confidence"] < cfg.review_threshold)
+        assert row["run_id"] == summary["run_id"]
+        assert row["model_version"] == load_metadata(bundled_model).model_version
+
+    assert summary["ok"] == n - 3 and summary["errors_by_type"] == {
+        "decode_failed": 1, "not_an_image": 1, "fetch_not_found": 1}
+    assert summary["needs_review"] == sum(r["needs_review"] for r in rows.values())
+    marker = json.loads((out / "_SUCCESS").read_text())
+    assert marker["rows"] == n and all((out / f).exists() for f in marker["files"])
+    assert json.loads((out / "summary.json").read_text())["rows"] == n
+    assert (out / "config.yaml").exists() and not (out / "_staging" / summary["run_id"]).exists()
+
+    # Readable by an ordinary warehouse engine.
+    con = duckdb.connect()
+    got = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE status = 'error'), max(len(top_k)) "
+        f"FROM read_parquet('{out}/predictions/*.parquet')").fetchone()
+    assert got == (n, 3, 3)
+
+
+@pytest.mark.slow
+def test_rerun_replaces_same_run_and_refuses_other_manifest(ray_local, small_catalog, tmp_path,
+                                                            bundled_model):
+    manifest, n, _ = small_catalog
+    out = tmp_path / "out"
+    cfg = RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(out))
+    first = run(cfg)
+    second = run(cfg)
+    assert first["run_id"] != second["run_id"]
+    table = pq.read_table(out / "predictions")
+    assert table.num_rows == n and set(table.column("run_id").to_pylist()) == {second["run_id"]}
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pq.read_table(manifest).slice(0, 3), other)
+    with pytest.raises(OutputError, match="already holds completed run"):
+        run(cfg.model_copy(update={"manifest": str(other)}))
+    assert pq.read_table(out / "predictions").num_rows == n  # untouched

@@ -1,0 +1,52 @@
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.artifact import load_artifact
+from pipeline.config import TrainConfig
+from pipeline.decode import decode_image
+from pipeline.importers import make_manifest
+from pipeline.models import create_model
+from pipeline.train import run, stratified_split
+
+
+def test_stratified_split_takes_a_share_of_every_class():
+    labels = np.repeat(np.arange(5), [10, 20, 2, 1, 40])
+    is_val = stratified_split(labels, 0.25, seed=3)
+    per_class = [int(is_val[labels == c].sum()) for c in range(5)]
+    assert per_class == [2, 5, 1, 0, 10]
+    assert np.array_equal(is_val, stratified_split(labels, 0.25, seed=3))
+    assert not np.array_equal(is_val, stratified_split(labels, 0.25, seed=4))
+
+
+@pytest.mark.slow
+def test_short_training_exports_an_artifact_with_the_checkpoint_logits(
+        ray_local, grocery_root, tmp_path):
+    manifest = tmp_path / "m.parquet"
+    make_manifest(str(grocery_root), str(manifest))
+    cfg = TrainConfig(manifest=str(manifest), output=str(tmp_path / "run"), epochs=1,
+                      max_train_rows=96, input_size=64, batch_size=16)
+    summary = run(cfg)
+    assert summary["train_rows"] == 96 and summary["val_rows"] == 296
+    assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["best_epoch"] == 1
+
+    model, meta = load_artifact(summary["model"])
+    assert len(meta.classes) == 81 and meta.input_size == 64
+    assert meta.coarse_classes["Granny-Smith"] == "Apple"
+    assert meta.training["val_accuracy"] == summary["val_accuracy"]
+
+    checkpoints = [p for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "run" / "checkpoint_*"))
+                   if os.path.isdir(p)]
+    assert len(checkpoints) == 1
+    trained = create_model("mobilenet_v3_small", 81)
+    trained.load_state_dict(load_file(f"{checkpoints[0]}/model.safetensors"))
+    trained.eval()
+    images = [decode_image(p.read_bytes(), 64)
+              for p in sorted((grocery_root / "val" / "Fruit" / "Apple").rglob("*.jpg"))[:4]]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    with torch.inference_mode():
+        assert torch.equal(trained(x), model(x))
