@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 90
 START_ATTEMPTS = 3
-STOP_TIMEOUT_S = 15
+STOP_TIMEOUT_S = 5
 JOB_TIMEOUT_S = 240
 
 
