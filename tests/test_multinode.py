@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ class LocalCluster:
     dashboard: str
     env: dict[str, str]
     token: str
-    nodes: list[tuple[subprocess.Popen, str]] = field(default_factory=list)
+    nodes: list[subprocess.Popen] = field(default_factory=list)  # our `ray start --block`s
     head_node: str = ""
     gpu_node: str = ""
 
@@ -162,7 +163,7 @@ def _start_node(cluster: LocalCluster, name: str, args: list[str], nodes: int, r
         while proc.poll() is None and time.monotonic() < deadline:
             alive = cluster.alive_nodes()
             if len(alive) == nodes:
-                cluster.nodes.append((proc, temp_dir))
+                cluster.nodes.append(proc)
                 return alive
             time.sleep(1)
         _kill([proc], temp_dir)
@@ -199,7 +200,7 @@ def ray_cluster(tmp_path_factory):
         (cluster.gpu_node,) = (n["node_id"] for n in nodes if n["node_id"] != cluster.head_node)
         yield cluster
     finally:
-        _kill([proc for proc, _ in reversed(cluster.nodes)], temp_dir)
+        _kill(list(reversed(cluster.nodes)), temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
