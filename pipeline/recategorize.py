@@ -66,6 +66,9 @@ def run(cfg: RecategorizeConfig) -> dict:
     columns = ["product_id", "image_uri"] + (
         ["current_category"] if manifest.has("current_category") else [])
     ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+    # A manifest file arrives as a few big blocks, and a decode task handles a whole block:
+    # split them (streaming, no shuffle) so decoding fans out over all CPU slots.
+    ds = ds.repartition(target_num_rows_per_block=cfg.preprocess_batch_size)
     ds = ds.map_batches(
         Preprocessor(meta.input_size, manifest.base_uri, cfg.max_image_bytes, cfg.max_image_pixels),
         batch_size=cfg.preprocess_batch_size, batch_format="numpy", num_cpus=1,
@@ -73,7 +76,8 @@ def run(cfg: RecategorizeConfig) -> dict:
     ds = ds.map_batches(
         Classifier,
         fn_constructor_kwargs={"model_uri": model_uri, "device": device, "top_k": cfg.top_k,
-                               "num_threads": max(1, int(cfg.cpus_per_actor))},
+                               "num_threads": max(1, int(cfg.cpus_per_actor)),
+                               "precision": cfg.precision, "compile": cfg.compile},
         batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor if device == "cuda" else 0)
