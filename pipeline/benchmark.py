@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 
 from pipeline.artifact import load_metadata
+from pipeline.cluster import cpu_count
 from pipeline.decode import decode_image
 from pipeline.predict import Classifier
 
@@ -250,9 +250,6 @@ def format_table(rows: list[tuple[str, Measurement]], ceiling: float, baseline: 
     return "\n".join(lines)
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
 
 STAGES = ("ceiling", "decode", "ours", "baseline", "torch_loop")
 
@@ -284,8 +281,6 @@ def run_benchmark(cfg) -> str:
     sources = sorted((EXAMPLES_DIR / "sample-catalog" / "images").rglob("*.jpg"))
     init_ray(cfg.ray_address, cfg.num_cpus)
     options = {"batch_size": cfg.batch_size, "device": cfg.device}
-    if device.type == "cpu":
-        options["cpus_per_actor"] = 1.0
 
     out = root / "out"
     ceiling_m = measure("ceiling (model only)", units,

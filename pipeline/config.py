@@ -67,6 +67,12 @@ class RecategorizeConfig(JobConfig):
         "auto", description="Inference device. 'auto': cuda when the cluster has GPUs, else cpu."
     )
     gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per inference actor on cuda.")
+    inference_threads: int | None = Field(
+        None, ge=1,
+        description="Intra-op threads per inference actor. Default: on cpu, this machine's cores "
+        "divided by --num-actors (decode tasks share the cores; the model is the heavier part); "
+        "on cuda, --cpus-per-actor.",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision. 'auto': bf16 autocast on cuda, fp32 on cpu.")
     compile: bool = Field(False, description="torch.compile the model in each actor (GPU runs).")

@@ -47,6 +47,17 @@ def inference_device(cfg: RecategorizeConfig) -> str:
     return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
 
 
+def inference_threads(cfg: RecategorizeConfig, device: str) -> int:
+    """Ray pins OMP_NUM_THREADS to an actor's CPU reservation; a CPU-only model wants more."""
+    if cfg.inference_threads:
+        return cfg.inference_threads
+    if device == "cuda":
+        return max(1, int(cfg.cpus_per_actor))
+    from pipeline.cluster import cpu_count
+
+    return max(1, cpu_count() // cfg.num_actors)
+
+
 def run(cfg: RecategorizeConfig) -> dict:
     import ray.data
 
@@ -76,7 +87,7 @@ def run(cfg: RecategorizeConfig) -> dict:
     ds = ds.map_batches(
         Classifier,
         fn_constructor_kwargs={"model_uri": model_uri, "device": device, "top_k": cfg.top_k,
-                               "num_threads": max(1, int(cfg.cpus_per_actor)),
+                               "num_threads": inference_threads(cfg, device),
                                "precision": cfg.precision, "compile": cfg.compile},
         batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.cpus_per_actor,
