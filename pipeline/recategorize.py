@@ -28,6 +28,7 @@ from pipeline.outputs import (
 from pipeline.predict import Classifier
 from pipeline.preprocess import Preprocessor
 
+STATS_FILE = "ray_data_stats.txt"
 # Decoding a large upload needs a few hundred MB. Declaring it also keeps Ray from fusing the
 # decode tasks into the inference actors (fusion needs equal remote args), so decode runs in
 # parallel CPU tasks instead of serially inside each model replica.
@@ -107,6 +108,8 @@ def run(cfg: RecategorizeConfig) -> dict:
         "output": storage.join(output, "predictions"),
     })
     storage.write_json(storage.join(output, SUMMARY_FILE), summary)
+    # Per-operator wall/CPU time and memory from Ray Data: where this run's time went.
+    storage.write_text(storage.join(output, STATS_FILE), ds.stats())
     return summary
 
 
