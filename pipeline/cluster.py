@@ -142,8 +142,10 @@ class InferenceActor(Classifier):
     """The Classifier as the actor pool runs it: the device is checked on the actor's node."""
 
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
-                 num_threads: int | None = None, allow_cpu_fallback: bool = False):
-        super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads)
+                 num_threads: int | None = None, precision: str = "auto", compile: bool = False,
+                 allow_cpu_fallback: bool = False):
+        super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
+                         precision, compile)
 
 
 def _error_in_actor_text(text: str) -> PipelineError | None:
@@ -187,3 +189,8 @@ def surface_job_errors() -> Iterator[None]:
         if found is None or found is exc:
             raise
         raise type(found)(*found.args) from exc
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects affinity and container CPU sets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
