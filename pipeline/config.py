@@ -92,8 +92,75 @@ class TrainConfig(JobConfig):
     model_name: str = Field("mobilenet_v3_small", description="Architecture from the model registry.")
     weights: str | None = Field(
         None,
-        description="Starting weights: a torchvision weights name (e.g. IMAGENET1K_V1, needs "
-        "internet) or a .safetensors file path/URI. Default: random init.",
+        description="Starting point: a torchvision weights name (e.g. IMAGENET1K_V1, needs "
+        "internet), a .safetensors file path/URI, or one of our model artifact folders (backbone "
+        "kept, head replaced for this manifest's classes, label mapping recorded). Default: "
+        "random init.",
+    )
+    train_stages: int | None = Field(
+        None, ge=0,
+        description="Freezing policy. Default (none): full fine-tuning. 0: only the head trains "
+        "(linear probe). N: the last N backbone stages and the head train, earlier ones are frozen.",
+    )
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=1,
+        description="Backbone learning rate as a share of --lr (the heads use --lr); e.g. 0.1 when "
+        "fine-tuning pretrained weights.",
+    )
+    augment: Literal["none", "basic", "color", "trivial", "randaugment"] = Field(
+        "basic",
+        description="Augmentation preset: none (center crop), basic (random resized crop + flip), "
+        "color (basic + rotation + color jitter), trivial (basic + TrivialAugmentWide), "
+        "randaugment (basic + RandAugment).",
+    )
+    loss: Literal["cross_entropy", "focal"] = Field(
+        "cross_entropy", description="Classification loss; focal down-weights easy examples."
+    )
+    focal_gamma: float = Field(2.0, ge=0, description="Focal loss exponent (0 = cross-entropy).")
+    class_weighting: Literal["none", "inverse", "sqrt_inverse"] = Field(
+        "none",
+        description="Per-class loss weights against imbalance: inverse (n / (classes * count)) "
+        "or its square root; none weighs every example the same.",
+    )
+    warmup_epochs: float = Field(
+        1.0, ge=0, description="Linear learning-rate warm-up before the cosine decay, in epochs."
+    )
+    mixed_precision: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
+    coarse_head: bool = Field(
+        False,
+        description="Train a second head on the coarse category jointly (needs coarse_category in "
+        "the manifest). The artifact keeps the fine head only.",
+    )
+    coarse_loss_weight: float = Field(0.3, ge=0, description="Weight of the coarse head's loss.")
+    monitor: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="Validation metric that picks the best epoch and early stopping."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1,
+        description="Stop after this many epochs without improvement of --monitor. Default: off.",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="Smallest change of --monitor that counts as an improvement."
+    )
+    checkpoint_path: str | None = Field(
+        None,
+        description="Where checkpoints go (local path or URI, e.g. s3://bucket/runs/x). Default: "
+        "<output>/checkpoints.",
+    )
+    resume: bool = Field(
+        False,
+        description="Continue the interrupted run in the checkpoint path from its last checkpoint. "
+        "Without it, a checkpoint path that already holds a run is refused.",
+    )
+    stop_at_epoch: int | None = Field(
+        None, ge=1,
+        description="End this invocation after this epoch (1-based) as if interrupted; continue "
+        "later with --resume. For splitting a run across time windows.",
+    )
+    calibrate: bool = Field(
+        True,
+        description="Fit a softmax temperature on the validation logits and store it in the "
+        "artifact, so confidence matches accuracy.",
     )
     input_size: int = Field(160, ge=32, le=1024, description="Square input size in pixels.")
     epochs: int = Field(40, ge=1, description="Training epochs.")
