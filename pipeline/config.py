@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import storage
 from pipeline.errors import ConfigError
@@ -59,6 +59,22 @@ class RecategorizeConfig(JobConfig):
     review_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="Rows with confidence below this get needs_review=true."
     )
+    review_threshold_from: str | None = Field(
+        None,
+        description="An evaluation report's metrics.json (python -m jobs.evaluate): use its "
+        "auto-accept threshold as --review-threshold (it replaces that option's value).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_from_report(cls, values: Any) -> Any:
+        """Read the threshold up front, so a bad report stops the job before it writes."""
+        if isinstance(values, dict) and values.get("review_threshold_from"):
+            from pipeline.evaluate import review_threshold_from_report
+
+            values = {**values,
+                      "review_threshold": review_threshold_from_report(values["review_threshold_from"])}
+        return values
     top_k: int = Field(5, ge=1, le=100, description="How many ranked categories to keep per row.")
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
     preprocess_batch_size: int = Field(32, ge=1, description="Images per fetch/decode task batch.")
@@ -189,6 +205,64 @@ class TrainConfig(JobConfig):
     max_train_rows: int | None = Field(
         None, ge=1, description="Use at most this many training rows (for smoke runs)."
     )
+
+
+class EvaluateConfig(JobConfig):
+    manifest: str = Field(
+        "manifests/grocery.parquet",
+        description="Labelled manifest (product_id, image_uri, category; optional split).",
+    )
+    model: str = Field(BUNDLED_MODEL, description="Model artifact folder (local path or URI).")
+    output: str = Field(
+        "outputs/evaluate",
+        description="Report folder (local path or URI): report.html, metrics.json, CSV tables, PNGs.",
+    )
+    split: str | None = Field(
+        None, description="Evaluate only rows with this split value (e.g. val). Default: all rows."
+    )
+    target_accuracy: float = Field(
+        0.98, gt=0, le=1,
+        description="Auto-accept accuracy to reach: the report gives the lowest confidence threshold "
+        "whose accepted predictions are this accurate, and the share of the catalog it covers.",
+    )
+    ece_bins: int = Field(15, ge=2, le=100, description="Confidence bins for ECE and the diagram.")
+    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Inference device.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
+
+
+class EmbedConfig(JobConfig):
+    manifest: str = Field(
+        "manifests/grocery.parquet",
+        description="Training manifest (as for jobs.train); its val split (or a stratified share) "
+        "measures the fitted classifier.",
+    )
+    output: str = Field(
+        "outputs/embed", description="Output folder: model/ artifact, embedding_summary.json."
+    )
+    backbone: str | None = Field(
+        BUNDLED_MODEL,
+        description="Where embeddings come from: one of our model artifact folders, or (with "
+        "--model-name) a torchvision weights name or .safetensors file. None: random init.",
+    )
+    model_name: str = Field(
+        "mobilenet_v3_small", description="Architecture when --backbone is not an artifact."
+    )
+    input_size: int = Field(
+        160, ge=32, le=1024, description="Input size when --backbone is not an artifact."
+    )
+    C: float = Field(1.0, gt=0, description="Inverse L2 strength of the logistic regression.")
+    max_iter: int = Field(2000, ge=10, description="Logistic regression solver iterations.")
+    knn_k: int = Field(5, ge=1, description="Neighbours of the k-NN classifier reported beside it.")
+    calibrate: bool = Field(True, description="Fit a softmax temperature on the validation rows.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Stratified validation share when the manifest has no split."
+    )
+    seed: int = Field(0, description="Seed of the validation split.")
+    max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
+    num_actors: int = Field(1, ge=1, description="Embedding actor pool size.")
 
 
 class MakeManifestConfig(BaseModel):
