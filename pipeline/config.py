@@ -168,6 +168,12 @@ class TrainConfig(JobConfig):
         description="Continue the interrupted run in the checkpoint path from its last checkpoint. "
         "Without it, a checkpoint path that already holds a run is refused.",
     )
+    time_budget_min: float | None = Field(
+        None, gt=0,
+        description="Training time budget in minutes (data loading excluded). After each epoch the "
+        "number of epochs is re-planned to what fits at the pace so far (at most --epochs) and the "
+        "cosine schedule is stretched to end with it. Makes the run depend on machine speed.",
+    )
     stop_at_epoch: int | None = Field(
         None, ge=1,
         description="End this invocation after this epoch (1-based) as if interrupted; continue "

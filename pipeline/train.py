@@ -127,6 +127,28 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
+class CosinePlan:
+    """Cosine with warm-up over `epochs`, as a LambdaLR factor. An object rather than a closure:
+    a time budget can shorten `epochs` mid-run, and LambdaLR saves its fields in the checkpoint."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int, warmup_steps: int):
+        self.steps_per_epoch, self.epochs, self.warmup_steps = steps_per_epoch, epochs, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        return cosine_with_warmup(self.steps_per_epoch * self.epochs, self.warmup_steps)(step)
+
+
+def budget_epochs(epochs_done: int, epochs_timed: int, elapsed_s: float, budget_s: float,
+                  max_epochs: int) -> int:
+    """How many epochs fit the time budget at the pace so far (at least those done, at most
+    `max_epochs`), so the schedule decays to zero when the budget runs out rather than
+    being cut off at a high learning rate. The pace is re-measured after every epoch, which
+    follows a machine whose load changes."""
+    per_epoch = elapsed_s / max(epochs_timed, 1)
+    fit = epochs_done + int(max(0.0, budget_s - elapsed_s) // max(per_epoch, 1e-9))
+    return max(epochs_done, min(max_epochs, fit))
+
+
 def class_weights(counts: np.ndarray, mode: str) -> torch.Tensor | None:
     """Loss weight per class from training counts: inverse frequency (n / (K * count_c)), its
     square root (a milder correction), or None. Classes without rows get weight 0."""
@@ -387,8 +409,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, config["train_rows"] // (cfg.batch_size * world))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(steps * cfg.epochs, round(steps * cfg.warmup_epochs)))
+    plan = CosinePlan(steps, cfg.epochs, round(steps * cfg.warmup_epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
     criterion = build_criterion(cfg, np.asarray(config["class_counts"])).to(device)
     stopper = EarlyStopping(cfg.early_stopping_patience, monitor_mode(cfg.monitor),
                             cfg.early_stopping_min_delta)
@@ -402,9 +424,9 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     preset, eval_preset = TrainPreset(cfg.input_size, cfg.augment), EvalPreset()
-    last_epoch = min(cfg.epochs, cfg.stop_at_epoch or cfg.epochs)
     run_start = time.perf_counter()
-    for epoch in range(start_epoch, last_epoch):
+    epoch = start_epoch
+    while epoch < min(plan.epochs, cfg.stop_at_epoch or plan.epochs):
         epoch_start = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         batches = train_shard.iter_torch_batches(
@@ -418,11 +440,15 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(evaluate(model, val_batches, mean, std, device, fine_to_coarse,
                                 cfg.mixed_precision))
         stop = stopper.update(metrics[cfg.monitor])
-        metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0],
+        elapsed = time.perf_counter() - run_start
+        if cfg.time_budget_min:
+            plan.epochs = budget_epochs(epoch + 1, epoch + 1 - start_epoch, elapsed,
+                                        cfg.time_budget_min * 60, cfg.epochs)
+        metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0], planned_epochs=plan.epochs,
                        epoch_time_s=time.perf_counter() - epoch_start, early_stopped=stop)
         if rank == 0:
-            print_progress(metrics, cfg.epochs, (time.perf_counter() - run_start)
-                           / (epoch + 1 - start_epoch) * (last_epoch - epoch - 1))
+            print_progress(metrics, plan.epochs,
+                           elapsed / (epoch + 1 - start_epoch) * (plan.epochs - epoch - 1))
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 save_checkpoint(folder, model, optimizer, scheduler, epoch, metrics, stopper.state())
@@ -432,6 +458,7 @@ def train_loop_per_worker(config: dict) -> None:
                 print(f"early stopping: {cfg.monitor} did not improve for "
                       f"{cfg.early_stopping_patience} epochs (best {stopper.best:.4f})", flush=True)
             break
+        epoch += 1
 
 
 def print_progress(metrics: dict, epochs: int, left_s: float) -> None:

@@ -5,6 +5,7 @@ temperature scaling, checkpoints and resume."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ from pipeline.models import (
 )
 from pipeline.train import (
     ClassificationLoss,
+    CosinePlan,
     EarlyStopping,
+    budget_epochs,
     class_weights,
     cosine_with_warmup,
     train_one_epoch,
@@ -161,6 +164,35 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
     assert lrs[5] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(lrs[5:]))
     assert lrs[-1] < 0.002 and sched.get_last_lr()[0] == pytest.approx(0.0)
+
+
+def test_time_budget_replans_epochs_to_what_fits():
+    # 3 epochs took 300 s: 100 s each; 1000 s budget leaves room for 7 more
+    assert budget_epochs(3, 3, 300.0, 1000.0, max_epochs=40) == 10
+    assert budget_epochs(3, 3, 300.0, 1000.0, max_epochs=8) == 8  # never past --epochs
+    assert budget_epochs(5, 5, 1200.0, 1000.0, max_epochs=40) == 5  # over budget: stop now
+    # resumed at epoch 10, 2 epochs timed in this invocation
+    assert budget_epochs(12, 2, 100.0, 400.0, max_epochs=40) == 18
+
+
+def test_shortened_plan_decays_to_zero_and_survives_a_checkpoint():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    plan = CosinePlan(steps_per_epoch=10, epochs=40, warmup_steps=10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, plan)
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    plan.epochs = 4  # the budget says only 4 epochs fit
+    state = json.loads(json.dumps(sched.state_dict()))  # what state.json holds
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.0)
+    restored_plan = CosinePlan(10, 40, 10)
+    restored = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([param], lr=0.1), restored_plan)
+    restored.load_state_dict(state)
+    assert restored_plan.epochs == 4 and restored.last_epoch == 30
 
 
 def test_early_stopping_waits_for_patience():
