@@ -78,9 +78,10 @@ def embed(cfg: EmbedConfig, table: pa.Table, base_uri: str, input_size: int) -> 
 
     from pipeline.cluster import init_ray
     from pipeline.preprocess import Preprocessor
+    from pipeline.train import row_blocks
 
     init_ray(cfg.ray_address, cfg.num_cpus)
-    ds = ray.data.from_arrow(table).map_batches(
+    ds = ray.data.from_arrow(row_blocks(table)).map_batches(
         Preprocessor(input_size, base_uri), batch_size=32, batch_format="numpy")
     ds = ds.map_batches(
         Embedder, fn_constructor_kwargs={"cfg": cfg.model_dump(), "num_threads": 1},

@@ -63,10 +63,11 @@ def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str
     from pipeline.cluster import init_ray
     from pipeline.predict import Classifier
     from pipeline.preprocess import Preprocessor
+    from pipeline.train import row_blocks
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     meta = load_metadata(cfg.model)
-    ds = ray.data.from_arrow(table).map_batches(
+    ds = ray.data.from_arrow(row_blocks(table)).map_batches(
         Preprocessor(meta.input_size, base_uri), batch_size=32, batch_format="numpy")
     ds = ds.map_batches(
         Classifier, fn_constructor_kwargs={"model_uri": storage.normalize(cfg.model),

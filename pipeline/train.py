@@ -49,6 +49,7 @@ from pipeline.preprocess import Preprocessor
 from pipeline.transforms import EvalPreset, TrainPreset, norm_tensors, to_model_input
 
 DECODE_MARGIN = 1.15  # training images are decoded this much larger than the crop size
+DECODE_BLOCK_ROWS = 256  # one decode task per this many rows: a single block would decode serially
 
 
 @dataclass
@@ -472,12 +473,18 @@ def print_progress(metrics: dict, epochs: int, left_s: float) -> None:
           f"left ~{left_s / 60:.1f} min", flush=True)
 
 
+def row_blocks(table: pa.Table, rows: int = DECODE_BLOCK_ROWS) -> list[pa.Table]:
+    """Slices of `table` to hand Ray Data as separate blocks, so decode runs in parallel tasks."""
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
+
+
 def decoded_dataset(table: pa.Table, size: int, base_uri: str):
     """Ray Data: fetch + decode once, drop rows that fail (counted), cache in the object store."""
     import ray.data
 
-    ds = ray.data.from_arrow(table).map_batches(
+    ds = ray.data.from_arrow(row_blocks(table)).map_batches(
         Preprocessor(size, base_uri), batch_size=32, batch_format="numpy")
+    ds.context.execution_options.preserve_order = True  # same row order every run: resumable
     ds = ds.materialize()
     bad = ds.filter(expr="status != 'ok'").count()
     ok = ds.filter(expr="status == 'ok'").select_columns(["image", "label", "coarse_label"])

@@ -59,6 +59,15 @@ def test_nightly_job_takes_its_review_threshold_from_the_report(tmp_path):
 
 
 @pytest.mark.slow
+def test_new_jobs_have_help_for_every_option():
+    for job, option in (("jobs.evaluate", "--target-accuracy"), ("jobs.embed", "--knn-k"),
+                        ("jobs.train", "--time-budget-min")):
+        proc = subprocess.run([sys.executable, "-m", job, "--help"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and option in proc.stdout and "(default:" in proc.stdout
+
+
+@pytest.mark.slow
 def test_bad_report_stops_the_nightly_job_before_it_writes(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "jobs.recategorize", "--review-threshold-from",

@@ -431,3 +431,52 @@ def test_linear_probe_from_our_artifact_with_early_stopping(ray_local, small_man
     assert all(torch.equal(new[k], old[k]) for k in backbone)  # frozen, BN stats included
     assert not torch.equal(new["classifier.3.weight"], old["classifier.3.weight"][
         [parent_meta.classes.index(c) for c in meta.classes]])
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3-compatible server (moto) on loopback, with a bucket; env for child processes."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="runs")
+    yield s3
+    server.stop()
+
+
+@pytest.mark.slow
+def test_checkpoints_go_to_s3_and_a_run_resumes_from_there(s3_endpoint, small_manifest, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def train(*extra):
+        args = [sys.executable, "-m", "jobs.train", "--manifest", str(small_manifest), "--output",
+                str(tmp_path / "out"), "--checkpoint-path", "s3://runs/grocery", "--epochs", "2",
+                "--input-size", "64", "--batch-size", "16", "--num-cpus", "2", *extra]
+        return subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ)
+
+    first = train("--stop-at-epoch", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    keys = [o["Key"] for o in s3_endpoint.list_objects_v2(Bucket="runs")["Contents"]]
+    assert "grocery/run/checkpoint_manager_snapshot.json" in keys
+    assert sum(k.endswith("/model.safetensors") for k in keys) == 1
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+    second = train("--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["checkpoints"] == "s3://runs/grocery/run"
+    states = [k for k in (o["Key"] for o in s3_endpoint.list_objects_v2(Bucket="runs")["Contents"])
+              if k.endswith("/state.json")]
+    epochs = sorted(json.loads(s3_endpoint.get_object(Bucket="runs", Key=k)["Body"].read())["epoch"]
+                    for k in states)
+    assert epochs == [0, 1]
