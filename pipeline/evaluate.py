@@ -256,6 +256,8 @@ def report_html(metrics: dict, model: dict, manifest: str, pngs: dict[str, bytes
                ("temperature", model["temperature"]), ("rows", metrics["rows"]),
                ("scored rows", metrics["scored_rows"]), ("error rows", metrics["error_rows"]),
                ("rows with categories the model does not know", metrics["unknown_category_rows"]),
+               ("those categories", ", ".join(f"{c} ({n})" for c, n in
+                                              sorted(metrics["unknown_categories"].items())) or "none"),
                ("accuracy", metrics["accuracy"]), ("top-5 accuracy", metrics["top5_accuracy"]),
                ("coarse accuracy", metrics.get("coarse_accuracy")), ("macro-F1", metrics["macro_f1"]),
                ("expected calibration error", metrics["ece"]),
