@@ -24,3 +24,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects affinity and container CPU sets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

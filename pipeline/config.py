@@ -83,6 +83,15 @@ class RecategorizeConfig(JobConfig):
         "auto", description="Inference device. 'auto': cuda when the cluster has GPUs, else cpu."
     )
     gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per inference actor on cuda.")
+    inference_threads: int | None = Field(
+        None, ge=1,
+        description="Intra-op threads per inference actor. Default: on cpu, this machine's cores "
+        "divided by --num-actors (decode tasks share the cores; the model is the heavier part); "
+        "on cuda, --cpus-per-actor.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Inference precision. 'auto': bf16 autocast on cuda, fp32 on cpu.")
+    compile: bool = Field(False, description="torch.compile the model in each actor (GPU runs).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     max_image_bytes: int = Field(
         50_000_000, ge=1, description="Images larger than this many bytes become too_large errors."
@@ -269,6 +278,23 @@ class EmbedConfig(JobConfig):
     max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
     num_actors: int = Field(1, ge=1, description="Embedding actor pool size.")
+
+
+class BenchmarkConfig(JobConfig):
+    rows: int = Field(2000, ge=10, description="Catalog rows per image size.")
+    upload_sizes: str = Field(
+        "original,1200",
+        description="Comma-separated image variants: 'original' (the photos as they are, 348 px) "
+        "and/or a shorter-side pixel size to re-encode them at (uploads are often ~1200 px).",
+    )
+    model: str = Field(BUNDLED_MODEL, description="Model artifact to benchmark.")
+    output: str = Field("outputs/benchmark", description="Scratch folder for catalogs and outputs.")
+    stages: str = Field(
+        "ceiling,decode,ours,baseline,torch_loop",
+        description="Comma-separated stages to run: ceiling, decode, ours, baseline, torch_loop.",
+    )
+    batch_size: int = Field(64, ge=1, description="Inference batch size for ours and the loop.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
 
 
 class MakeManifestConfig(BaseModel):
