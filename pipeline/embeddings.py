@@ -78,11 +78,13 @@ def embed(cfg: EmbedConfig, table: pa.Table, base_uri: str, input_size: int) -> 
 
     from pipeline.cluster import init_ray
     from pipeline.preprocess import Preprocessor
+    from pipeline.recategorize import DECODE_TASK_MEMORY
     from pipeline.train import row_blocks
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     ds = ray.data.from_arrow(row_blocks(table)).map_batches(
-        Preprocessor(input_size, base_uri), batch_size=32, batch_format="numpy")
+        Preprocessor(input_size, base_uri), batch_size=32, batch_format="numpy",
+        num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused: decode runs in parallel tasks
     ds = ds.map_batches(
         Embedder, fn_constructor_kwargs={"cfg": cfg.model_dump(), "num_threads": 1},
         batch_size=cfg.batch_size, batch_format="numpy",

@@ -63,12 +63,14 @@ def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str
     from pipeline.cluster import init_ray
     from pipeline.predict import Classifier
     from pipeline.preprocess import Preprocessor
+    from pipeline.recategorize import DECODE_TASK_MEMORY
     from pipeline.train import row_blocks
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     meta = load_metadata(cfg.model)
     ds = ray.data.from_arrow(row_blocks(table)).map_batches(
-        Preprocessor(meta.input_size, base_uri), batch_size=32, batch_format="numpy")
+        Preprocessor(meta.input_size, base_uri), batch_size=32, batch_format="numpy",
+        num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused: decode runs in parallel tasks
     ds = ds.map_batches(
         Classifier, fn_constructor_kwargs={"model_uri": storage.normalize(cfg.model),
                                            "device": cfg.device, "top_k": 5,
