@@ -103,6 +103,46 @@ class RecategorizeConfig(JobConfig):
     overwrite: bool = Field(
         False, description="Replace a completed run already in the output folder."
     )
+    allow_cpu_fallback: bool = Field(
+        False,
+        description="When an inference actor lands on a node that Ray says has a GPU but CUDA is "
+        "not available there, run it on that node's CPUs (with a warning) instead of failing "
+        "the job.",
+    )
+    min_actors: int | None = Field(
+        None, ge=1,
+        description="Autoscaling inference pool: smallest size (set with --max-actors). Default: "
+        "a fixed pool of --num-actors, because an autoscaling GPU pool grows one actor at a time "
+        "as work queues up, each waiting for a GPU node and a model load.",
+    )
+    max_actors: int | None = Field(
+        None, ge=1, description="Autoscaling inference pool: largest size (set with --min-actors)."
+    )
+    decode_cpus_per_actor: int | None = Field(
+        None, ge=1,
+        description="CPU cores (fetch/decode tasks) feeding each inference actor: caps concurrent "
+        "decode tasks at this times the largest pool size, so decoding keeps the GPUs busy "
+        "without flooding the object store. Default: no cap (Ray Data's backpressure).",
+    )
+    decode_resource: str | None = Field(
+        None,
+        description="Custom Ray node resource that fetch/decode tasks require (0.01 each), to pin "
+        "decoding to the nodes advertising it, e.g. 'decode' on the CPU pool in cluster.yaml. "
+        "Default: any node with a free CPU.",
+    )
+    gpu_wait_s: float = Field(
+        0.0, ge=0,
+        description="With --device cuda on an autoscaling cluster: ask the autoscaler for the "
+        "pool's GPUs before starting and wait up to this many seconds for them. 0: no wait.",
+    )
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> RecategorizeConfig:
+        if (self.min_actors is None) != (self.max_actors is None):
+            raise ValueError("--min-actors and --max-actors must be set together")
+        if self.min_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"--min-actors {self.min_actors} is above --max-actors {self.max_actors}")
+        return self
 
 
 class TrainConfig(JobConfig):
@@ -219,6 +259,11 @@ class TrainConfig(JobConfig):
     checkpoints_to_keep: int = Field(2, ge=1, description="Best checkpoints kept in storage.")
     max_train_rows: int | None = Field(
         None, ge=1, description="Use at most this many training rows (for smoke runs)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the training workers: PACK fills a node first (fast "
+        "gradient sync); SPREAD / STRICT_SPREAD put them on different nodes.",
     )
 
 

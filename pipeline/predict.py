@@ -12,12 +12,16 @@ import numpy as np
 import torch
 
 from pipeline.artifact import load_artifact
+from pipeline.errors import ConfigError
 from pipeline.transforms import norm_tensors, to_model_input
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        # Fail here, by name, rather than deep inside the first tensor copy.
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
     return torch.device(device)
 
 

@@ -16,7 +16,6 @@ from pipeline import storage
 from pipeline.artifact import load_metadata
 from pipeline.catalog import validate_manifest
 from pipeline.config import RecategorizeConfig
-from pipeline.errors import ConfigError
 from pipeline.outputs import (
     SUMMARY_FILE,
     OutputFormatter,
@@ -25,7 +24,6 @@ from pipeline.outputs import (
     staging_uri,
     summarize,
 )
-from pipeline.predict import Classifier
 from pipeline.preprocess import Preprocessor
 
 STATS_FILE = "ray_data_stats.txt"
@@ -40,12 +38,9 @@ def new_run_id() -> str:
 
 
 def inference_device(cfg: RecategorizeConfig) -> str:
-    from pipeline.cluster import cluster_gpus
+    from pipeline.cluster import resolve_inference_device
 
-    gpus = cluster_gpus()
-    if cfg.device == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda was requested but the Ray cluster has no GPUs")
-    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
+    return resolve_inference_device(cfg)
 
 
 def inference_threads(cfg: RecategorizeConfig, device: str) -> int:
@@ -62,7 +57,13 @@ def inference_threads(cfg: RecategorizeConfig, device: str) -> int:
 def run(cfg: RecategorizeConfig) -> dict:
     import ray.data
 
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import (
+        InferenceActor,
+        decode_placement,
+        inference_placement,
+        init_ray,
+        surface_job_errors,
+    )
 
     start = time.perf_counter()
     run_id = cfg.run_id or new_run_id()
@@ -83,22 +84,23 @@ def run(cfg: RecategorizeConfig) -> dict:
     ds = ds.repartition(target_num_rows_per_block=cfg.preprocess_batch_size)
     ds = ds.map_batches(
         Preprocessor(meta.input_size, manifest.base_uri, cfg.max_image_bytes, cfg.max_image_pixels),
-        batch_size=cfg.preprocess_batch_size, batch_format="numpy", num_cpus=1,
-        memory=DECODE_TASK_MEMORY)
+        batch_size=cfg.preprocess_batch_size, batch_format="numpy",
+        **decode_placement(cfg, DECODE_TASK_MEMORY))
     ds = ds.map_batches(
-        Classifier,
+        InferenceActor,
         fn_constructor_kwargs={"model_uri": model_uri, "device": device, "top_k": cfg.top_k,
                                "num_threads": inference_threads(cfg, device),
-                               "precision": cfg.precision, "compile": cfg.compile},
+                               "precision": cfg.precision, "compile": cfg.compile,
+                               "allow_cpu_fallback": cfg.allow_cpu_fallback},
         batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor if device == "cuda" else 0)
+        **inference_placement(cfg, device))
     ds = ds.map_batches(
         OutputFormatter(meta.classes, meta.architecture, meta.model_version, run_id, cfg.review_threshold),
         batch_format="numpy", num_cpus=0.5)
     staging = staging_uri(output, run_id)
     out_fs, out_path = storage.arrow_filesystem(staging)
-    ds.write_parquet(out_path, filesystem=out_fs)
+    with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
+        ds.write_parquet(out_path, filesystem=out_fs)
 
     commit(output, run_id, manifest.uri, meta.model_version, manifest.num_rows)
     cfg.save(storage.join(output, "config.yaml"))

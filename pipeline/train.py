@@ -599,7 +599,8 @@ def run(cfg: TrainConfig) -> dict:
                            "class_counts": counts.tolist(),
                            "train_rows": data.train.num_rows - train_bad},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=ckpt_path, storage_filesystem=ckpt_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
