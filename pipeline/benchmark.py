@@ -117,7 +117,7 @@ def build_catalog(folder: Path, sources: list[Path], rows: int, upload_px: int |
                 im.save(target, "JPEG", quality=90)
             else:
                 target.write_bytes(src.read_bytes())
-        pool.append(str(target))
+        pool.append(str(target.resolve()))
     table = pa.table({
         "product_id": [f"bench-{i:08d}" for i in range(rows)],
         "image_uri": [pool[i % len(pool)] for i in range(rows)],
@@ -161,6 +161,8 @@ def ours(manifest: Path, model_uri: str, output: Path, **options) -> int:
 
     summary = run(RecategorizeConfig(manifest=str(manifest), model=model_uri, output=str(output),
                                      overwrite=True, **options))
+    if summary["errors"]:  # a benchmark of error rows measures nothing
+        raise RuntimeError(f"benchmark run had error rows: {summary['errors_by_type']}")
     return summary["rows"]
 
 

@@ -124,6 +124,15 @@ class RecategorizeConfig(JobConfig):
         "decode tasks at this times the largest pool size, so decoding keeps the GPUs busy "
         "without flooding the object store. Default: no cap (Ray Data's backpressure).",
     )
+    decode_task_cpus: float | None = Field(
+        None, gt=0,
+        description="CPUs each fetch/decode task reserves. Default: 1 with GPU inference; 0.5 with "
+        "CPU inference, where decode tasks share cores with the model actor's threads.",
+    )
+    rows_per_file: int = Field(
+        250_000, ge=1,
+        description="Target rows per output Parquet file (fewer, larger files for warehouses).",
+    )
     decode_resource: str | None = Field(
         None,
         description="Custom Ray node resource that fetch/decode tasks require (0.01 each), to pin "

@@ -18,7 +18,6 @@ from pipeline.catalog import validate_manifest
 from pipeline.config import RecategorizeConfig
 from pipeline.outputs import (
     SUMMARY_FILE,
-    OutputFormatter,
     check_output,
     commit,
     staging_uri,
@@ -85,22 +84,22 @@ def run(cfg: RecategorizeConfig) -> dict:
     ds = ds.map_batches(
         Preprocessor(meta.input_size, manifest.base_uri, cfg.max_image_bytes, cfg.max_image_pixels),
         batch_size=cfg.preprocess_batch_size, batch_format="numpy",
-        **decode_placement(cfg, DECODE_TASK_MEMORY))
+        **decode_placement(cfg, DECODE_TASK_MEMORY, device))
     ds = ds.map_batches(
         InferenceActor,
         fn_constructor_kwargs={"model_uri": model_uri, "device": device, "top_k": cfg.top_k,
                                "num_threads": inference_threads(cfg, device),
                                "precision": cfg.precision, "compile": cfg.compile,
-                               "allow_cpu_fallback": cfg.allow_cpu_fallback},
+                               "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
+                               "review_threshold": cfg.review_threshold},
         batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
         **inference_placement(cfg, device))
-    ds = ds.map_batches(
-        OutputFormatter(meta.classes, meta.architecture, meta.model_version, run_id, cfg.review_threshold),
-        batch_format="numpy", num_cpus=0.5)
     staging = staging_uri(output, run_id)
     out_fs, out_path = storage.arrow_filesystem(staging)
     with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
-        ds.write_parquet(out_path, filesystem=out_fs)
+        # Writing is I/O: a small CPU request keeps the write from holding a decode slot.
+        ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file,
+                         ray_remote_args={"num_cpus": 0.1})
 
     commit(output, run_id, manifest.uri, meta.model_version, manifest.num_rows)
     cfg.save(storage.join(output, "config.yaml"))

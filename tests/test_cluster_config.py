@@ -169,7 +169,7 @@ def test_rayjob_entrypoint_is_a_valid_job_command(rayjob):
 def test_placement_arguments():
     cfg = RecategorizeConfig(min_actors=1, max_actors=4, decode_cpus_per_actor=3,
                              decode_resource="decode", cpus_per_actor=2)
-    decode = decode_placement(cfg, memory=123)
+    decode = decode_placement(cfg, memory=123, device="cuda")
     assert decode["num_cpus"] == 1 and decode["memory"] == 123
     assert decode["resources"] == {"decode": DECODE_RESOURCE_PER_TASK}
     assert decode["compute"].size == 12  # 3 decode cores for each of up to 4 actors
@@ -182,7 +182,11 @@ def test_placement_arguments():
     assert actor_pool_bounds(fixed) == (3, 3)
     pool = inference_placement(fixed, "cuda")["compute"]
     assert pool.min_size == pool.max_size == 3
-    assert set(decode_placement(fixed, memory=1)) == {"num_cpus", "memory"}
+    assert set(decode_placement(fixed, memory=1, device="cuda")) == {"num_cpus", "memory"}
+    # CPU inference: decoders share cores with the model actor's threads, unless told otherwise.
+    assert decode_placement(fixed, memory=1, device="cpu")["num_cpus"] == 0.5
+    pinned = RecategorizeConfig(decode_task_cpus=2)
+    assert decode_placement(pinned, memory=1, device="cpu")["num_cpus"] == 2
 
 
 @pytest.mark.parametrize("values, message", [
