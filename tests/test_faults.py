@@ -1,0 +1,180 @@
+"""Lost workers and a killed driver: every row still comes out exactly once.
+
+An inference actor is killed with SIGKILL mid-run (Ray restarts it and retries its batches); the
+job's driver process is killed mid-run and the job started again with the same arguments resumes
+from its finished partitions and commits the same rows a clean run commits.
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import RecategorizeConfig
+from pipeline.recategorize import run
+from tests.conftest import write_manifest
+
+COMPARED = ["product_id", "image_uri", "status", "error_type", "predicted_category", "top_k",
+            "current_category", "category_changed", "needs_review", "model_version"]
+
+
+def repeated_catalog(root, sample_images, copies: int):
+    """copies x the sample photos (relative URIs) plus one missing image."""
+    images = root / "catalog" / "images"
+    images.mkdir(parents=True)
+    for src in sample_images:
+        shutil.copyfile(src, images / src.name)
+    rows = [{"product_id": f"sku-{c}-{i:03d}", "image_uri": f"images/{src.name}",
+             "current_category": src.parent.name}
+            for c in range(copies) for i, src in enumerate(sample_images)]
+    rows.append({"product_id": "sku-missing", "image_uri": "images/missing.jpg",
+                 "current_category": None})
+    return write_manifest(root / "catalog" / "manifest.parquet", rows), len(rows)
+
+
+def committed(out) -> "pq.Table":
+    marker = json.loads((out / "_SUCCESS").read_text())
+    return pq.ParquetDataset([str(out / f) for f in marker["files"]]).read().sort_by("product_id")
+
+
+class ActorKiller(threading.Thread):
+    """Waits for the inference actor to be alive, SIGKILLs its process once, and records the
+    process that replaced it."""
+
+    def __init__(self, run_done: threading.Event):
+        super().__init__(daemon=True)
+        self.run_done = run_done
+        self.killed_pid: int | None = None
+        self.killed_while_running = False
+        self.replacement_pid: int | None = None
+
+    @staticmethod
+    def _classifier_pid() -> int | None:
+        """Pid of this Ray's live inference actor, from its GCS (other Rays on the machine are
+        never looked at, let alone touched)."""
+        from ray._private.state import actors
+
+        return next((a["Pid"] for a in actors().values()
+                     if a["State"] == "ALIVE" and "Classifier" in a["ActorClassName"] and a["Pid"]),
+                    None)
+
+    def run(self) -> None:
+        while not self.run_done.is_set():
+            pid = self._classifier_pid()
+            if pid is None:
+                time.sleep(0.2)
+                continue
+            if self.killed_pid is None:
+                time.sleep(1.0)  # let it take batches first
+                self.killed_while_running = not self.run_done.is_set()
+                os.kill(pid, signal.SIGKILL)
+                self.killed_pid = pid
+            elif pid != self.killed_pid:
+                self.replacement_pid = pid
+                return
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_inference_actor_is_replaced_and_no_row_is_lost_or_doubled(
+        ray_local, tmp_path, sample_images, bundled_model):
+    manifest, n = repeated_catalog(tmp_path, sample_images, copies=5)
+    out = tmp_path / "out"
+    done = threading.Event()
+    killer = ActorKiller(done)
+    killer.start()
+    try:
+        summary = run(RecategorizeConfig(manifest=str(manifest), model=bundled_model,
+                                         output=str(out), batch_size=8, preprocess_batch_size=8))
+    finally:
+        done.set()
+        killer.join(timeout=30)
+    assert killer.killed_pid and killer.killed_while_running
+    assert killer.replacement_pid and killer.replacement_pid != killer.killed_pid
+    table = committed(out)
+    ids = table.column("product_id").to_pylist()
+    assert summary["rows"] == n == len(ids) == len(set(ids))
+    assert summary["errors_by_type"] == {"fetch_not_found": 1}
+
+
+def _job(manifest, model, out, *extra):
+    return [sys.executable, "-m", "jobs.recategorize", "--manifest", str(manifest), "--model", model,
+            "--output", str(out), "--num-cpus", "2", "--partition-rows", "100",
+            "--batch-size", "16", *extra]
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (Ray's workers start their own sessions, so a process
+    group would miss them), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(stat))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    for p in descendants(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def _done_partitions(out) -> int:
+    return len(list((out / "_staging").glob("*/part-*/_DONE")))
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_and_matches_a_clean_run(ray_local, tmp_path, sample_images,
+                                                       bundled_model):
+    manifest, n = repeated_catalog(tmp_path, sample_images, copies=3)
+    partitions = math.ceil(n / 100)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(_job(manifest, bundled_model, out), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and _done_partitions(out) < 1:
+            time.sleep(0.1)
+    finally:
+        kill_tree(proc.pid)  # the driver and the local Ray it started, nothing else
+        proc.wait()
+    finished = _done_partitions(out)
+    assert proc.returncode == -signal.SIGKILL and 1 <= finished < partitions
+    assert not (out / "_SUCCESS").exists()  # nothing published by the killed run
+
+    resumed = subprocess.run(_job(manifest, bundled_model, out), env=env, capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    assert summary["partitions"] == partitions and summary["partitions_resumed"] == finished
+
+    clean_out = tmp_path / "clean"
+    run(RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(clean_out),
+                           partition_rows=100, batch_size=16))
+    got, want = committed(out), committed(clean_out)
+    assert got.num_rows == want.num_rows == n
+    assert len(set(got.column("product_id").to_pylist())) == n
+    assert got.select(COMPARED).equals(want.select(COMPARED).cast(got.select(COMPARED).schema))
+    assert got.column("confidence").to_pylist() == pytest.approx(
+        want.column("confidence").to_pylist(), abs=1e-5, nan_ok=True)
+    assert set(got.column("run_id").to_pylist()) == {summary["run_id"]}
+    assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
