@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError, ImageError
 
 DEFAULT_SCHEMES = ("file", "s3", "gs", "https")
 KNOWN_SCHEMES = ("file", "s3", "gs", "http", "https")
+NOWHERE = "nowhere://"  # a prefix no URI has: the policy allows no location at all
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Resolver = Callable[[str, int], list[str]]
@@ -92,12 +93,14 @@ class UriPolicy:
 
     @classmethod
     def from_options(cls, schemes: str, prefixes: str, networks: str, local_root: str | None) -> UriPolicy:
-        """The job's policy: with no prefixes given, local images must lie under `local_root`
-        (the manifest's folder) while object-store and https locations are open."""
+        """The job's policy. With no prefixes given, local images must lie under `local_root`
+        (the manifest's folder) and are refused outright for a manifest in object storage;
+        locations under the other allowed schemes are open."""
         scheme_list = tuple(s.lower() for s in _split(schemes))
         prefix_list = _split(prefixes)
-        if not prefix_list and local_root and storage.is_local(local_root):
-            prefix_list = (local_root, *(f"{s}://" for s in scheme_list if s != "file"))
+        if not prefix_list:
+            local = (local_root,) if local_root and storage.is_local(local_root) else ()
+            prefix_list = (*local, *(f"{s}://" for s in scheme_list if s != "file")) or (NOWHERE,)
         return cls(schemes=scheme_list, prefixes=prefix_list, allowed_networks=_split(networks))
 
     def check_uri(self, uri: str) -> None:

@@ -119,3 +119,11 @@ def test_names_from_options_cannot_leave_their_folder(bad):
     with pytest.raises(ConfigError, match="not a safe name"):
         safe_name(bad, "--run-id")
     assert safe_name("20261122T234512Z-1c9e0a", "--run-id") == "20261122T234512Z-1c9e0a"
+
+
+def test_a_manifest_in_object_storage_cannot_point_at_local_files(tmp_path):
+    policy = UriPolicy.from_options("file,s3,https", "", "", "s3://vendor-bucket/catalog")
+    policy.check_uri("s3://vendor-bucket/catalog/images/a.jpg")
+    for uri in ("/etc/passwd", "file:///etc/passwd", str(tmp_path)):
+        with pytest.raises(ImageError, match="outside the allowed prefixes"):
+            policy.check_uri(uri)
