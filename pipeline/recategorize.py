@@ -164,6 +164,8 @@ def run(cfg: RecategorizeConfig) -> dict:
     model_uri = storage.normalize(cfg.model)
     output = storage.normalize(cfg.output)
     policy = uri_policy(cfg, manifest.base_uri)
+    if cfg.run_id:
+        safe_name(cfg.run_id, "--run-id")
     check_output(output, manifest.uri, meta.model_version, cfg.overwrite)
 
     identity = run_identity(cfg, manifest.uri, meta.model_version)
