@@ -1,6 +1,10 @@
 """The nightly job's Ray Data plan: manifest -> preprocess (CPU tasks) -> predict (actor pool)
 -> format -> Parquet (staged, then committed) -> run summary.
 
+The manifest is processed in deterministic partitions (crc32 of product_id), one Ray Data
+pipeline each; a finished partition is recorded in staging under a key of the run's arguments,
+so a killed run started again with the same arguments skips it.
+
 Everything that can be checked before work starts is checked first (config, manifest, model
 artifact, output location), so a bad argument fails fast and writes nothing.
 """

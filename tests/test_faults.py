@@ -87,7 +87,7 @@ class ActorKiller(threading.Thread):
 @pytest.mark.slow
 def test_killed_inference_actor_is_replaced_and_no_row_is_lost_or_doubled(
         ray_local, tmp_path, sample_images, bundled_model):
-    manifest, n = repeated_catalog(tmp_path, sample_images, copies=5)
+    manifest, n = repeated_catalog(tmp_path, sample_images, copies=4)
     out = tmp_path / "out"
     done = threading.Event()
     killer = ActorKiller(done)
@@ -145,7 +145,7 @@ def _done_partitions(out) -> int:
 @pytest.mark.slow
 def test_killed_driver_resumes_and_matches_a_clean_run(ray_local, tmp_path, sample_images,
                                                        bundled_model):
-    manifest, n = repeated_catalog(tmp_path, sample_images, copies=3)
+    manifest, n = repeated_catalog(tmp_path, sample_images, copies=2)
     partitions = math.ceil(n / 100)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
