@@ -193,7 +193,10 @@ def commit(output: str, identity: str, run_id: str, manifest: str, model_version
 def publish(output: str, marker: dict) -> None:
     """The commit point: write `_SUCCESS` (atomic), then point the local link, then tidy up."""
     marker = {**marker, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    previous = previous_run(output) if storage.exists(storage.join(output, SUCCESS_FILE)) else None
+    try:
+        previous = previous_run(output)
+    except (ValueError, OSError):  # an unreadable marker being replaced under --overwrite
+        previous = None
     storage.write_json(storage.join(output, SUCCESS_FILE), marker)
     if storage.is_local(output):
         storage.point_link(storage.join(output, PREDICTIONS_DIR), f"{RUNS_DIR}/{marker['run_id']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def reencode(path: Path, fmt: str = "JPEG", mode: str | None = None, size: int |
     buf = io.BytesIO()
     im.save(buf, format=fmt, **save_kwargs)
     return buf.getvalue()
+
+
+def summary_json(stdout: str) -> dict:
+    """The run summary a job prints, picked out of stdout that Ray's worker logs may share."""
+    start = stdout.rindex('{\n  "run_id"')
+    return json.loads(stdout[start: stdout.index("\n}", start) + 2])
 
 
 def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:

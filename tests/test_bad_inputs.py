@@ -4,7 +4,6 @@ Local files, a loopback HTTP server and a generated catalog of 2,000 rows run th
 job on a real local Ray.
 """
 
-import json
 import shutil
 
 import numpy as np
@@ -20,7 +19,7 @@ from pipeline.errors import ImageError
 from pipeline.fetch import fetch_bytes
 from pipeline.preprocess import Preprocessor
 from pipeline.security import UriPolicy
-from tests.conftest import _png_header_only, _save, odd_images, write_manifest
+from tests.conftest import _png_header_only, _save, odd_images, summary_json, write_manifest
 
 MAX_BYTES = 3_000_000
 LOOPBACK = UriPolicy(schemes=("file", "http"), allowed_networks=("127.0.0.0/8",))
@@ -169,7 +168,7 @@ def test_generated_catalog_every_row_once_with_its_reason(ray_local, tmp_path, s
         "--allowed-networks", "127.0.0.0/8", "--fetch-timeout-s", "0.5", "--fetch-retries", "1",
         "--partition-rows", "1000", "--batch-size", "64"])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = summary_json(capsys.readouterr().out)
     table = pq.read_table(out / "predictions")
     ids = table.column("product_id").to_pylist()
     assert len(ids) == len(set(ids)) == 2000 == summary["rows"]

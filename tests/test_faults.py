@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.config import RecategorizeConfig
 from pipeline.recategorize import run
-from tests.conftest import write_manifest
+from tests.conftest import summary_json, write_manifest
 
 COMPARED = ["product_id", "image_uri", "status", "error_type", "predicted_category", "top_k",
             "current_category", "category_changed", "needs_review", "model_version"]
@@ -164,7 +164,7 @@ def test_killed_driver_resumes_and_matches_a_clean_run(ray_local, tmp_path, samp
     resumed = subprocess.run(_job(manifest, bundled_model, out), env=env, capture_output=True,
                              text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    summary = summary_json(resumed.stdout)
     assert summary["partitions"] == partitions and summary["partitions_resumed"] == finished
 
     clean_out = tmp_path / "clean"

@@ -5,7 +5,6 @@ environment set for the whole test session (tests/conftest.py). Credentials neve
 outputs or the job's output streams.
 """
 
-import json
 import shutil
 
 import pyarrow.parquet as pq
@@ -17,7 +16,7 @@ from jobs.recategorize import main as recategorize_main
 from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.outputs import committed_files
-from tests.conftest import LOOPBACK_AWS_ENV, upload_tree, write_manifest
+from tests.conftest import LOOPBACK_AWS_ENV, summary_json, upload_tree, write_manifest
 
 SECRET = LOOPBACK_AWS_ENV["AWS_SECRET_ACCESS_KEY"]
 
@@ -74,7 +73,7 @@ def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, b
             "--output", output, "--batch-size", "16"]
 
     assert run_job(recategorize_main, args) == 0
-    first = json.loads(capsys.readouterr().out)
+    first = summary_json(capsys.readouterr().out)
     assert first["rows"] == 23 and first["partitions"] == 1 and first["errors"] == 3
     files = committed_files(output)
     fs, _ = storage.arrow_filesystem(output)
@@ -87,7 +86,7 @@ def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, b
     # Same arguments again: a new complete run replaces the old one; the old one stays readable
     # until the run after next.
     assert run_job(recategorize_main, args) == 0
-    second = json.loads(capsys.readouterr().out)
+    second = summary_json(capsys.readouterr().out)
     assert storage.read_json(storage.join(output, "_SUCCESS"))["run_id"] == second["run_id"]
     assert all(storage.exists(f) for f in files)
     assert set(storage.list_dirs(storage.join(output, "runs"))) == {first["run_id"], second["run_id"]}
