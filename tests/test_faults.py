@@ -1,6 +1,7 @@
 """Lost workers and a killed driver: every row still comes out exactly once.
 
-An inference actor is killed with SIGKILL mid-run (Ray restarts it and retries its batches); the
+A preprocess worker and an inference actor are killed with SIGKILL mid-run (Ray retries the
+task, restarts the actor and retries its batches); the
 job's driver process is killed mid-run and the job started again with the same arguments resumes
 from its finished partitions and commits the same rows a clean run commits.
 """
@@ -46,32 +47,50 @@ def committed(out) -> "pq.Table":
     return pq.ParquetDataset([str(out / f) for f in marker["files"]]).read().sort_by("product_id")
 
 
-class ActorKiller(threading.Thread):
-    """Waits for the inference actor to be alive, SIGKILLs its process once, and records the
-    process that replaced it."""
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs, once each, a worker process running a preprocess task and then the inference
+    actor, and records the process that replaced the actor. Only descendants of this test
+    process (its own local Ray) are ever looked at."""
 
     def __init__(self, run_done: threading.Event):
         super().__init__(daemon=True)
         self.run_done = run_done
+        self.preprocess_pid: int | None = None
         self.killed_pid: int | None = None
         self.killed_while_running = False
         self.replacement_pid: int | None = None
 
     @staticmethod
     def _classifier_pid() -> int | None:
-        """Pid of this Ray's live inference actor, from its GCS (other Rays on the machine are
-        never looked at, let alone touched)."""
+        """Pid of this Ray's live inference actor, from its own GCS."""
         from ray._private.state import actors
 
         return next((a["Pid"] for a in actors().values()
                      if a["State"] == "ALIVE" and "Classifier" in a["ActorClassName"] and a["Pid"]),
                     None)
 
+    def _kill_preprocess_worker(self) -> None:
+        mine = descendants(os.getpid())
+        busy = [p for p in mine if "MapBatches(Preprocessor)" in _title(p)]
+        if busy:
+            os.kill(busy[0], signal.SIGKILL)
+            self.preprocess_pid = busy[0]
+
     def run(self) -> None:
         while not self.run_done.is_set():
+            if self.preprocess_pid is None:
+                self._kill_preprocess_worker()
             pid = self._classifier_pid()
-            if pid is None:
-                time.sleep(0.2)
+            if pid is None or self.preprocess_pid is None:
+                time.sleep(0.1)
                 continue
             if self.killed_pid is None:
                 time.sleep(1.0)  # let it take batches first
@@ -85,12 +104,12 @@ class ActorKiller(threading.Thread):
 
 
 @pytest.mark.slow
-def test_killed_inference_actor_is_replaced_and_no_row_is_lost_or_doubled(
+def test_killed_workers_are_replaced_and_no_row_is_lost_or_doubled(
         ray_local, tmp_path, sample_images, bundled_model):
     manifest, n = repeated_catalog(tmp_path, sample_images, copies=4)
     out = tmp_path / "out"
     done = threading.Event()
-    killer = ActorKiller(done)
+    killer = WorkerKiller(done)
     killer.start()
     try:
         summary = run(RecategorizeConfig(manifest=str(manifest), model=bundled_model,
@@ -98,7 +117,7 @@ def test_killed_inference_actor_is_replaced_and_no_row_is_lost_or_doubled(
     finally:
         done.set()
         killer.join(timeout=30)
-    assert killer.killed_pid and killer.killed_while_running
+    assert killer.preprocess_pid and killer.killed_pid and killer.killed_while_running
     assert killer.replacement_pid and killer.replacement_pid != killer.killed_pid
     table = committed(out)
     ids = table.column("product_id").to_pylist()
@@ -132,10 +151,29 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int) -> None:
-    for p in descendants(pid):
+def kill_tree(pid: int) -> list[int]:
+    tree = descendants(pid)
+    for p in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+    return tree
+
+
+def wait_gone(pids: list[int], tries: int = 100) -> bool:
+    """True once none of pids is running (gone or a zombie awaiting its reaper)."""
+    for _ in range(tries):
+        alive = []
+        for p in pids:
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        alive.append(p)
+            except OSError:
+                continue
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _done_partitions(out) -> int:
@@ -155,8 +193,9 @@ def test_killed_driver_resumes_and_matches_a_clean_run(ray_local, tmp_path, samp
         while proc.poll() is None and _done_partitions(out) < 1:
             time.sleep(0.1)
     finally:
-        kill_tree(proc.pid)  # the driver and the local Ray it started, nothing else
+        tree = kill_tree(proc.pid)  # the driver and the local Ray it started, nothing else
         proc.wait()
+    assert wait_gone(tree), "processes of the killed job outlived it"
     finished = _done_partitions(out)
     assert proc.returncode == -signal.SIGKILL and 1 <= finished < partitions
     assert not (out / "_SUCCESS").exists()  # nothing published by the killed run
