@@ -166,7 +166,7 @@ def test_generated_catalog_every_row_once_with_its_reason(ray_local, tmp_path, s
         "--manifest", str(manifest), "--model", bundled_model, "--output", str(out),
         "--max-image-bytes", str(MAX_BYTES), "--allowed-uri-schemes", "file,http",
         "--allowed-networks", "127.0.0.0/8", "--fetch-timeout-s", "0.5", "--fetch-retries", "1",
-        "--partition-rows", "1000", "--batch-size", "64"])
+        "--batch-size", "64"])
     assert code == 0
     summary = summary_json(capsys.readouterr().out)
     table = pq.read_table(out / "predictions")
@@ -177,7 +177,7 @@ def test_generated_catalog_every_row_once_with_its_reason(ray_local, tmp_path, s
     assert all(got[pid]["error_message"] and got[pid]["status"] == "error" for pid in expected)
     good = [r for pid, r in got.items() if pid not in expected]
     assert all(r["status"] == "ok" and r["predicted_category"] for r in good)
-    assert summary["errors"] == len(expected) and summary["partitions"] == 2
+    assert summary["errors"] == len(expected) and summary["partitions"] == 1
     assert set(expected.values()) == {
         "fetch_not_found", "fetch_failed", "fetch_timeout", "not_an_image", "truncated",
         "too_large", "unsupported_format", "decode_failed"}
