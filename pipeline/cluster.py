@@ -1,12 +1,37 @@
-"""Joining Ray: a local in-process Ray by default, a cluster when RAY_ADDRESS or --ray-address
-says so. The same job code runs on a laptop and under `ray job submit`."""
+"""Joining Ray and placing work on a heterogeneous cluster.
+
+A local in-process Ray by default, a cluster when RAY_ADDRESS or --ray-address says so: the same
+job code runs on a laptop and under `ray job submit`. On a cluster, fetch/decode tasks ask only
+for CPUs (optionally a custom resource that pins them to the CPU pool) and inference actors ask
+for a GPU plus their CPUs, so decode spreads over cheap CPU nodes while GPU nodes run the model.
+Whether a GPU node really has CUDA is only known on that node, so the inference actor checks it
+there and either falls back to CPU (when allowed) or fails the job with a message naming the node.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import ray
+import torch
+
+from pipeline import errors
+from pipeline.config import RecategorizeConfig
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.predict import Classifier
+
+# Each decode task takes this much of --decode-resource; a node advertising N of it runs at
+# most 100*N decode tasks at once, so in practice its CPUs stay the limit.
+DECODE_RESOURCE_PER_TASK = 0.01
+GPU_POLL_S = 5.0
+ACTOR_ERROR_LINE = re.compile(r"^pipeline\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -24,3 +49,148 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def actor_pool_bounds(cfg: RecategorizeConfig) -> tuple[int, int]:
+    """(min, max) inference actors: a fixed --num-actors pool unless --min/--max-actors are set."""
+    if cfg.min_actors is not None and cfg.max_actors is not None:
+        return cfg.min_actors, cfg.max_actors
+    return cfg.num_actors, cfg.num_actors
+
+
+def wait_for_gpus(needed: float, timeout_s: float) -> float:
+    """Ask the autoscaler for `needed` GPUs up front and wait until the cluster has them.
+
+    An autoscaling cluster has no GPU nodes until something asks for one; requesting the whole
+    pool at once starts every GPU node together instead of one actor's worth at a time. The
+    request is withdrawn once the GPUs are there, so the idle timeout can reclaim them after
+    the job. Returns the cluster's GPU count (possibly still short after the timeout).
+    """
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * max(1, round(needed)))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while (gpus := cluster_gpus()) < needed and time.monotonic() < deadline:
+            time.sleep(GPU_POLL_S)
+    finally:
+        request_resources(bundles=[])
+    return gpus
+
+
+def resolve_inference_device(cfg: RecategorizeConfig) -> str:
+    """'cuda' or 'cpu' for the inference actors, decided on the driver from cluster resources."""
+    gpus = cluster_gpus()
+    low, _ = actor_pool_bounds(cfg)
+    needed = low * cfg.gpus_per_actor
+    if cfg.device == "cuda" and gpus < needed and cfg.gpu_wait_s > 0:
+        gpus = wait_for_gpus(needed, cfg.gpu_wait_s)
+    if cfg.device == "cuda" and gpus == 0:
+        waited = f" after waiting {cfg.gpu_wait_s:g}s for the autoscaler" if cfg.gpu_wait_s else ""
+        raise ConfigError(
+            f"--device cuda was requested but the Ray cluster has no GPUs{waited}; on an "
+            "autoscaling cluster pass --gpu-wait-s so the job asks for GPU nodes first")
+    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
+
+
+def decode_placement(cfg: RecategorizeConfig, memory: int) -> dict[str, Any]:
+    """Ray Data arguments for the fetch/decode stage: CPU only, optionally pinned and capped."""
+    import ray.data
+
+    args: dict[str, Any] = {"num_cpus": 1, "memory": memory}
+    if cfg.decode_resource:
+        args["resources"] = {cfg.decode_resource: DECODE_RESOURCE_PER_TASK}
+    if cfg.decode_cpus_per_actor:
+        _, high = actor_pool_bounds(cfg)
+        args["compute"] = ray.data.TaskPoolStrategy(size=cfg.decode_cpus_per_actor * high)
+    return args
+
+
+def inference_placement(cfg: RecategorizeConfig, device: str) -> dict[str, Any]:
+    """Ray Data arguments for the inference stage: an actor pool, a GPU each on cuda."""
+    import ray.data
+
+    low, high = actor_pool_bounds(cfg)
+    pool = (ray.data.ActorPoolStrategy(size=low) if low == high
+            else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
+    return {"compute": pool, "num_cpus": cfg.cpus_per_actor,
+            "num_gpus": cfg.gpus_per_actor if device == "cuda" else 0}
+
+
+def actor_device(requested: str, allow_cpu_fallback: bool) -> str:
+    """The device an inference actor can use on the node Ray placed it on.
+
+    Ray schedules on declared resources: a node can advertise a GPU whose driver is missing or
+    broken, or run a CPU-only torch build. Running there silently on CPU would make the nightly
+    job many times slower without anyone noticing, so it is an error unless fallback is allowed.
+    """
+    if requested != "cuda" or torch.cuda.is_available():
+        return requested
+    where = (f"node {ray.get_runtime_context().get_node_id()} "
+             f"(Ray assigned GPU ids {ray.get_gpu_ids()})")
+    if allow_cpu_fallback:
+        print(f"warning: inference actor on {where}: CUDA is not available; running on CPU "
+              "(--allow-cpu-fallback)", file=sys.stderr, flush=True)
+        return "cpu"
+    raise ConfigError(
+        f"--device cuda: Ray placed an inference actor on {where}, but CUDA is not available "
+        "there (torch.cuda.is_available() is False: no NVIDIA driver or a CPU-only torch build). "
+        "Fix the GPU node image, or pass --allow-cpu-fallback to run inference on its CPUs")
+
+
+class InferenceActor(Classifier):
+    """The Classifier as the actor pool runs it: the device is checked on the actor's node."""
+
+    def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
+                 num_threads: int | None = None, precision: str = "auto", compile: bool = False,
+                 allow_cpu_fallback: bool = False):
+        super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
+                         precision, compile)
+
+
+def _error_in_actor_text(text: str) -> PipelineError | None:
+    """A dead actor keeps its creation-task exception only as traceback text; its last line
+    `pipeline.errors.<Class>: <message>` names one of our errors."""
+    found = None
+    for match in ACTOR_ERROR_LINE.finditer(text):
+        cls = getattr(errors, match.group(1), None)
+        if isinstance(cls, type) and issubclass(cls, PipelineError):
+            found = cls(match.group(2).strip())
+    return found
+
+
+def job_error(exc: BaseException) -> PipelineError | None:
+    """The PipelineError a Ray task or actor raised, dug out of Ray's wrappers, if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, PipelineError) and not isinstance(err, ray.exceptions.RayError):
+            return err
+        if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
+            found = _error_in_actor_text(err.error_msg)
+            if found is not None:
+                return found
+        todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]
+    return None
+
+
+@contextmanager
+def surface_job_errors() -> Iterator[None]:
+    """Re-raise a job-level error raised inside a Ray worker as itself (message, exit code)
+    instead of a Ray traceback, chained to the original."""
+    try:
+        yield
+    except Exception as exc:
+        found = job_error(exc)
+        if found is None or found is exc:
+            raise
+        raise type(found)(*found.args) from exc
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects affinity and container CPU sets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

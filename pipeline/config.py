@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import storage
 from pipeline.errors import ConfigError
@@ -67,6 +67,15 @@ class RecategorizeConfig(JobConfig):
         "auto", description="Inference device. 'auto': cuda when the cluster has GPUs, else cpu."
     )
     gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per inference actor on cuda.")
+    inference_threads: int | None = Field(
+        None, ge=1,
+        description="Intra-op threads per inference actor. Default: on cpu, this machine's cores "
+        "divided by --num-actors (decode tasks share the cores; the model is the heavier part); "
+        "on cuda, --cpus-per-actor.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Inference precision. 'auto': bf16 autocast on cuda, fp32 on cpu.")
+    compile: bool = Field(False, description="torch.compile the model in each actor (GPU runs).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     max_image_bytes: int = Field(
         50_000_000, ge=1, description="Images larger than this many bytes become too_large errors."
@@ -77,6 +86,38 @@ class RecategorizeConfig(JobConfig):
     run_id: str | None = Field(None, description="Run identifier. Default: UTC time + random suffix.")
     overwrite: bool = Field(
         False, description="Replace a completed run already in the output folder."
+    )
+    allow_cpu_fallback: bool = Field(
+        False,
+        description="When an inference actor lands on a node that Ray says has a GPU but CUDA is "
+        "not available there, run it on that node's CPUs (with a warning) instead of failing "
+        "the job.",
+    )
+    min_actors: int | None = Field(
+        None, ge=1,
+        description="Autoscaling inference pool: smallest size (set with --max-actors). Default: "
+        "a fixed pool of --num-actors, because an autoscaling GPU pool grows one actor at a time "
+        "as work queues up, each waiting for a GPU node and a model load.",
+    )
+    max_actors: int | None = Field(
+        None, ge=1, description="Autoscaling inference pool: largest size (set with --min-actors)."
+    )
+    decode_cpus_per_actor: int | None = Field(
+        None, ge=1,
+        description="CPU cores (fetch/decode tasks) feeding each inference actor: caps concurrent "
+        "decode tasks at this times the largest pool size, so decoding keeps the GPUs busy "
+        "without flooding the object store. Default: no cap (Ray Data's backpressure).",
+    )
+    decode_resource: str | None = Field(
+        None,
+        description="Custom Ray node resource that fetch/decode tasks require (0.01 each), to pin "
+        "decoding to the nodes advertising it, e.g. 'decode' on the CPU pool in cluster.yaml. "
+        "Default: any node with a free CPU.",
+    )
+    gpu_wait_s: float = Field(
+        0.0, ge=0,
+        description="With --device cuda on an autoscaling cluster: ask the autoscaler for the "
+        "pool's GPUs before starting and wait up to this many seconds for them. 0: no wait.",
     )
     allowed_uri_schemes: str = Field(
         "file,s3,gs,https",
@@ -111,6 +152,14 @@ class RecategorizeConfig(JobConfig):
         description="Restarts of a lost inference actor and retries of a lost preprocess task "
         "before the run fails.",
     )
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> RecategorizeConfig:
+        if (self.min_actors is None) != (self.max_actors is None):
+            raise ValueError("--min-actors and --max-actors must be set together")
+        if self.min_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"--min-actors {self.min_actors} is above --max-actors {self.max_actors}")
+        return self
 
 
 class TrainConfig(JobConfig):
@@ -155,6 +204,28 @@ class TrainConfig(JobConfig):
     max_train_rows: int | None = Field(
         None, ge=1, description="Use at most this many training rows (for smoke runs)."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the training workers: PACK fills a node first (fast "
+        "gradient sync); SPREAD / STRICT_SPREAD put them on different nodes.",
+    )
+
+
+class BenchmarkConfig(JobConfig):
+    rows: int = Field(2000, ge=10, description="Catalog rows per image size.")
+    upload_sizes: str = Field(
+        "original,1200",
+        description="Comma-separated image variants: 'original' (the photos as they are, 348 px) "
+        "and/or a shorter-side pixel size to re-encode them at (uploads are often ~1200 px).",
+    )
+    model: str = Field(BUNDLED_MODEL, description="Model artifact to benchmark.")
+    output: str = Field("outputs/benchmark", description="Scratch folder for catalogs and outputs.")
+    stages: str = Field(
+        "ceiling,decode,ours,baseline,torch_loop",
+        description="Comma-separated stages to run: ceiling, decode, ours, baseline, torch_loop.",
+    )
+    batch_size: int = Field(64, ge=1, description="Inference batch size for ours and the loop.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
 
 
 class MakeManifestConfig(BaseModel):

@@ -41,10 +41,10 @@ from pipeline.outputs import (
     staging_uri,
     summarize,
 )
-from pipeline.predict import Classifier
 from pipeline.preprocess import Preprocessor
 from pipeline.security import UriPolicy, safe_name
 
+STATS_FILE = "ray_data_stats.txt"
 # Decoding a large upload needs a few hundred MB. Declaring it also keeps Ray from fusing the
 # decode tasks into the inference actors (fusion needs equal remote args), so decode runs in
 # parallel CPU tasks instead of serially inside each model replica.
@@ -57,12 +57,20 @@ def new_run_id() -> str:
 
 
 def inference_device(cfg: RecategorizeConfig) -> str:
-    from pipeline.cluster import cluster_gpus
+    from pipeline.cluster import resolve_inference_device
 
-    gpus = cluster_gpus()
-    if cfg.device == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda was requested but the Ray cluster has no GPUs")
-    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
+    return resolve_inference_device(cfg)
+
+
+def inference_threads(cfg: RecategorizeConfig, device: str) -> int:
+    """Ray pins OMP_NUM_THREADS to an actor's CPU reservation; a CPU-only model wants more."""
+    if cfg.inference_threads:
+        return cfg.inference_threads
+    if device == "cuda":
+        return max(1, int(cfg.cpus_per_actor))
+    from pipeline.cluster import cpu_count
+
+    return max(1, cpu_count() // cfg.num_actors)
 
 
 def manifest_partitions(manifest_uri: str, count: int) -> np.ndarray:
@@ -128,9 +136,17 @@ def uri_policy(cfg: RecategorizeConfig, manifest_base: str) -> UriPolicy:
 
 
 def process_partition(cfg: RecategorizeConfig, manifest: Manifest, meta, device: str, run_id: str,
-                      policy: UriPolicy, partition: int, count: int, out_uri: str) -> None:
-    """Manifest rows of one partition -> preprocess -> predict -> format -> Parquet in out_uri."""
+                      policy: UriPolicy, partition: int, count: int, out_uri: str) -> str:
+    """Manifest rows of one partition -> preprocess -> predict -> format -> Parquet in out_uri.
+    Returns Ray Data's stats for it."""
     import ray.data
+
+    from pipeline.cluster import (
+        InferenceActor,
+        decode_placement,
+        inference_placement,
+        surface_job_errors,
+    )
 
     fs, path = storage.arrow_filesystem(manifest.uri)
     columns = ["product_id", "image_uri"] + (
@@ -138,25 +154,30 @@ def process_partition(cfg: RecategorizeConfig, manifest: Manifest, meta, device:
     ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
     if count > 1:
         ds = ds.map_batches(PartitionFilter(partition, count), batch_format="numpy")
+    # A manifest file arrives as a few big blocks, and a decode task handles a whole block:
+    # split them (streaming, no shuffle) so decoding fans out over all CPU slots.
+    ds = ds.repartition(target_num_rows_per_block=cfg.preprocess_batch_size)
     ds = ds.map_batches(
         Preprocessor(meta.input_size, manifest.base_uri, cfg.max_image_bytes, cfg.max_image_pixels,
                      policy, cfg.fetch_timeout_s, cfg.fetch_retries),
-        batch_size=cfg.preprocess_batch_size, batch_format="numpy", num_cpus=1,
-        memory=DECODE_TASK_MEMORY, **retry_args(cfg, actor=False))
+        batch_size=cfg.preprocess_batch_size, batch_format="numpy",
+        **decode_placement(cfg, DECODE_TASK_MEMORY), **retry_args(cfg, actor=False))
     ds = ds.map_batches(
-        Classifier,
+        InferenceActor,
         fn_constructor_kwargs={"model_uri": storage.normalize(cfg.model), "device": device,
-                               "top_k": cfg.top_k, "num_threads": max(1, int(cfg.cpus_per_actor))},
+                               "top_k": cfg.top_k, "num_threads": inference_threads(cfg, device),
+                               "precision": cfg.precision, "compile": cfg.compile,
+                               "allow_cpu_fallback": cfg.allow_cpu_fallback},
         batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor if device == "cuda" else 0,
-        **retry_args(cfg, actor=True))
+        **inference_placement(cfg, device), **retry_args(cfg, actor=True))
     ds = ds.map_batches(
         OutputFormatter(meta.classes, meta.architecture, meta.model_version, run_id, cfg.review_threshold),
         batch_format="numpy", num_cpus=0.5)
     storage.remove(out_uri)  # what a killed attempt left of this partition
     out_fs, out_path = storage.arrow_filesystem(out_uri)
-    ds.write_parquet(out_path, filesystem=out_fs)
+    with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
+        ds.write_parquet(out_path, filesystem=out_fs)
+    return ds.stats()
 
 
 def run(cfg: RecategorizeConfig) -> dict:
@@ -181,9 +202,10 @@ def run(cfg: RecategorizeConfig) -> dict:
     if todo:
         init_ray(cfg.ray_address, cfg.num_cpus)
         device = inference_device(cfg)
+    stats = []
     for p in todo:
-        process_partition(cfg, manifest, meta, device, run_id, policy, p, count,
-                          partition_uri(output, identity, p))
+        stats.append(f"partition {p} of {count}\n" + process_partition(
+            cfg, manifest, meta, device, run_id, policy, p, count, partition_uri(output, identity, p)))
         finish_partition(output, identity, p, int(sizes[p]))
 
     marker = commit(output, identity, run_id, manifest.uri, meta.model_version, manifest.num_rows)
@@ -198,6 +220,8 @@ def run(cfg: RecategorizeConfig) -> dict:
     publish(output, marker)
     cfg.save(storage.join(output, "config.yaml"))
     storage.write_json(storage.join(output, SUMMARY_FILE), summary)
+    # Per-operator wall/CPU time and memory from Ray Data: where this run's time went.
+    storage.write_text(storage.join(output, STATS_FILE), "\n\n".join(stats))
     return summary
 
 

@@ -302,7 +302,8 @@ def run(cfg: TrainConfig) -> dict:
                            "fine_to_coarse": fine_to_coarse,
                            "train_rows": data.train.num_rows - train_bad},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name="run", storage_path=storage.join(output, "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,

@@ -46,3 +46,20 @@ def test_corrupt_or_edited_artifact_is_refused(tmp_path):
 def test_missing_artifact(tmp_path):
     with pytest.raises(ModelError, match=r"has no model\.json"):
         load_artifact(str(tmp_path / "nothing"))
+
+
+def test_classifier_bf16_is_close_to_fp32(tmp_path, sample_images):
+    """The GPU default precision (bf16 autocast) must not change predictions materially; checked
+    on the CPU, where autocast to bf16 is also supported."""
+    import numpy as np
+
+    from pipeline.decode import decode_image
+    from pipeline.predict import Classifier
+
+    save_artifact(create_model("mobilenet_v3_small", 3).eval(), _meta(), str(tmp_path / "m"))
+    images = np.stack([decode_image(p.read_bytes(), 64) for p in sample_images[:8]])
+    fp32 = Classifier(str(tmp_path / "m"), device="cpu", precision="fp32").probabilities(images)
+    bf16 = Classifier(str(tmp_path / "m"), device="cpu", precision="bf16").probabilities(images)
+    assert torch.allclose(fp32, bf16, atol=0.05)
+    with pytest.raises(ValueError, match="valid: auto, fp32, bf16"):
+        Classifier(str(tmp_path / "m"), precision="fp16")

@@ -63,3 +63,15 @@ def test_training_manifest_checks(tmp_path):
     rows = [{**r, "category": "c", "split": s} for r, s in zip(GOOD, ["train", "holdout"], strict=True)]
     with pytest.raises(ManifestError, match=r"'split' has invalid value\(s\) 'holdout'"):
         validate_manifest(str(write_manifest(tmp_path / "b.parquet", rows)), training=True)
+
+
+def test_duplicates_across_files_in_a_large_folder(tmp_path):
+    ids = [f"sku-{i}" for i in range(200_000)]
+    first = [{"product_id": i, "image_uri": "x.jpg"} for i in ids[:120_000]]
+    second = [{"product_id": i, "image_uri": "x.jpg"} for i in ids[120_000:]]
+    second += [{"product_id": "sku-7", "image_uri": "y.jpg"},
+               {"product_id": "sku-199999", "image_uri": "z.jpg"}]
+    write_manifest(tmp_path / "big" / "a.parquet", first)
+    write_manifest(tmp_path / "big" / "b.parquet", second)
+    with pytest.raises(ManifestError, match=r"duplicate values: 'sku-199999', 'sku-7'$"):
+        validate_manifest(str(tmp_path / "big"))

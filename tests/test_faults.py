@@ -76,7 +76,7 @@ class WorkerKiller(threading.Thread):
         from ray._private.state import actors
 
         return next((a["Pid"] for a in actors().values()
-                     if a["State"] == "ALIVE" and "Classifier" in a["ActorClassName"] and a["Pid"]),
+                     if a["State"] == "ALIVE" and "InferenceActor" in a["ActorClassName"] and a["Pid"]),
                     None)
 
     def _kill_preprocess_worker(self) -> None:

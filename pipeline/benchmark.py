@@ -1,0 +1,317 @@
+"""Side-by-side throughput benchmark: one run, same data, same cores, one table.
+
+Five ways to do (parts of) the nightly job, each timed on the same catalog:
+- ceiling: the model alone on already-decoded uint8 tensors on the device;
+- decode: fetch + decode + resize/crop alone, one process, per core;
+- ours: `pipeline.recategorize.run`, manifest to committed Parquet;
+- baseline: the same job written the way Ray Data's documentation writes batch inference
+  (PIL decode and torchvision transforms per row with `Dataset.map`, float32 model, defaults);
+- torch loop: a plain PyTorch DataLoader (workers = cores) + the same model, no Ray.
+
+Peak memory is the largest resident-set total of this process and all its descendants (Ray's
+raylet and workers included), sampled every 100 ms while a stage runs, minus the total before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline.artifact import load_metadata
+from pipeline.cluster import cpu_count
+from pipeline.decode import decode_image
+from pipeline.predict import Classifier
+
+
+@dataclass
+class Measurement:
+    name: str
+    images: int
+    seconds: float
+    peak_memory_bytes: int
+    units: int  # cores (or GPUs) the throughput is divided by
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def per_unit(self) -> float:
+        return self.images_per_s / self.units
+
+
+class PeakMemory:
+    """Samples the RSS total of this process tree in a thread while the block runs."""
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def tree_rss() -> int:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # a worker may exit while we look
+                total += proc.memory_info().rss
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.tree_rss())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self.base = self.tree_rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+def measure(name: str, units: int, fn: Callable[[], int]) -> Measurement:
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        images = fn()
+        seconds = time.perf_counter() - start
+    return Measurement(name, images, seconds, memory.delta, units)
+
+
+# ---------------------------------------------------------------- catalog
+
+
+def build_catalog(folder: Path, sources: list[Path], rows: int, upload_px: int | None) -> Path:
+    """A manifest of `rows` products over a pool of real photos; with `upload_px`, the pool is
+    re-encoded so its shorter side is that many pixels (JPEG quality 90), as uploads usually are."""
+    pool_dir = folder / f"images-{upload_px or 'original'}"
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    pool = []
+    for src in sources:
+        target = pool_dir / src.name
+        if not target.exists():
+            if upload_px:
+                im = Image.open(src).convert("RGB")
+                scale = upload_px / min(im.size)
+                im = im.resize((round(im.width * scale), round(im.height * scale)),
+                               Image.Resampling.BICUBIC)
+                im.save(target, "JPEG", quality=90)
+            else:
+                target.write_bytes(src.read_bytes())
+        pool.append(str(target))
+    table = pa.table({
+        "product_id": [f"bench-{i:08d}" for i in range(rows)],
+        "image_uri": [pool[i % len(pool)] for i in range(rows)],
+        "current_category": pa.nulls(rows, pa.string()),
+    })
+    manifest = folder / f"manifest-{upload_px or 'original'}-{rows}.parquet"
+    pq.write_table(table, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- stages
+
+
+def model_ceiling(model_uri: str, device: str, batch_size: int, seconds: float = 5.0) -> int:
+    """The model alone: uint8 batches already decoded and already on the device."""
+    clf = Classifier(model_uri, device=device, num_threads=None)
+    size = clf.meta.input_size
+    images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    clf.probabilities(images)  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        clf.probabilities(images)
+        done += batch_size
+    if clf.device.type == "cuda":
+        torch.cuda.synchronize()
+    return done
+
+
+def decode_only(manifest: Path, size: int, limit: int) -> int:
+    """Read + decode + resize/crop in this process, one core."""
+    uris = pq.read_table(manifest, columns=["image_uri"]).column("image_uri").to_pylist()[:limit]
+    for uri in uris:
+        with open(uri, "rb") as f:
+            decode_image(f.read(), size)
+    return len(uris)
+
+
+def ours(manifest: Path, model_uri: str, output: Path, **options) -> int:
+    from pipeline.config import RecategorizeConfig
+    from pipeline.recategorize import run
+
+    summary = run(RecategorizeConfig(manifest=str(manifest), model=model_uri, output=str(output),
+                                     overwrite=True, **options))
+    return summary["rows"]
+
+
+def ray_docs_baseline(manifest: Path, model_uri: str, output: Path) -> int:
+    """Batch inference as Ray Data's documentation writes it: per-row PIL decode and torchvision
+    transforms in `Dataset.map`, a float32 model in an actor pool, default settings."""
+    import ray.data
+    from torchvision import transforms
+
+    meta = load_metadata(model_uri)
+    transform = transforms.Compose([
+        transforms.Resize(meta.input_size), transforms.CenterCrop(meta.input_size),
+        transforms.ToTensor(), transforms.Normalize(meta.mean, meta.std)])
+
+    def preprocess(row: dict) -> dict:
+        with open(row["image_uri"], "rb") as f:
+            image = Image.open(io.BytesIO(f.read())).convert("RGB")
+        row["image"] = transform(image).numpy()
+        return row
+
+    class Predictor:
+        def __init__(self):
+            from pipeline.artifact import load_artifact
+
+            self.model, _ = load_artifact(model_uri)
+
+        def __call__(self, batch: dict) -> dict:
+            with torch.inference_mode():
+                probs = torch.softmax(self.model(torch.as_tensor(batch["image"])), dim=1)
+            conf, pred = probs.max(dim=1)
+            return {"product_id": batch["product_id"], "predicted": pred.numpy(),
+                    "confidence": conf.numpy()}
+
+    ds = ray.data.read_parquet(str(manifest)).map(preprocess)
+    ds = ds.map_batches(Predictor, compute=ray.data.ActorPoolStrategy(size=1))
+    ds.write_parquet(str(output))
+    return pq.ParquetDataset(str(output)).read(columns=["product_id"]).num_rows
+
+
+class _ManifestImages(torch.utils.data.Dataset):
+    def __init__(self, uris: list[str], size: int):
+        self.uris, self.size = uris, size
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with open(self.uris[i], "rb") as f:
+            return torch.from_numpy(decode_image(f.read(), self.size))
+
+
+def torch_loop(manifest: Path, model_uri: str, output: Path, workers: int, batch_size: int) -> int:
+    """No Ray: a DataLoader with `workers` decode processes feeding the model in this process,
+    predictions written to one Parquet file."""
+    table = pq.read_table(manifest, columns=["product_id", "image_uri"])
+    clf = Classifier(model_uri, device="auto", num_threads=None)
+    loader = torch.utils.data.DataLoader(
+        _ManifestImages(table.column("image_uri").to_pylist(), clf.meta.input_size),
+        batch_size=batch_size, num_workers=workers, pin_memory=clf.device.type == "cuda")
+    predicted, confidence = [], []
+    for images in loader:
+        conf, idx = clf.probabilities(images.numpy()).max(dim=1)
+        predicted.extend(clf.classes[idx.cpu().numpy()])
+        confidence.append(conf.cpu().numpy())
+    output.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"product_id": table.column("product_id"),
+                             "predicted_category": pa.array(predicted, pa.string()),
+                             "confidence": np.concatenate(confidence)}), output / "part-0.parquet")
+    return table.num_rows
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_table(rows: list[tuple[str, Measurement]], ceiling: float, baseline: dict[str, float],
+                 unit: str) -> str:
+    """Markdown table; ratios are to the model-only ceiling and to the same catalog's baseline."""
+    lines = [f"| catalog | stage | images | seconds | images/s | images/s per {unit} | peak memory "
+             "| vs ceiling | vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
+    for catalog, m in rows:
+        base = baseline.get(catalog)
+        lines.append(
+            f"| {catalog} | {m.name} | {m.images} | {m.seconds:.1f} | {m.images_per_s:.0f} | "
+            f"{m.per_unit:.0f} | {m.peak_memory_bytes / 2**20:.0f} MiB | "
+            f"{m.images_per_s / ceiling:.0%} | "
+            + (f"{m.images_per_s / base:.2f}x |" if base else "- |"))
+    return "\n".join(lines)
+
+
+
+STAGES = ("ceiling", "decode", "ours", "baseline", "torch_loop")
+
+
+def run_benchmark(cfg) -> str:
+    """Run the selected stages on each catalog variant; return the Markdown table."""
+    import shutil
+
+    from pipeline.cluster import init_ray
+    from pipeline.config import EXAMPLES_DIR
+    from pipeline.errors import ConfigError
+    from pipeline.predict import resolve_device
+
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)}; valid: {', '.join(STAGES)}")
+    variants = []
+    for v in (s.strip() for s in cfg.upload_sizes.split(",") if s.strip()):
+        if v != "original" and not v.isdigit():
+            raise ConfigError(f"--upload-sizes: {v!r} is neither 'original' nor a pixel size")
+        variants.append(None if v == "original" else int(v))
+    device = resolve_device(cfg.device)
+    cores = cpu_count()
+    units = 1 if device.type == "cuda" else cores
+    unit = "GPU" if device.type == "cuda" else "core"
+    meta = load_metadata(cfg.model)
+    root = Path(cfg.output)
+    sources = sorted((EXAMPLES_DIR / "sample-catalog" / "images").rglob("*.jpg"))
+    init_ray(cfg.ray_address, cfg.num_cpus)
+    options = {"batch_size": cfg.batch_size, "device": cfg.device}
+
+    out = root / "out"
+    ceiling_m = measure("ceiling (model only)", units,
+                        lambda: model_ceiling(cfg.model, device.type, cfg.batch_size))
+    rows: list[tuple[str, Measurement]] = []
+    baseline: dict[str, float] = {}
+    for upload_px in variants:
+        catalog = f"{upload_px or 348} px"
+        manifest = build_catalog(root, sources, cfg.rows, upload_px)
+        decode_only(manifest, meta.input_size, len(sources))  # warm the page cache
+        if "decode" in stages:
+            rows.append((catalog, measure("decode + preprocess, 1 process", 1, lambda m=manifest:
+                                          decode_only(m, meta.input_size, min(cfg.rows, 1000)))))
+        if "baseline" in stages:
+            shutil.rmtree(out, ignore_errors=True)
+            m = measure("baseline (Ray Data docs recipe)", units, lambda m=manifest: ray_docs_baseline(
+                m, cfg.model, out / "baseline"))
+            baseline[catalog] = m.images_per_s
+            rows.append((catalog, m))
+        if "torch_loop" in stages:
+            rows.append((catalog, measure(f"plain PyTorch loop ({cores} workers)", units,
+                                          lambda m=manifest: torch_loop(m, cfg.model, out / "loop",
+                                                                        cores, cfg.batch_size))))
+        if "ours" in stages:
+            rows.append((catalog, measure("ours (manifest -> committed Parquet)", units,
+                                          lambda m=manifest: ours(m, cfg.model, out / "ours",
+                                                                  **options))))
+    if "ceiling" in stages:
+        rows.insert(0, ("-", ceiling_m))
+    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{cores} cores"
+    header = (f"device: {device.type} ({hardware}), "
+              f"model: {meta.architecture} @ {meta.input_size}px, rows per catalog: {cfg.rows}, "
+              f"batch size: {cfg.batch_size}")
+    return header + "\n\n" + format_table(rows, ceiling_m.images_per_s, baseline, unit)
