@@ -110,3 +110,48 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
     except RuntimeError as exc:
         raise ModelError(f"{weights_uri!r} does not fit {meta.architecture}: {exc}") from exc
     return model.eval().to(device), meta
+
+
+def is_artifact(uri: str) -> bool:
+    """True when `uri` is a model artifact folder (holds model.json)."""
+    if uri.endswith((".safetensors", ".pt", ".pth")):
+        return False
+    try:
+        return storage.exists(storage.join(uri, METADATA_FILE))
+    except Exception:  # not a path any backend understands, e.g. a torchvision weights name
+        return False
+
+
+def artifact_start_record(uri: str, parent: ModelMetadata, classes: list[str]) -> dict[str, Any]:
+    """How a model started from artifact `parent` relates to it: `label_mapping` maps each new
+    class to its index in the parent's classes (None for a class the parent did not know)."""
+    parent_index = {c: i for i, c in enumerate(parent.classes)}
+    mapping = {c: parent_index.get(c) for c in classes}
+    return {"kind": "artifact", "uri": storage.normalize(uri), "architecture": parent.architecture,
+            "model_version": parent.model_version, "parent_classes": parent.classes,
+            "label_mapping": mapping,
+            "new_classes": sorted(c for c, i in mapping.items() if i is None)}
+
+
+def transfer_from_artifact(uri: str, classes: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """One of our artifacts as a starting point for a new label set.
+
+    The backbone is kept and the head is replaced by one with a row per class in `classes`.
+    Rows of classes the artifact already knew are copied from its head, so they start from what
+    it learned; new classes start fresh. Returns the model (in train mode) and its start record.
+    """
+    from pipeline.models import replace_head
+
+    model, meta = load_artifact(uri)
+    start = artifact_start_record(uri, meta, classes)
+    head_path = get_spec(meta.architecture).head
+    old_head = model.get_submodule(head_path)
+    replace_head(model, meta.architecture, len(classes))
+    new_head = model.get_submodule(head_path)
+    with torch.no_grad():
+        for i, cls in enumerate(classes):
+            parent_row = start["label_mapping"][cls]
+            if parent_row is not None:
+                new_head.weight[i] = old_head.weight[parent_row]
+                new_head.bias[i] = old_head.bias[parent_row]
+    return model.train(), start

@@ -59,6 +59,22 @@ class RecategorizeConfig(JobConfig):
     review_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="Rows with confidence below this get needs_review=true."
     )
+    review_threshold_from: str | None = Field(
+        None,
+        description="An evaluation report's metrics.json (python -m jobs.evaluate): use its "
+        "auto-accept threshold as --review-threshold (it replaces that option's value).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_from_report(cls, values: Any) -> Any:
+        """Read the threshold up front, so a bad report stops the job before it writes."""
+        if isinstance(values, dict) and values.get("review_threshold_from"):
+            from pipeline.evaluate import review_threshold_from_report
+
+            values = {**values,
+                      "review_threshold": review_threshold_from_report(values["review_threshold_from"])}
+        return values
     top_k: int = Field(5, ge=1, le=100, description="How many ranked categories to keep per row.")
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
     preprocess_batch_size: int = Field(32, ge=1, description="Images per fetch/decode task batch.")
@@ -174,8 +190,81 @@ class TrainConfig(JobConfig):
     model_name: str = Field("mobilenet_v3_small", description="Architecture from the model registry.")
     weights: str | None = Field(
         None,
-        description="Starting weights: a torchvision weights name (e.g. IMAGENET1K_V1, needs "
-        "internet) or a .safetensors file path/URI. Default: random init.",
+        description="Starting point: a torchvision weights name (e.g. IMAGENET1K_V1, needs "
+        "internet), a .safetensors file path/URI, or one of our model artifact folders (backbone "
+        "kept, head replaced for this manifest's classes, label mapping recorded). Default: "
+        "random init.",
+    )
+    train_stages: int | None = Field(
+        None, ge=0,
+        description="Freezing policy. Default (none): full fine-tuning. 0: only the head trains "
+        "(linear probe). N: the last N backbone stages and the head train, earlier ones are frozen.",
+    )
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=1,
+        description="Backbone learning rate as a share of --lr (the heads use --lr); e.g. 0.1 when "
+        "fine-tuning pretrained weights.",
+    )
+    augment: Literal["none", "basic", "color", "trivial", "randaugment"] = Field(
+        "basic",
+        description="Augmentation preset: none (center crop), basic (random resized crop + flip), "
+        "color (basic + rotation + color jitter), trivial (basic + TrivialAugmentWide), "
+        "randaugment (basic + RandAugment).",
+    )
+    loss: Literal["cross_entropy", "focal"] = Field(
+        "cross_entropy", description="Classification loss; focal down-weights easy examples."
+    )
+    focal_gamma: float = Field(2.0, ge=0, description="Focal loss exponent (0 = cross-entropy).")
+    class_weighting: Literal["none", "inverse", "sqrt_inverse"] = Field(
+        "none",
+        description="Per-class loss weights against imbalance: inverse (n / (classes * count)) "
+        "or its square root; none weighs every example the same.",
+    )
+    warmup_epochs: float = Field(
+        1.0, ge=0, description="Linear learning-rate warm-up before the cosine decay, in epochs."
+    )
+    mixed_precision: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
+    coarse_head: bool = Field(
+        False,
+        description="Train a second head on the coarse category jointly (needs coarse_category in "
+        "the manifest). The artifact keeps the fine head only.",
+    )
+    coarse_loss_weight: float = Field(0.3, ge=0, description="Weight of the coarse head's loss.")
+    monitor: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="Validation metric that picks the best epoch and early stopping."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1,
+        description="Stop after this many epochs without improvement of --monitor. Default: off.",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="Smallest change of --monitor that counts as an improvement."
+    )
+    checkpoint_path: str | None = Field(
+        None,
+        description="Where checkpoints go (local path or URI, e.g. s3://bucket/runs/x). Default: "
+        "<output>/checkpoints.",
+    )
+    resume: bool = Field(
+        False,
+        description="Continue the interrupted run in the checkpoint path from its last checkpoint. "
+        "Without it, a checkpoint path that already holds a run is refused.",
+    )
+    time_budget_min: float | None = Field(
+        None, gt=0,
+        description="Training time budget in minutes (data loading excluded). After each epoch the "
+        "number of epochs is re-planned to what fits at the pace so far (at most --epochs) and the "
+        "cosine schedule is stretched to end with it. Makes the run depend on machine speed.",
+    )
+    stop_at_epoch: int | None = Field(
+        None, ge=1,
+        description="End this invocation after this epoch (1-based) as if interrupted; continue "
+        "later with --resume. For splitting a run across time windows.",
+    )
+    calibrate: bool = Field(
+        True,
+        description="Fit a softmax temperature on the validation logits and store it in the "
+        "artifact, so confidence matches accuracy.",
     )
     input_size: int = Field(160, ge=32, le=1024, description="Square input size in pixels.")
     epochs: int = Field(40, ge=1, description="Training epochs.")
@@ -209,6 +298,64 @@ class TrainConfig(JobConfig):
         description="How Ray places the training workers: PACK fills a node first (fast "
         "gradient sync); SPREAD / STRICT_SPREAD put them on different nodes.",
     )
+
+
+class EvaluateConfig(JobConfig):
+    manifest: str = Field(
+        "manifests/grocery.parquet",
+        description="Labelled manifest (product_id, image_uri, category; optional split).",
+    )
+    model: str = Field(BUNDLED_MODEL, description="Model artifact folder (local path or URI).")
+    output: str = Field(
+        "outputs/evaluate",
+        description="Report folder (local path or URI): report.html, metrics.json, CSV tables, PNGs.",
+    )
+    split: str | None = Field(
+        None, description="Evaluate only rows with this split value (e.g. val). Default: all rows."
+    )
+    target_accuracy: float = Field(
+        0.98, gt=0, le=1,
+        description="Auto-accept accuracy to reach: the report gives the lowest confidence threshold "
+        "whose accepted predictions are this accurate, and the share of the catalog it covers.",
+    )
+    ece_bins: int = Field(15, ge=2, le=100, description="Confidence bins for ECE and the diagram.")
+    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Inference device.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
+
+
+class EmbedConfig(JobConfig):
+    manifest: str = Field(
+        "manifests/grocery.parquet",
+        description="Training manifest (as for jobs.train); its val split (or a stratified share) "
+        "measures the fitted classifier.",
+    )
+    output: str = Field(
+        "outputs/embed", description="Output folder: model/ artifact, embedding_summary.json."
+    )
+    backbone: str | None = Field(
+        BUNDLED_MODEL,
+        description="Where embeddings come from: one of our model artifact folders, or (with "
+        "--model-name) a torchvision weights name or .safetensors file. None: random init.",
+    )
+    model_name: str = Field(
+        "mobilenet_v3_small", description="Architecture when --backbone is not an artifact."
+    )
+    input_size: int = Field(
+        160, ge=32, le=1024, description="Input size when --backbone is not an artifact."
+    )
+    C: float = Field(1.0, gt=0, description="Inverse L2 strength of the logistic regression.")
+    max_iter: int = Field(2000, ge=10, description="Logistic regression solver iterations.")
+    knn_k: int = Field(5, ge=1, description="Neighbours of the k-NN classifier reported beside it.")
+    calibrate: bool = Field(True, description="Fit a softmax temperature on the validation rows.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Stratified validation share when the manifest has no split."
+    )
+    seed: int = Field(0, description="Seed of the validation split.")
+    max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
+    num_actors: int = Field(1, ge=1, description="Embedding actor pool size.")
 
 
 class BenchmarkConfig(JobConfig):

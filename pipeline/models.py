@@ -109,6 +109,23 @@ def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
         raise ModelError(f"weights file {uri!r} is not valid safetensors: {exc}") from exc
 
 
+def describe_weights(name: str, weights: str | None) -> dict:
+    """Check a starting-weights argument without downloading anything; returns what it names.
+
+    torchvision names resolve against the architecture's weight enum (unknown names raise a
+    ModelError listing the valid ones); file paths must be .safetensors."""
+    get_spec(name)
+    if weights is None:
+        return {"kind": "random", "weights": None}
+    if weights.endswith(".safetensors") or "/" in weights or weights.endswith((".pt", ".pth")):
+        if not weights.endswith(".safetensors"):
+            load_state_dict_file(weights)  # raises the refusal for pickle formats
+        return {"kind": "file", "weights": weights}
+    resolved = _torchvision_weights(name, weights)
+    return {"kind": "torchvision", "weights": f"{type(resolved).__name__}.{resolved.name}",
+            "url": resolved.url}
+
+
 def create_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """A torchvision backbone with a `num_classes` head.
 
@@ -138,3 +155,98 @@ def create_model(name: str, num_classes: int, weights: str | None = None) -> nn.
         return model
     model = torchvision.models.get_model(name, weights=_torchvision_weights(name, weights))
     return replace_head(model, name, num_classes)
+
+
+def stage_prefixes(model: nn.Module, name: str) -> list[tuple[str, ...]]:
+    """Parameter-name prefixes of each backbone stage, from the input side to the output side.
+
+    ResNets: the stem (conv1, bn1) and layer1..layer4. MobileNet, EfficientNet and ConvNeXt: the
+    children of `features` (stem convolution, the blocks, the last convolution).
+    """
+    get_spec(name)
+    if name.startswith("resnet"):
+        return [("conv1.", "bn1."), ("layer1.",), ("layer2.",), ("layer3.",), ("layer4.",)]
+    features = model.get_submodule("features")
+    return [(f"features.{i}.",) for i in range(len(features))]
+
+
+def freeze_backbone(model: nn.Module, name: str, train_stages: int | None) -> list[str]:
+    """Set requires_grad for a freezing policy; returns the names of the frozen parameters.
+
+    train_stages None: everything trains (full fine-tuning). 0: only the head trains (a linear
+    probe). N: the last N stages, whatever sits between them and the head (e.g. MobileNet's
+    classifier.0), and the head train; earlier stages are frozen.
+    """
+    if train_stages is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return []
+    stages = stage_prefixes(model, name)
+    if not 0 <= train_stages <= len(stages):
+        raise ModelError(f"train_stages must be between 0 and {len(stages)} for {name}, got {train_stages}")
+    head = set(head_parameter_names(name))
+    staged = tuple(p for stage in stages for p in stage)
+    trainable = tuple(p for stage in stages[len(stages) - train_stages:] for p in stage)
+    frozen = []
+    for pname, param in model.named_parameters():
+        if pname in head:
+            keep = True
+        elif pname.startswith(staged):
+            keep = bool(trainable) and pname.startswith(trainable)
+        else:  # between the last stage and the head
+            keep = train_stages > 0
+        param.requires_grad_(keep)
+        if not keep:
+            frozen.append(pname)
+    return frozen
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are all frozen in eval mode, so their running
+    statistics stay those of the starting weights. Call after every `model.train()`."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def head_modules(model: nn.Module, name: str) -> list[nn.Module]:
+    """The classification layers (the fine head, plus the coarse head when there is one)."""
+    if isinstance(model, CoarseHeadModel):
+        return [_get_head(model.model, get_spec(name).head), model.coarse_head]
+    return [_get_head(model, get_spec(name).head)]
+
+
+def param_groups(model: nn.Module, name: str, lr: float, backbone_lr_scale: float) -> list[dict]:
+    """Optimizer groups: the heads at `lr`, the (trainable) backbone at `lr * backbone_lr_scale`.
+
+    A backbone that already knows useful features wants smaller steps than a fresh head."""
+    head_ids = {id(p) for m in head_modules(model, name) for p in m.parameters()}
+    head = [p for p in model.parameters() if id(p) in head_ids and p.requires_grad]
+    backbone = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    groups = [{"params": head, "lr": lr, "name": "head"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_scale, "name": "backbone"})
+    return groups
+
+
+class CoarseHeadModel(nn.Module):
+    """A classifier plus a second Linear head that predicts the coarse category from the same
+    pooled features as the fine head. Only used while training: the exported artifact holds the
+    plain classifier, and coarse predictions come from the fine -> coarse map."""
+
+    def __init__(self, model: nn.Module, name: str, num_coarse: int):
+        super().__init__()
+        self.model = model
+        head = _get_head(model, get_spec(name).head)
+        self.coarse_head = nn.Linear(head.in_features, num_coarse)
+        self._features: torch.Tensor | None = None
+        head.register_forward_pre_hook(self._keep_features)
+
+    def _keep_features(self, module: nn.Module, args: tuple) -> None:
+        self._features = args[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fine = self.model(x)
+        return fine, self.coarse_head(self._features)

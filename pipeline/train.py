@@ -21,17 +21,35 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline import storage
-from pipeline.artifact import ModelMetadata, save_artifact
+from pipeline.artifact import (
+    ModelMetadata,
+    artifact_start_record,
+    is_artifact,
+    load_metadata,
+    save_artifact,
+    transfer_from_artifact,
+)
+from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.catalog import open_dataset, validate_manifest
 from pipeline.config import TrainConfig
-from pipeline.errors import TrainingError
-from pipeline.models import create_model, get_spec
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.models import (
+    CoarseHeadModel,
+    create_model,
+    describe_weights,
+    freeze_backbone,
+    freeze_batchnorm_stats,
+    get_spec,
+    param_groups,
+)
 from pipeline.preprocess import Preprocessor
 from pipeline.transforms import EvalPreset, TrainPreset, norm_tensors, to_model_input
 
 DECODE_MARGIN = 1.15  # training images are decoded this much larger than the crop size
+DECODE_BLOCK_ROWS = 256  # one decode task per this many rows: a single block would decode serially
 
 
 @dataclass
@@ -110,16 +128,125 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
+class CosinePlan:
+    """Cosine with warm-up over `epochs`, as a LambdaLR factor. An object rather than a closure:
+    a time budget can shorten `epochs` mid-run, and LambdaLR saves its fields in the checkpoint."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int, warmup_steps: int):
+        self.steps_per_epoch, self.epochs, self.warmup_steps = steps_per_epoch, epochs, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        return cosine_with_warmup(self.steps_per_epoch * self.epochs, self.warmup_steps)(step)
+
+
+def budget_epochs(epochs_done: int, epochs_timed: int, elapsed_s: float, budget_s: float,
+                  max_epochs: int) -> int:
+    """How many epochs fit the time budget at the pace so far (at least those done, at most
+    `max_epochs`), so the schedule decays to zero when the budget runs out rather than
+    being cut off at a high learning rate. The pace is re-measured after every epoch, which
+    follows a machine whose load changes."""
+    per_epoch = elapsed_s / max(epochs_timed, 1)
+    fit = epochs_done + int(max(0.0, budget_s - elapsed_s) // max(per_epoch, 1e-9))
+    return max(epochs_done, min(max_epochs, fit))
+
+
+def class_weights(counts: np.ndarray, mode: str) -> torch.Tensor | None:
+    """Loss weight per class from training counts: inverse frequency (n / (K * count_c)), its
+    square root (a milder correction), or None. Classes without rows get weight 0."""
+    if mode == "none":
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    if mode == "sqrt_inverse":
+        weights = np.sqrt(weights)
+    elif mode != "inverse":
+        raise ConfigError(f"unknown class_weighting {mode!r}; valid: none, inverse, sqrt_inverse")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy with label smoothing, optional per-class weights and an optional focal term.
+
+    Per example: w[y] * (1 - p_y) ** gamma * CE_smoothed; the batch loss divides by the sum of
+    w[y] (PyTorch's weighted-mean convention), so weights shift emphasis between classes without
+    changing the loss scale. gamma = 0 is plain (weighted) cross-entropy.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                 focal_gamma: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+        self.focal_gamma = focal_gamma
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.label_smoothing)
+        if self.focal_gamma > 0:
+            p_true = torch.softmax(logits.detach(), 1).gather(1, labels[:, None]).squeeze(1)
+            loss = (1 - p_true).pow(self.focal_gamma) * loss
+        if self.weight is None:
+            return loss.mean()
+        w = self.weight[labels]
+        return (w * loss).sum() / w.sum().clamp_min(1e-12)
+
+
+def build_criterion(cfg: TrainConfig, counts: np.ndarray) -> ClassificationLoss:
+    return ClassificationLoss(class_weights(counts, cfg.class_weighting), cfg.label_smoothing,
+                              cfg.focal_gamma if cfg.loss == "focal" else 0.0)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs."""
+
+    patience: int | None
+    mode: str = "max"
+    min_delta: float = 0.0
+    best: float | None = None
+    bad_epochs: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record an epoch's value; True when training should stop."""
+        better = self.best is None or (
+            value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta)
+        if better:
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+
+def monitor_mode(metric: str) -> str:
+    return "min" if metric.endswith("loss") else "max"
+
+
+def _forward(model, images, mean, std, device, mixed_precision: bool):
+    """(fine logits, coarse logits or None) in float32."""
+    with torch.autocast(device.type, dtype=torch.bfloat16,
+                        enabled=device.type == "cuda" and mixed_precision):
+        out = model(to_model_input(images, mean, std))
+    fine, coarse = out if isinstance(out, tuple) else (out, None)
+    return fine.float(), None if coarse is None else coarse.float()
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, batches, preset, mean, std,
-                    device) -> dict:
+                    device, mixed_precision: bool = True, coarse_weight: float = 0.0) -> dict:
     model.train()
+    freeze_batchnorm_stats(model)
     seen, loss_sum, correct, start = 0, 0.0, 0, time.perf_counter()
     for batch in batches:
         images = preset(batch["image"]).to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(to_model_input(images, mean, std))
-            loss = criterion(logits.float(), labels)
+        logits, coarse = _forward(model, images, mean, std, device, mixed_precision)
+        loss = criterion(logits, labels)
+        if coarse is not None:
+            coarse_labels = batch["coarse_label"].to(device, non_blocking=True)
+            loss = loss + coarse_weight * F.cross_entropy(coarse, coarse_labels, ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -134,15 +261,17 @@ def train_one_epoch(model, criterion, optimizer, scheduler, batches, preset, mea
 
 
 @torch.inference_mode()
-def evaluate(model, batches, mean, std, device, fine_to_coarse: torch.Tensor | None) -> dict:
-    """Validation accuracy (fine, top-5, coarse) summed over all workers."""
+def evaluate(model, batches, mean, std, device, fine_to_coarse: torch.Tensor | None,
+             mixed_precision: bool = True) -> dict:
+    """Validation loss and accuracy (fine, top-5, coarse via the fine -> coarse map, and the
+    coarse head's own accuracy when there is one) summed over all workers."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, coarse
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top5, coarse, nll, head
+    has_coarse_head = False
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(to_model_input(images, mean, std)).float()
+        logits, coarse = _forward(model, images, mean, std, device, mixed_precision)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         pred = top5[:, 0]
         totals[0] += len(labels)
@@ -150,13 +279,19 @@ def evaluate(model, batches, mean, std, device, fine_to_coarse: torch.Tensor | N
         totals[2] += (top5 == labels[:, None]).any(1).sum()
         if fine_to_coarse is not None:
             totals[3] += (fine_to_coarse[pred] == fine_to_coarse[labels]).sum()
+        totals[4] += F.cross_entropy(logits, labels, reduction="sum")
+        if coarse is not None:
+            has_coarse_head = True
+            totals[5] += (coarse.argmax(1) == batch["coarse_label"].to(device)).sum()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
     n = max(totals[0].item(), 1)
     out = {"val_images": int(totals[0].item()), "val_accuracy": totals[1].item() / n,
-           "val_top5_accuracy": totals[2].item() / n}
+           "val_top5_accuracy": totals[2].item() / n, "val_loss": totals[4].item() / n}
     if fine_to_coarse is not None:
         out["val_coarse_accuracy"] = totals[3].item() / n
+    if has_coarse_head:
+        out["val_coarse_head_accuracy"] = totals[5].item() / n
     return out
 
 
@@ -167,25 +302,47 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The plain classifier inside DDP and the coarse-head wrapper."""
+    model = model.module if hasattr(model, "module") else model
+    return model.model if isinstance(model, CoarseHeadModel) else model
 
 
-def save_checkpoint(folder: str, model, optimizer, scheduler, epoch: int, metrics: dict) -> None:
-    """Model and optimizer tensors in safetensors, everything else in JSON: no pickle."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()},
-              os.path.join(folder, "model.safetensors"))
+def _coarse_head(model: nn.Module) -> nn.Module | None:
+    model = model.module if hasattr(model, "module") else model
+    return model.coarse_head if isinstance(model, CoarseHeadModel) else None
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(folder: str, model, optimizer, scheduler, epoch: int, metrics: dict,
+                    early_stopping: dict | None = None) -> None:
+    """Model and optimizer tensors in safetensors, everything else in JSON: no pickle.
+
+    model.safetensors holds the plain classifier (loadable by create_model); a coarse head, when
+    trained, goes to coarse_head.safetensors."""
+    save_file(_tensors(_unwrap(model)), os.path.join(folder, "model.safetensors"))
+    coarse = _coarse_head(model)
+    if coarse is not None:
+        save_file(_tensors(coarse), os.path.join(folder, "coarse_head.safetensors"))
     opt = optimizer.state_dict()
     tensors = {f"{pid}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for pid, state in opt["state"].items() for name, v in state.items()}
     save_file(tensors, os.path.join(folder, "optimizer.safetensors"))
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump({"epoch": epoch, "metrics": metrics, "param_groups": opt["param_groups"],
-                   "scheduler": scheduler.state_dict()}, f, default=float)
+                   "scheduler": scheduler.state_dict(), "early_stopping": early_stopping or {}},
+                  f, default=float)
 
 
-def load_checkpoint(folder: str, model, optimizer, scheduler) -> int:
-    """Restore model, optimizer and schedule; returns the next epoch to run."""
+def load_checkpoint(folder: str, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore model, optimizer and schedule; returns the next epoch to run and the early
+    stopping state."""
     _unwrap(model).load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    coarse = _coarse_head(model)
+    if coarse is not None:
+        coarse.load_state_dict(load_file(os.path.join(folder, "coarse_head.safetensors")))
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     tensors = load_file(os.path.join(folder, "optimizer.safetensors"))
@@ -195,7 +352,41 @@ def load_checkpoint(folder: str, model, optimizer, scheduler) -> int:
         opt_state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"]) + 1
+    return int(state["epoch"]) + 1, state.get("early_stopping", {})
+
+
+def start_record(cfg: TrainConfig, classes: list[str]) -> dict:
+    """Where training starts, checked on the driver before any work: the resolved torchvision
+    weights, the weights file, or the parent artifact with its label mapping."""
+    if cfg.weights and is_artifact(cfg.weights):
+        parent = load_metadata(cfg.weights)
+        if parent.architecture != cfg.model_name:
+            raise ConfigError(
+                f"--weights {cfg.weights!r} is a {parent.architecture} artifact but --model-name "
+                f"is {cfg.model_name}; set --model-name {parent.architecture}")
+        return artifact_start_record(cfg.weights, parent, classes)
+    return describe_weights(cfg.model_name, cfg.weights)
+
+
+def build_model(cfg: TrainConfig, classes: list[str], num_coarse: int) -> nn.Module:
+    """The starting model for `classes` (see TrainConfig.weights) with its freezing policy
+    applied, wrapped with a coarse head when asked."""
+    if cfg.weights and is_artifact(cfg.weights):
+        model, _ = transfer_from_artifact(cfg.weights, classes)
+    else:
+        model = create_model(cfg.model_name, len(classes), cfg.weights)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(model, cfg.bn_momentum)
+    freeze_backbone(model, cfg.model_name, cfg.train_stages)
+    if cfg.coarse_head:
+        model = CoarseHeadModel(model, cfg.model_name, num_coarse)
+    return model
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Augmentation and dropout randomness per (epoch, worker): a resumed run draws the same
+    numbers as an uninterrupted one."""
+    return seed * 1_000_003 + epoch * 1009 + rank
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -207,69 +398,169 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.torch_threads or cfg.cpus_per_worker)
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     spec = get_spec(cfg.model_name)
     mean, std = norm_tensors(spec.mean, spec.std, device)
     fine_to_coarse = (torch.tensor(config["fine_to_coarse"], device=device)
                       if config["fine_to_coarse"] else None)
 
-    model = create_model(cfg.model_name, len(config["classes"]), cfg.weights)
-    if cfg.bn_momentum is not None:
-        set_bn_momentum(model, cfg.bn_momentum)
+    model = build_model(cfg, config["classes"], config["num_coarse"])
+    groups = param_groups(model, cfg.model_name, cfg.lr, cfg.backbone_lr_scale)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, config["train_rows"] // (cfg.batch_size * world))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(steps * cfg.epochs, steps))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    plan = CosinePlan(steps, cfg.epochs, round(steps * cfg.warmup_epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
+    criterion = build_criterion(cfg, np.asarray(config["class_counts"])).to(device)
+    stopper = EarlyStopping(cfg.early_stopping_patience, monitor_mode(cfg.monitor),
+                            cfg.early_stopping_min_delta)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            start_epoch = load_checkpoint(folder, model, optimizer, scheduler)
+            start_epoch, stop_state = load_checkpoint(folder, model, optimizer, scheduler)
+        stopper.best, stopper.bad_epochs = stop_state.get("best"), stop_state.get("bad_epochs", 0)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    preset, eval_preset = TrainPreset(cfg.input_size), EvalPreset()
+    preset, eval_preset = TrainPreset(cfg.input_size, cfg.augment), EvalPreset()
     run_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
+    epoch = start_epoch
+    while epoch < min(plan.epochs, cfg.stop_at_epoch or plan.epochs):
         epoch_start = time.perf_counter()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=cfg.batch_size * 8,
             local_shuffle_seed=cfg.seed + epoch)
         metrics = train_one_epoch(model, criterion, optimizer, scheduler, batches, preset,
-                                  mean, std, device)
+                                  mean, std, device, cfg.mixed_precision,
+                                  cfg.coarse_loss_weight if cfg.coarse_head else 0.0)
         val_batches = ({**b, "image": eval_preset(b["image"])}
                        for b in val_shard.iter_torch_batches(batch_size=cfg.batch_size))
-        metrics.update(evaluate(model, val_batches, mean, std, device, fine_to_coarse))
-        metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0],
-                       epoch_time_s=time.perf_counter() - epoch_start)
+        metrics.update(evaluate(model, val_batches, mean, std, device, fine_to_coarse,
+                                cfg.mixed_precision))
+        stop = stopper.update(metrics[cfg.monitor])
+        elapsed = time.perf_counter() - run_start
+        if cfg.time_budget_min:
+            plan.epochs = budget_epochs(epoch + 1, epoch + 1 - start_epoch, elapsed,
+                                        cfg.time_budget_min * 60, cfg.epochs)
+        metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0], planned_epochs=plan.epochs,
+                       epoch_time_s=time.perf_counter() - epoch_start, early_stopped=stop)
         if rank == 0:
-            done = epoch + 1 - start_epoch
-            left = (time.perf_counter() - run_start) / done * (cfg.epochs - epoch - 1)
-            coarse = (f" coarse {metrics['val_coarse_accuracy']:.3f}"
-                      if "val_coarse_accuracy" in metrics else "")
-            print(f"epoch {epoch + 1}/{cfg.epochs} loss {metrics['train_loss']:.3f} "
-                  f"train_acc {metrics['train_accuracy']:.3f} val_acc {metrics['val_accuracy']:.3f}"
-                  f"{coarse} lr {metrics['lr']:.2e} {metrics['train_images_per_s']:.0f} img/s "
-                  f"epoch {metrics['epoch_time_s']:.0f}s left ~{left / 60:.1f} min", flush=True)
+            print_progress(metrics, plan.epochs,
+                           elapsed / (epoch + 1 - start_epoch) * (plan.epochs - epoch - 1))
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                save_checkpoint(folder, model, optimizer, scheduler, epoch, metrics)
+                save_checkpoint(folder, model, optimizer, scheduler, epoch, metrics, stopper.state())
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None)
+        if stop:
+            if rank == 0:
+                print(f"early stopping: {cfg.monitor} did not improve for "
+                      f"{cfg.early_stopping_patience} epochs (best {stopper.best:.4f})", flush=True)
+            break
+        epoch += 1
+
+
+def print_progress(metrics: dict, epochs: int, left_s: float) -> None:
+    """One line per epoch a person can follow: loss, accuracy, learning rate, speed, time left."""
+    coarse = (f" coarse {metrics['val_coarse_accuracy']:.3f}"
+              if "val_coarse_accuracy" in metrics else "")
+    print(f"epoch {metrics['epoch'] + 1}/{epochs} loss {metrics['train_loss']:.3f} "
+          f"train_acc {metrics['train_accuracy']:.3f} val_acc {metrics['val_accuracy']:.3f}"
+          f"{coarse} val_loss {metrics['val_loss']:.3f} lr {metrics['lr']:.2e} "
+          f"{metrics['train_images_per_s']:.0f} img/s epoch {metrics['epoch_time_s']:.0f}s "
+          f"left ~{left_s / 60:.1f} min", flush=True)
+
+
+def row_blocks(table: pa.Table, rows: int = DECODE_BLOCK_ROWS) -> list[pa.Table]:
+    """Slices of `table` to hand Ray Data as separate blocks, so decode runs in parallel tasks."""
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
 
 
 def decoded_dataset(table: pa.Table, size: int, base_uri: str):
     """Ray Data: fetch + decode once, drop rows that fail (counted), cache in the object store."""
     import ray.data
 
-    ds = ray.data.from_arrow(table).map_batches(
+    ds = ray.data.from_arrow(row_blocks(table)).map_batches(
         Preprocessor(size, base_uri), batch_size=32, batch_format="numpy")
+    ds.context.execution_options.preserve_order = True  # same row order every run: resumable
     ds = ds.materialize()
     bad = ds.filter(expr="status != 'ok'").count()
     ok = ds.filter(expr="status == 'ok'").select_columns(["image", "label", "coarse_label"])
     return ok.materialize(), bad
+
+
+RUN_NAME = "run"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def checkpoint_root(cfg: TrainConfig, output: str) -> str:
+    return storage.normalize(cfg.checkpoint_path) if cfg.checkpoint_path else storage.join(
+        output, "checkpoints")
+
+
+def check_resume(cfg: TrainConfig, root: str) -> None:
+    """Ray Train restores a run whose RunConfig(name, storage_path) already holds a checkpoint
+    snapshot. Make that explicit: resume only when asked, and only what exists."""
+    snapshot = storage.join(root, RUN_NAME, SNAPSHOT_FILE)
+    found = storage.exists(snapshot)
+    if found and not cfg.resume:
+        raise ConfigError(
+            f"checkpoint path {root!r} already holds a training run ({snapshot} exists); pass "
+            "--resume to continue it, or choose another --output or --checkpoint-path")
+    if cfg.resume and not found:
+        raise ConfigError(f"--resume: no run to resume in {root!r} (no {SNAPSHOT_FILE})")
+
+
+def fine_to_coarse_map(data: LabelledData) -> tuple[list[int] | None, list[str]]:
+    """Coarse index of each fine class, when every class has a coarse category."""
+    coarse_names = sorted(set(data.coarse_classes.values()))
+    if len(data.coarse_classes) != len(data.classes):
+        return None, coarse_names
+    return [coarse_names.index(data.coarse_classes[c]) for c in data.classes], coarse_names
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a decoded Ray dataset, computed on the driver (CPU)."""
+    spec = get_spec(cfg.model_name)
+    device = torch.device("cpu")
+    mean, std = norm_tensors(spec.mean, spec.std, device)
+    model.eval()
+    logits, labels = [], []
+    for batch in dataset.iter_torch_batches(batch_size=cfg.batch_size):
+        logits.append(model(to_model_input(batch["image"], mean, std)).float())
+        labels.append(batch["label"])
+    return torch.cat(logits), torch.cat(labels)
+
+
+def final_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                  fine_to_coarse: list[int] | None) -> dict:
+    """Validation metrics of the exported model: accuracy, coarse accuracy, macro-F1, ECE with
+    and without its temperature."""
+    from sklearn.metrics import f1_score
+
+    pred = logits.argmax(1)
+    correct = (pred == labels).numpy()
+    conf_raw = torch.softmax(logits, 1).max(1).values.numpy()
+    conf = torch.softmax(logits / temperature, 1).max(1).values.numpy()
+    y = labels.numpy()
+    out = {"val_accuracy": float(correct.mean()),
+           "val_macro_f1": float(f1_score(y, pred.numpy(), labels=np.unique(y), average="macro",
+                                          zero_division=0)),
+           "val_ece_uncalibrated": expected_calibration_error(conf_raw, correct),
+           "val_ece": expected_calibration_error(conf, correct), "temperature": temperature}
+    if fine_to_coarse is not None:
+        f2c = np.asarray(fine_to_coarse)
+        out["val_coarse_accuracy"] = float((f2c[pred.numpy()] == f2c[y]).mean())
+    return out
+
+
+def pick_best(result, monitor: str):
+    """(checkpoint, metrics) of the best reported epoch by `monitor`."""
+    sign = -1.0 if monitor_mode(monitor) == "min" else 1.0
+    return max(result.best_checkpoints, key=lambda cm: sign * cm[1][monitor])
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -282,7 +573,13 @@ def run(cfg: TrainConfig) -> dict:
     start = time.perf_counter()
     spec = get_spec(cfg.model_name)
     data = load_data(cfg)
+    fine_to_coarse, coarse_names = fine_to_coarse_map(data)
+    if cfg.coarse_head and fine_to_coarse is None:
+        raise ConfigError("--coarse-head needs a coarse_category for every class in the manifest")
+    start_info = start_record(cfg, data.classes)
     output = storage.normalize(cfg.output)
+    ckpt_root = checkpoint_root(cfg, output)
+    check_resume(cfg, ckpt_root)
     storage.check_writable(output)
     cfg.save(storage.join(output, "config.yaml"))
     init_ray(cfg.ray_address, cfg.num_cpus)
@@ -292,43 +589,53 @@ def run(cfg: TrainConfig) -> dict:
     val_ds, val_bad = decoded_dataset(data.val, cfg.input_size, data.base_uri)
     print(f"data: {data.train.num_rows} train rows ({train_bad} unreadable), {data.val.num_rows} "
           f"val rows ({val_bad} unreadable), {len(data.classes)} classes", flush=True)
-    coarse_names = sorted(set(data.coarse_classes.values()))
-    fine_to_coarse = ([coarse_names.index(data.coarse_classes[c]) for c in data.classes]
-                      if len(data.coarse_classes) == len(data.classes) else None)
+    counts = np.bincount(data.train.column("label").to_numpy(), minlength=len(data.classes))
 
+    ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt_root)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "classes": data.classes,
-                           "fine_to_coarse": fine_to_coarse,
+                           "fine_to_coarse": fine_to_coarse, "num_coarse": len(coarse_names),
+                           "class_counts": counts.tolist(),
                            "train_rows": data.train.num_rows - train_bad},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
-            name="run", storage_path=storage.join(output, "checkpoints"),
+            name=RUN_NAME, storage_path=ckpt_path, storage_filesystem=ckpt_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
-                                               checkpoint_score_attribute="val_accuracy",
-                                               checkpoint_score_order="max")),
+                                               checkpoint_score_attribute=cfg.monitor,
+                                               checkpoint_score_order=monitor_mode(cfg.monitor))),
         datasets={"train": train_ds, "val": val_ds},
     )
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker failures; keep the cause chained
         raise TrainingError(f"training failed: {exc}") from exc
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_accuracy"])
+    best_ckpt, best_metrics = pick_best(result, cfg.monitor)
     frame = result.metrics_dataframe
     history = frame.to_dict(orient="records") if frame is not None else []
     model = create_model(cfg.model_name, len(data.classes))
     with best_ckpt.as_directory() as folder:
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    logits, labels = predict_logits(model, val_ds, cfg)
+    temperature = fit_temperature(logits, labels) if cfg.calibrate else 1.0
+    final = final_metrics(logits, labels, temperature, fine_to_coarse)
+    last = result.metrics or {}
     wall = time.perf_counter() - start
     summary = {
         "manifest": storage.normalize(cfg.manifest), "train_rows": data.train.num_rows - train_bad,
         "val_rows": data.val.num_rows - val_bad, "unreadable_rows": train_bad + val_bad,
-        "epochs": cfg.epochs, "best_epoch": int(best_metrics["epoch"]) + 1,
+        "epochs": cfg.epochs, "epochs_run": int(last.get("epoch", -1)) + 1,
+        "early_stopped": bool(last.get("early_stopped", False)),
+        "best_epoch": int(best_metrics["epoch"]) + 1,
         "val_accuracy": best_metrics["val_accuracy"],
         "val_top5_accuracy": best_metrics["val_top5_accuracy"],
         "val_coarse_accuracy": best_metrics.get("val_coarse_accuracy"),
+        "val_coarse_head_accuracy": best_metrics.get("val_coarse_head_accuracy"),
+        "val_macro_f1": final["val_macro_f1"], "val_ece": final["val_ece"],
+        "val_ece_uncalibrated": final["val_ece_uncalibrated"], "temperature": temperature,
+        "start": start_info, "checkpoints": storage.join(ckpt_root, RUN_NAME),
         "wall_time_s": round(wall, 1), "device": "cuda" if cfg.use_gpu else "cpu",
         "num_workers": cfg.num_workers, "config": cfg.model_dump(mode="json"),
         "history": [{k: v for k, v in row.items() if isinstance(v, int | float | str)}
@@ -336,7 +643,8 @@ def run(cfg: TrainConfig) -> dict:
     }
     meta = ModelMetadata(architecture=cfg.model_name, classes=data.classes,
                          input_size=cfg.input_size, mean=list(spec.mean), std=list(spec.std),
-                         coarse_classes=data.coarse_classes, training=summary)
+                         temperature=temperature, coarse_classes=data.coarse_classes,
+                         training=summary)
     meta = save_artifact(model, meta, storage.join(output, "model"))
     summary["model"] = storage.join(output, "model")
     summary["model_version"] = meta.model_version

@@ -1,7 +1,8 @@
 """Presets as small callables on uint8 NHWC batches (what the preprocess stage emits).
 
 Augmentation runs on the training worker, on tensors, after decode: the decoded dataset is
-cached once and every epoch sees fresh crops and flips.
+cached once and every epoch sees fresh crops, flips and photometric changes. Every op works on
+uint8 images, so the auto-augment policies see the value range they were designed for.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import v2
+
+from pipeline.errors import ConfigError
+
+# Named augmentation presets, weakest to strongest. "none" only center-crops to the input size.
+AUGMENT_PRESETS = ("none", "basic", "color", "trivial", "randaugment")
 
 
 def to_model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -24,15 +30,28 @@ def norm_tensors(mean: Sequence[float], std: Sequence[float], device) -> tuple[t
             torch.tensor(std, device=device).view(shape) * 255.0)
 
 
-class TrainPreset:
-    """Random resized crop + horizontal flip (+ optional color jitter), per image."""
+def augment_ops(name: str, size: int, scale: tuple[float, float] = (0.25, 1.0)) -> list:
+    """The torchvision v2 ops of preset `name` (see AUGMENT_PRESETS)."""
+    if name not in AUGMENT_PRESETS:
+        raise ConfigError(f"unknown augmentation preset {name!r}; valid: {', '.join(AUGMENT_PRESETS)}")
+    if name == "none":
+        return [v2.CenterCrop(size)]
+    ops: list = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+    if name == "color":
+        ops += [v2.RandomRotation(15), v2.ColorJitter(0.3, 0.3, 0.3)]
+    elif name == "trivial":
+        ops.append(v2.TrivialAugmentWide())
+    elif name == "randaugment":
+        ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+    return ops
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.25, 1.0), color_jitter: float = 0.0):
-        ops: list = [v2.RandomResizedCrop(size, scale=scale, antialias=True),
-                     v2.RandomHorizontalFlip()]
-        if color_jitter > 0:
-            ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
-        self.transform = v2.Compose(ops)
+
+class TrainPreset:
+    """An augmentation preset applied per image (each image draws its own random parameters)."""
+
+    def __init__(self, size: int, augment: str = "basic", scale: tuple[float, float] = (0.25, 1.0)):
+        self.augment = augment
+        self.transform = v2.Compose(augment_ops(augment, size, scale))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         chw = images.permute(0, 3, 1, 2)

@@ -38,6 +38,9 @@ def test_short_training_exports_an_artifact_with_the_checkpoint_logits(
     assert len(meta.classes) == 81 and meta.input_size == 64
     assert meta.coarse_classes["Granny-Smith"] == "Apple"
     assert meta.training["val_accuracy"] == summary["val_accuracy"]
+    assert meta.temperature == summary["temperature"] > 0  # calibrated on by default
+    assert 0.0 <= summary["val_macro_f1"] <= 1.0 and 0.0 <= summary["val_ece"] <= 1.0
+    assert summary["start"] == {"kind": "random", "weights": None}
 
     checkpoints = [p for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "run" / "checkpoint_*"))
                    if os.path.isdir(p)]

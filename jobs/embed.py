@@ -1,0 +1,22 @@
+"""Feature-extraction route: embed images with a fixed backbone on Ray Data, fit a logistic
+regression on the embeddings, and export it as a model artifact the nightly job runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jobs._main import run_job
+from pipeline.config import EmbedConfig, parse_args
+from pipeline.embeddings import run
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(EmbedConfig, argv, __doc__)
+    summary = run(cfg)
+    summary.pop("config", None)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))

@@ -1,0 +1,23 @@
+"""Evaluate a model artifact on a labelled manifest: metrics JSON, CSV tables, plots and one HTML
+report, including the confidence threshold that reaches a target auto-accept accuracy."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jobs._main import run_job
+from pipeline.config import EvaluateConfig, parse_args
+from pipeline.evaluate import run
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(EvaluateConfig, argv, __doc__)
+    metrics = run(cfg)
+    keys = ("rows", "scored_rows", "error_rows", "accuracy", "top5_accuracy", "coarse_accuracy",
+            "macro_f1", "ece", "auto_accept")
+    print(json.dumps({k: metrics.get(k) for k in keys} | {"output": cfg.output}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))
