@@ -144,6 +144,39 @@ class RecategorizeConfig(JobConfig):
         description="With --device cuda on an autoscaling cluster: ask the autoscaler for the "
         "pool's GPUs before starting and wait up to this many seconds for them. 0: no wait.",
     )
+    allowed_uri_schemes: str = Field(
+        "file,s3,gs,https",
+        description="Comma-separated schemes an image_uri may use ('file' covers plain local "
+        "paths; add 'http' only for trusted sources). Others become fetch_failed error rows.",
+    )
+    allowed_uri_prefixes: str = Field(
+        "",
+        description="Comma-separated prefixes every image_uri must start with once resolved "
+        "(local folders or URIs, e.g. s3://vendor-images/,/mnt/images). Default: local images only "
+        "inside the manifest's folder; any s3/gs/https location.",
+    )
+    allowed_networks: str = Field(
+        "",
+        description="Comma-separated CIDRs that https image fetches may reach although they are "
+        "private, loopback or link-local (e.g. 10.20.0.0/16). Default: public addresses only.",
+    )
+    partition_rows: int = Field(
+        100_000, ge=1,
+        description="Rows per resumable partition: finished partitions are kept in staging, so a "
+        "killed run restarted with the same arguments redoes only the partition in flight.",
+    )
+    fetch_timeout_s: float = Field(
+        20.0, gt=0, description="Seconds an http(s) image fetch may wait for the server per try."
+    )
+    fetch_retries: int = Field(
+        3, ge=0, description="Retries (exponential backoff) of an image fetch after a timeout or "
+        "transient error before the row becomes fetch_timeout / fetch_failed.",
+    )
+    max_worker_retries: int = Field(
+        5, ge=0,
+        description="Restarts of a lost inference actor and retries of a lost preprocess task "
+        "before the run fails.",
+    )
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> RecategorizeConfig:

@@ -1,40 +1,137 @@
-"""Bytes from an image URI through fsspec, with bounded retries for transient failures."""
+"""Bytes from an image URI, with bounded retries and backoff for transient failures.
+
+Object stores and local files go through fsspec. http(s) goes through a small client of our own
+so that every connection is made to an address the URI policy checked (see pipeline.security),
+redirects are re-checked hop by hop, and the byte limit holds while reading.
+"""
 
 from __future__ import annotations
 
+import http.client
+import socket
 import time
+from urllib.parse import urljoin, urlsplit
 
 from pipeline import storage
 from pipeline.errors import ImageError
+from pipeline.security import Resolver, UriPolicy, scheme_of
 
 RETRIES = 3
 BACKOFF_S = 0.2
+TIMEOUT_S = 20.0
+MAX_REDIRECTS = 3
+NOT_FOUND_STATUS = (404, 410)
+TRANSIENT_STATUS = (408, 425, 429, 500, 502, 503, 504)
 
 
-def fetch_bytes(uri: str, max_bytes: int, retries: int = RETRIES) -> bytes:
-    """Read a whole image; missing files and oversized files are not retried."""
+class TransientError(Exception):
+    """A failure worth retrying (5xx, throttling, dropped connection)."""
+
+
+def _guarded_connection(scheme: str, host: str, port: int, timeout: float, policy: UriPolicy,
+                        resolver: Resolver | None) -> http.client.HTTPConnection:
+    """A connection whose connect() goes to the address the policy approved."""
+    base = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+
+    class Guarded(base):  # type: ignore[valid-type, misc]
+        def connect(self) -> None:
+            address = policy.safe_address(host, port, resolver)
+            sock = socket.create_connection((address, port), self.timeout)
+            if scheme == "https":
+                sock = self._context.wrap_socket(sock, server_hostname=host)
+            self.sock = sock
+
+    return Guarded(host, port, timeout=timeout)
+
+
+def _http_once(uri: str, max_bytes: int, timeout: float, policy: UriPolicy,
+               resolver: Resolver | None) -> tuple[int, str | None, bytes]:
+    """One GET: (status, redirect location, body). The body is read only on 200."""
+    parts = urlsplit(uri)
+    if not parts.hostname:
+        raise ImageError("fetch_failed", f"URL has no host: {uri}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    conn = _guarded_connection(parts.scheme, parts.hostname, port, timeout, policy, resolver)
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("GET", path, headers={"User-Agent": "catalog-recategorizer"})
+        response = conn.getresponse()
+        if response.status != 200:
+            return response.status, response.getheader("Location"), b""
+        length = response.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            raise ImageError("too_large", f"{length} bytes exceeds the {max_bytes}-byte limit")
+        body = response.read(max_bytes + 1)
+        if length and length.isdigit() and len(body) < int(length):
+            raise TransientError(f"connection closed after {len(body)} of {length} bytes")
+        return 200, None, body
+    except (ConnectionError, http.client.HTTPException) as exc:
+        raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _http_get(uri: str, max_bytes: int, timeout: float, policy: UriPolicy,
+              resolver: Resolver | None) -> bytes:
+    """GET following up to MAX_REDIRECTS redirects, each hop checked against the policy."""
+    for _ in range(MAX_REDIRECTS + 1):
+        status, location, body = _http_once(uri, max_bytes, timeout, policy, resolver)
+        if status == 200:
+            return body
+        if status in NOT_FOUND_STATUS:
+            raise ImageError("fetch_not_found", f"HTTP {status}")
+        if status in TRANSIENT_STATUS:
+            raise TransientError(f"HTTP {status}")
+        if status in (301, 302, 303, 307, 308) and location:
+            uri = urljoin(uri, location)
+            policy.check_uri(uri)
+            continue
+        raise ImageError("fetch_failed", f"HTTP {status}")
+    raise ImageError("fetch_failed", f"more than {MAX_REDIRECTS} redirects")
+
+
+def _storage_get(uri: str, max_bytes: int) -> bytes:
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        size = getattr(f, "size", None)
+        if size is not None and size > max_bytes:
+            raise ImageError("too_large", f"{size} bytes exceeds the {max_bytes}-byte limit")
+        data = f.read(max_bytes + 1)
+    return data
+
+
+def _get_once(uri: str, max_bytes: int, timeout: float, policy: UriPolicy,
+              resolver: Resolver | None) -> bytes:
+    if scheme_of(uri) in ("http", "https"):
+        data = _http_get(uri, max_bytes, timeout, policy, resolver)
+    else:
+        data = _storage_get(uri, max_bytes)
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"more than the {max_bytes}-byte limit")
+    return data
+
+
+def fetch_bytes(uri: str, max_bytes: int, retries: int = RETRIES, policy: UriPolicy | None = None,
+                resolver: Resolver | None = None, timeout: float = TIMEOUT_S) -> bytes:
+    """Read a whole image. The policy is checked first; missing, refused and oversized images
+    fail at once, timeouts and transient errors are retried with exponential backoff."""
+    policy = policy or UriPolicy()
+    policy.check_uri(uri)
     for attempt in range(retries + 1):
+        last = attempt == retries
         try:
-            fs, path = storage.filesystem(uri)
-            with fs.open(path, "rb") as f:
-                size = getattr(f, "size", None)
-                if size is not None and size > max_bytes:
-                    raise ImageError("too_large", f"{size} bytes exceeds the {max_bytes}-byte limit")
-                data = f.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise ImageError("too_large", f"more than the {max_bytes}-byte limit")
-            return data
+            return _get_once(uri, max_bytes, timeout, policy, resolver)
         except ImageError:
             raise
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ImageError("fetch_not_found", f"{type(exc).__name__}: {exc}") from exc
-        except TimeoutError as exc:
-            if attempt == retries:
+        except TimeoutError as exc:  # socket.timeout too
+            if last:
                 raise ImageError("fetch_timeout", f"timed out after {retries + 1} tries: {exc}") from exc
-        except (ValueError, ImportError) as exc:  # unknown protocol, missing backend: not transient
+        except (ValueError, ImportError, PermissionError) as exc:  # not transient
             raise ImageError("fetch_failed", f"{type(exc).__name__}: {exc}") from exc
-        except Exception as exc:  # network and server errors: retry with backoff
-            if attempt == retries:
+        except Exception as exc:  # network, server and throttling errors: retry with backoff
+            if last:
                 raise ImageError(
                     "fetch_failed", f"{type(exc).__name__} after {retries + 1} tries: {exc}"
                 ) from exc

@@ -1,8 +1,10 @@
 """Output stage: the predictions schema, the batch formatter, the commit, the run summary.
 
-One output row per manifest row. A run writes into `<output>/_staging/<run_id>/`, then the
-commit moves the files to `<output>/predictions/` and writes `_SUCCESS` last (file list and row
-counts): readers should treat a folder without `_SUCCESS` as incomplete.
+One output row per manifest row. A run writes finished partitions into
+`<output>/_staging/<identity>/part-NNNNN/` (each closed by a `_DONE` file), moves them into a new
+`<output>/runs/<run_id>/` folder when all are there, and then publishes that folder by replacing
+`_SUCCESS` (file list, row count) in one atomic write; locally a `predictions` symlink is then
+flipped to it. Readers follow `_SUCCESS` (or the link) and so see one complete run or the next.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow.dataset as ds
 
 from pipeline import storage
 from pipeline.errors import OutputError
+from pipeline.security import safe_name
 
 TOP_K_TYPE = pa.list_(pa.struct([("category", pa.string()), ("score", pa.float32())]))
 OUTPUT_SCHEMA = pa.schema([
@@ -37,8 +40,10 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ])
-PREDICTIONS_DIR = "predictions"
+PREDICTIONS_DIR = "predictions"  # local outputs: a link to the committed run's folder
+RUNS_DIR = "runs"
 STAGING_DIR = "_staging"
+DONE_FILE = "_DONE"
 SUCCESS_FILE = "_SUCCESS"
 SUMMARY_FILE = "summary.json"
 
@@ -100,8 +105,18 @@ class OutputFormatter:
         return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
 
 
-def staging_uri(output: str, run_id: str) -> str:
-    return storage.join(output, STAGING_DIR, run_id)
+def staging_uri(output: str, identity: str) -> str:
+    """Where a run's finished partitions wait: keyed by the run's identity, not its id, so a
+    restarted run with the same arguments finds them."""
+    return storage.join(output, STAGING_DIR, safe_name(identity, "staging key"))
+
+
+def partition_uri(output: str, identity: str, partition: int) -> str:
+    return storage.join(staging_uri(output, identity), f"part-{partition:05d}")
+
+
+def run_uri(output: str, run_id: str) -> str:
+    return storage.join(output, RUNS_DIR, safe_name(run_id, "run id"))
 
 
 def previous_run(output: str) -> dict[str, Any] | None:
@@ -112,7 +127,11 @@ def previous_run(output: str) -> dict[str, Any] | None:
 def check_output(output: str, manifest: str, model_version: str, overwrite: bool) -> None:
     """Refuse, before any work, an output holding a completed run of another manifest or model."""
     storage.check_writable(output)
-    previous = previous_run(output)
+    try:
+        previous = previous_run(output)
+    except (ValueError, OSError) as exc:
+        raise OutputError(f"output {output!r} has an unreadable {SUCCESS_FILE}: {exc}; "
+                          "remove it or pass --overwrite") from exc
     if previous and not overwrite and (
         previous.get("manifest") != manifest or previous.get("model_version") != model_version
     ):
@@ -123,35 +142,84 @@ def check_output(output: str, manifest: str, model_version: str, overwrite: bool
         )
 
 
-def commit(output: str, run_id: str, manifest: str, model_version: str, expected_rows: int) -> dict:
-    """Move staged files into predictions/ and write _SUCCESS last; verify no row was lost."""
-    staged = storage.list_files(staging_uri(output, run_id), suffix=".parquet")
+def _count(uris: list[str], output: str) -> tuple[int, int]:
+    """(rows, distinct product_id values) over Parquet files."""
+    if not uris:
+        return 0, 0
     fs, _ = storage.arrow_filesystem(output)
-    paths = [storage.filesystem(u)[1] for u in staged]
-    rows = ds.dataset(paths, filesystem=fs, format="parquet").count_rows() if paths else 0
-    if rows != expected_rows:
-        raise OutputError(
-            f"run {run_id} produced {rows} rows for a manifest of {expected_rows}; not committing")
-    final_dir = storage.join(output, PREDICTIONS_DIR)
-    storage.remove(storage.join(output, SUCCESS_FILE), recursive=False)
-    storage.remove(final_dir)
-    files = []
-    for uri in staged:
-        name = uri.rsplit("/", 1)[-1]
-        storage.move(uri, storage.join(final_dir, name))
-        files.append(f"{PREDICTIONS_DIR}/{name}")
-    storage.remove(staging_uri(output, run_id))
-    marker = {"run_id": run_id, "manifest": manifest, "model_version": model_version,
-              "rows": rows, "files": files,
-              "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    paths = [storage.filesystem(u)[1] for u in uris]
+    ids = ds.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["product_id"])
+    return ids.num_rows, pc.count_distinct(ids.column("product_id")).as_py()
+
+
+def partition_done(output: str, identity: str, partition: int) -> bool:
+    return storage.exists(storage.join(partition_uri(output, identity, partition), DONE_FILE))
+
+
+def finish_partition(output: str, identity: str, partition: int, expected_rows: int) -> None:
+    """Mark a written partition finished, after checking it holds each of its rows once."""
+    folder = partition_uri(output, identity, partition)
+    rows, distinct = _count(storage.list_files(folder, suffix=".parquet"), output)
+    if rows != expected_rows or distinct != expected_rows:
+        raise OutputError(f"partition {partition} wrote {rows} rows ({distinct} distinct products) "
+                          f"for {expected_rows} manifest rows; not marking it finished")
+    storage.write_json(storage.join(folder, DONE_FILE), {"rows": rows})
+
+
+def commit(output: str, identity: str, run_id: str, manifest: str, model_version: str,
+           expected_rows: int) -> dict:
+    """Move the finished partitions into runs/<run_id>/ and publish them with one atomic write.
+
+    Until `_SUCCESS` is replaced, readers following it (or the local `predictions` link) see the
+    previous complete run; after, the new one. Nothing a reader can reach is ever half-written:
+    the new folder is complete before anything names it, and the old one stays until the run
+    after next (a reader that started on it can finish).
+    """
+    staging = staging_uri(output, identity)
+    staged = storage.list_files(staging, suffix=".parquet")
+    target = run_uri(output, run_id)
+    for uri in staged:  # names are deterministic, so a commit cut short can simply run again
+        storage.move(uri, storage.join(target, uri[len(staging):].lstrip("/").replace("/", "-")))
+    moved = storage.list_files(target, suffix=".parquet")
+    rows, distinct = _count(moved, output)
+    if rows != expected_rows or distinct != expected_rows:
+        raise OutputError(f"run {run_id} holds {rows} rows ({distinct} distinct products) for a "
+                          f"manifest of {expected_rows}; not committing")
+    files = [f"{RUNS_DIR}/{run_id}/{u.rsplit('/', 1)[-1]}" for u in moved]
+    return {"run_id": run_id, "manifest": manifest, "model_version": model_version,
+            "rows": rows, "files": files, "staging_key": identity}
+
+
+def publish(output: str, marker: dict) -> None:
+    """The commit point: write `_SUCCESS` (atomic), then point the local link, then tidy up."""
+    marker = {**marker, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    try:
+        previous = previous_run(output)
+    except (ValueError, OSError):  # an unreadable marker being replaced under --overwrite
+        previous = None
     storage.write_json(storage.join(output, SUCCESS_FILE), marker)
-    return marker
+    if storage.is_local(output):
+        storage.point_link(storage.join(output, PREDICTIONS_DIR), f"{RUNS_DIR}/{marker['run_id']}")
+    keep = {marker["run_id"], (previous or {}).get("run_id")}
+    for old in storage.list_dirs(storage.join(output, RUNS_DIR)):
+        if old not in keep:
+            storage.remove(storage.join(output, RUNS_DIR, old))
+    storage.remove(staging_uri(output, marker["staging_key"]))
+
+
+def committed_files(output: str) -> list[str]:
+    """URIs of the Parquet files of the completed run in `output` (what readers should read)."""
+    marker = previous_run(output)
+    if not marker:
+        raise OutputError(f"output {output!r} holds no completed run (no {SUCCESS_FILE})")
+    return [storage.join(output, *f.split("/")) for f in marker["files"]]
 
 
 def summarize(output: str, run_id: str, wall_time_s: float, extra: dict[str, Any]) -> dict:
-    """Counts from the committed Parquet, streamed batch by batch (constant memory)."""
-    fs, path = storage.arrow_filesystem(storage.join(output, PREDICTIONS_DIR))
-    dataset = ds.dataset(path, filesystem=fs, format="parquet")
+    """Counts from the run's Parquet, streamed batch by batch (constant memory)."""
+    fs, _ = storage.arrow_filesystem(output)
+    files = storage.list_files(run_uri(output, run_id), suffix=".parquet")
+    dataset = ds.dataset([storage.filesystem(u)[1] for u in files], filesystem=fs, format="parquet")
     cols = ["status", "error_type", "predicted_category", "category_changed", "needs_review"]
     rows = ok = changed = review = 0
     errors: collections.Counter = collections.Counter()

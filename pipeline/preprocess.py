@@ -13,7 +13,8 @@ import numpy as np
 from pipeline import storage
 from pipeline.decode import decode_image
 from pipeline.errors import ImageError
-from pipeline.fetch import fetch_bytes
+from pipeline.fetch import RETRIES, TIMEOUT_S, fetch_bytes
+from pipeline.security import UriPolicy
 
 REMOTE_FETCH_THREADS = 16
 
@@ -22,16 +23,21 @@ class Preprocessor:
     """Callable for `Dataset.map_batches` (numpy batches); holds only plain settings."""
 
     def __init__(self, size: int, base_uri: str, max_bytes: int = 50_000_000,
-                 max_pixels: int = 100_000_000):
+                 max_pixels: int = 100_000_000, policy: UriPolicy | None = None,
+                 fetch_timeout_s: float = TIMEOUT_S, fetch_retries: int = RETRIES):
         self.size = size
         self.base_uri = base_uri
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.policy = policy or UriPolicy()
+        self.fetch_timeout_s = fetch_timeout_s
+        self.fetch_retries = fetch_retries
 
     def _load(self, uri: str | None) -> np.ndarray:
         if not uri:
             raise ImageError("fetch_not_found", "image_uri is empty")
-        data = fetch_bytes(storage.resolve(uri, self.base_uri), self.max_bytes)
+        data = fetch_bytes(storage.resolve(uri, self.base_uri), self.max_bytes,
+                           retries=self.fetch_retries, policy=self.policy, timeout=self.fetch_timeout_s)
         return decode_image(data, self.size, self.max_pixels)
 
     def _fetch_all(self, uris: np.ndarray) -> list[np.ndarray | ImageError]:

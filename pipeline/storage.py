@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
+import uuid
 from typing import Any
 
 import fsspec
@@ -83,9 +85,17 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers see the old content or the new, never a part:
+    locally through a temporary file and rename; an object-store PUT is atomic already."""
     fs, path = filesystem(uri)
     if is_local(uri):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
     with fs.open(path, "wb") as f:
         f.write(data)
 
@@ -131,6 +141,25 @@ def move(src: str, dst: str) -> None:
     if is_local(src):
         os.makedirs(os.path.dirname(dst_path), exist_ok=True)
     fs.mv(src_path, dst_path)
+
+
+def point_link(link: str, target: str) -> None:
+    """Atomically make local `link` a symlink to `target` (relative to the link's folder)."""
+    link = local_path(link)
+    if os.path.isdir(link) and not os.path.islink(link):
+        shutil.rmtree(link)  # a real folder from an older layout: replaced once
+    tmp = f"{link}.{uuid.uuid4().hex[:8]}.tmp"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the sub-folders of a folder URI (empty when it does not exist)."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)
+                  if fs.isdir(p))
 
 
 def check_writable(uri: str) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -73,6 +75,12 @@ def reencode(path: Path, fmt: str = "JPEG", mode: str | None = None, size: int |
     return buf.getvalue()
 
 
+def summary_json(stdout: str) -> dict:
+    """The run summary a job prints, picked out of stdout that Ray's worker logs may share."""
+    start = stdout.rindex('{\n  "run_id"')
+    return json.loads(stdout[start: stdout.index("\n}", start) + 2])
+
+
 def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
@@ -102,3 +110,189 @@ def small_catalog(tmp_path, sample_images) -> tuple[Path, int, dict[str, str]]:
     expected = {"bad-corrupt": "decode_failed", "bad-text": "not_an_image",
                 "bad-missing": "fetch_not_found"}
     return manifest, len(rows), expected
+
+
+# --- Object storage and HTTP on loopback -------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+LOOPBACK_AWS_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "AKIDLOOPBACKTEST0001",
+    "AWS_SECRET_ACCESS_KEY": "loopback-secret-never-logged-7f3a9c",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_aws_env():
+    """Point every AWS client of the session (Ray workers included: they inherit the environment
+    of the Ray started after this) at the loopback S3 server, with throwaway credentials."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in LOOPBACK_AWS_ENV.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            mp.delenv(key, raising=False)
+        yield LOOPBACK_AWS_ENV
+
+
+@pytest.fixture(scope="session")
+def s3_server(loopback_aws_env):
+    """moto's S3-compatible server on 127.0.0.1 (the port the environment names)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield loopback_aws_env["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the loopback server; returns its s3:// root."""
+    import re
+    import uuid
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload_tree(local: Path, s3_uri: str) -> None:
+    """Copy a local folder to s3_uri with s3fs, as a user's sync would."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.put_file(str(path), f"{s3_uri.removeprefix('s3://')}/{path.relative_to(local).as_posix()}")
+
+
+class ImageServer:
+    """A loopback HTTP server with fixed routes: bytes, a status code, a redirect, or a hang."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.routes: dict[str, tuple] = {}
+        self.hits: dict[str, int] = {}
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                kind, *args = server.routes.get(self.path, ("status", 404))
+                if kind == "hang":
+                    server.release.wait(args[0])
+                    return
+                if kind == "flaky" and server.hits[self.path] <= args[0]:
+                    kind, args = "status", [503]
+                elif kind == "flaky":
+                    kind, args = "bytes", [args[1]]
+                if kind == "status":
+                    self.send_response(args[0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif kind == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", args[0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(args[0])))
+                    self.end_headers()
+                    self.wfile.write(args[0])
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def image_server():
+    server = ImageServer()
+    yield server
+    server.close()
+
+
+# --- Every kind of image a vendor sends ----------------------------------------------------------
+
+def _save(im: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR declaring width x height, then a tiny IDAT: a
+    decompression bomb's header without the bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def odd_images(photo: Path, max_bytes: int) -> dict[str, tuple[bytes, str | None]]:
+    """file name -> (bytes, expected error_type or None for ok), built from one real photo.
+    Every format quirk that must decode, and every local-file kind of bad image."""
+    src = Image.open(photo)
+    src.load()
+    rgb = src.convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette.info["transparency"] = 0
+    frames = [rgb, rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    sixteen = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    real = photo.read_bytes()
+    return {
+        "exif_rotated.jpg": (_save(rgb.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif), None),
+        "grayscale.jpg": (_save(rgb.convert("L"), "JPEG"), None),
+        "palette_transparent.png": (_save(palette, "PNG"), None),
+        "rgba.png": (_save(rgb.convert("RGBA"), "PNG"), None),
+        "cmyk.jpg": (_save(rgb.convert("CMYK"), "JPEG"), None),
+        "sixteen_bit.png": (_save(sixteen, "PNG"), None),
+        "animated.gif": (_save(frames[0], "GIF", save_all=True, append_images=frames[1:]), None),
+        "animated.webp": (_save(frames[0], "WEBP", save_all=True, append_images=frames[1:]), None),
+        "progressive.jpg": (_save(rgb, "JPEG", progressive=True), None),
+        "huge_allowed.jpg": (_save(rgb.resize((3000, 2000)), "JPEG", quality=70), None),
+        "corrupt.jpg": (b"\xff\xd8\xff\xe0 a JPEG header, then garbage", "decode_failed"),
+        "notes.jpg": (b"a text file with an image name", "not_an_image"),
+        "empty.jpg": (b"", "not_an_image"),
+        "truncated.jpg": (real[: len(real) // 2], "truncated"),
+        "truncated.png": (_save(rgb, "PNG")[:5000], "truncated"),
+        "bomb.png": (_png_header_only(100_000, 100_000), "too_large"),
+        "padded.jpg": (real + b"\0" * (max_bytes + 1), "too_large"),
+        "icon.ico": (_save(rgb.resize((64, 64)), "ICO"), "unsupported_format"),
+        "photo.heic": (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64, "unsupported_format"),
+    }

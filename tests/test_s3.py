@@ -1,0 +1,125 @@
+"""The jobs against a real S3-compatible server (moto) on loopback, and the same test locally.
+
+Manifest, images and output all live in the bucket; Ray workers reach it through the AWS
+environment set for the whole test session (tests/conftest.py). Credentials never reach the
+outputs or the job's output streams.
+"""
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from jobs._main import run_job
+from jobs.recategorize import main as recategorize_main
+from pipeline import storage
+from pipeline.config import TrainConfig
+from pipeline.outputs import committed_files
+from tests.conftest import LOOPBACK_AWS_ENV, summary_json, upload_tree, write_manifest
+
+SECRET = LOOPBACK_AWS_ENV["AWS_SECRET_ACCESS_KEY"]
+
+
+def local_catalog(root, sample_images):
+    """20 real photos and three bad rows, all relative to the manifest's folder."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i, src in enumerate(sample_images[:20]):
+        shutil.copyfile(src, images / src.name)
+        rows.append({"product_id": f"p{i:03d}", "image_uri": f"images/{src.name}",
+                     "current_category": src.parent.name})
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 a JPEG header, then garbage")
+    (images / "notes.jpg").write_text("a text file with an image name")
+    rows += [{"product_id": "bad-corrupt", "image_uri": "images/corrupt.jpg"},
+             {"product_id": "bad-text", "image_uri": "images/notes.jpg"},
+             {"product_id": "bad-missing", "image_uri": "images/missing.jpg"}]
+    write_manifest(root / "manifest.parquet", rows)
+    return {"bad-corrupt": "decode_failed", "bad-text": "not_an_image", "bad-missing": "fetch_not_found"}
+
+
+def read_all(uri: str) -> bytes:
+    """Every byte under an output location, to search for leaked secrets."""
+    fs, path = storage.filesystem(uri)
+    chunks = []
+    for f in fs.find(path):
+        if fs.isdir(f):  # the local `predictions` link
+            continue
+        with fs.open(f, "rb") as fh:
+            chunks.append(fh.read())
+    return b"".join(chunks)
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path):
+    """Where the catalog and the output live: a local folder or a fresh bucket."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket")
+
+
+@pytest.mark.slow
+def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, bundled_model,
+                                 capsys):
+    expected = local_catalog(tmp_path / "catalog", sample_images)
+    catalog = storage.join(location, "catalog")
+    if location.startswith("s3://"):
+        upload_tree(tmp_path / "catalog", catalog)
+    else:
+        shutil.copytree(tmp_path / "catalog", catalog)
+    output = storage.join(location, "out")
+    args = ["--manifest", storage.join(catalog, "manifest.parquet"), "--model", bundled_model,
+            "--output", output, "--batch-size", "16"]
+
+    assert run_job(recategorize_main, args) == 0
+    first = summary_json(capsys.readouterr().out)
+    assert first["rows"] == 23 and first["partitions"] == 1 and first["errors"] == 3
+    files = committed_files(output)
+    fs, _ = storage.arrow_filesystem(output)
+    table = pq.ParquetDataset([storage.filesystem(f)[1] for f in files], filesystem=fs).read()
+    rows = {r["product_id"]: r for r in table.to_pylist()}
+    assert len(rows) == table.num_rows == 23
+    assert {pid: r["error_type"] for pid, r in rows.items() if r["error_type"]} == expected
+    assert all(r["status"] == "ok" for pid, r in rows.items() if pid not in expected)
+
+    # Same arguments again: a new complete run replaces the old one; the old one stays readable
+    # until the run after next.
+    assert run_job(recategorize_main, args) == 0
+    second = summary_json(capsys.readouterr().out)
+    assert storage.read_json(storage.join(output, "_SUCCESS"))["run_id"] == second["run_id"]
+    assert all(storage.exists(f) for f in files)
+    assert set(storage.list_dirs(storage.join(output, "runs"))) == {first["run_id"], second["run_id"]}
+    assert not storage.list_files(storage.join(output, "_staging"))
+
+    captured = capsys.readouterr()
+    assert SECRET.encode() not in read_all(output)
+    assert SECRET not in captured.out + captured.err
+    assert "aws" not in storage.read_bytes(storage.join(output, "config.yaml")).decode().lower()
+
+
+@pytest.mark.slow
+def test_train_reads_its_manifest_and_writes_its_model_in_s3(ray_local, s3_bucket, tmp_path,
+                                                            sample_images):
+    from pipeline.artifact import load_artifact
+    from pipeline.train import run as train
+
+    images = tmp_path / "train" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i, src in enumerate(sample_images[:8] * 2):
+        name = f"{i:02d}-{src.name}"
+        shutil.copyfile(src, images / name)
+        rows.append({"product_id": f"t{i:02d}", "image_uri": f"images/{name}",
+                     "category": src.parent.name, "split": "val" if i >= 8 else "train"})
+    write_manifest(tmp_path / "train" / "manifest.parquet", rows)
+    upload_tree(tmp_path / "train", f"{s3_bucket}/train")
+
+    summary = train(TrainConfig(manifest=f"{s3_bucket}/train/manifest.parquet",
+                                output=f"{s3_bucket}/model-out", epochs=1, input_size=32,
+                                batch_size=8, num_workers=1))
+    assert summary["train_rows"] == 8 and summary["val_rows"] == 8
+    _, meta = load_artifact(f"{s3_bucket}/model-out/model")
+    assert len(meta.classes) == 8
+    assert SECRET.encode() not in read_all(f"{s3_bucket}/model-out")
+    assert s3fs.S3FileSystem().exists(f"{s3_bucket.removeprefix('s3://')}/model-out/config.yaml")
