@@ -87,29 +87,37 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
     return path
 
 
-@pytest.fixture
-def small_catalog(tmp_path, sample_images) -> tuple[Path, int, dict[str, str]]:
-    """A catalog of 24 real images copied next to the manifest (relative URIs), plus a corrupt
-    JPEG, a text file named .jpg and a missing file. Returns (manifest, rows, expected error types)."""
-    images = tmp_path / "catalog" / "images"
+BAD_ROWS = {"bad-corrupt": "decode_failed", "bad-text": "not_an_image",
+            "bad-missing": "fetch_not_found"}
+
+
+def make_catalog(root: Path, sample_images: list[Path], good: int = 24) -> tuple[Path, int]:
+    """`good` real photos copied under root/images plus a corrupt JPEG, a text file named .jpg
+    and a missing file, all relative to the manifest (so the folder can be uploaded as is).
+    Returns (manifest, rows); the bad rows' expected error types are BAD_ROWS."""
+    images = root / "images"
     images.mkdir(parents=True)
     rows = []
-    for i, src in enumerate(sample_images[:24]):
+    for i, src in enumerate(sample_images[:good]):
         shutil.copyfile(src, images / src.name)
         rows.append({"product_id": f"p{i:03d}", "image_uri": f"images/{src.name}",
                      "current_category": src.parent.name})
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 a JPEG header, then garbage")
     (images / "notes.jpg").write_text("a text file with an image name")
-    rows.append({"product_id": "bad-corrupt", "image_uri": "images/corrupt.jpg",
-                 "current_category": "Banana"})
-    rows.append({"product_id": "bad-text", "image_uri": "images/notes.jpg",
-                 "current_category": "Banana"})
-    rows.append({"product_id": "bad-missing", "image_uri": str(images / "missing.jpg"),
-                 "current_category": None})
-    manifest = write_manifest(tmp_path / "catalog" / "manifest.parquet", rows)
-    expected = {"bad-corrupt": "decode_failed", "bad-text": "not_an_image",
-                "bad-missing": "fetch_not_found"}
-    return manifest, len(rows), expected
+    rows += [{"product_id": "bad-corrupt", "image_uri": "images/corrupt.jpg",
+              "current_category": "Banana"},
+             {"product_id": "bad-text", "image_uri": "images/notes.jpg",
+              "current_category": "Banana"},
+             {"product_id": "bad-missing", "image_uri": "images/missing.jpg",
+              "current_category": None}]
+    return write_manifest(root / "manifest.parquet", rows), len(rows)
+
+
+@pytest.fixture
+def small_catalog(tmp_path, sample_images) -> tuple[Path, int, dict[str, str]]:
+    """make_catalog with 24 good rows: (manifest, rows, expected error types)."""
+    manifest, rows = make_catalog(tmp_path / "catalog", sample_images)
+    return manifest, rows, dict(BAD_ROWS)
 
 
 # --- Object storage and HTTP on loopback -------------------------------------------------------

@@ -16,27 +16,22 @@ from jobs.recategorize import main as recategorize_main
 from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.outputs import committed_files
-from tests.conftest import LOOPBACK_AWS_ENV, summary_json, upload_tree, write_manifest
+from tests.conftest import (
+    BAD_ROWS,
+    LOOPBACK_AWS_ENV,
+    make_catalog,
+    summary_json,
+    upload_tree,
+    write_manifest,
+)
 
 SECRET = LOOPBACK_AWS_ENV["AWS_SECRET_ACCESS_KEY"]
 
 
 def local_catalog(root, sample_images):
     """20 real photos and three bad rows, all relative to the manifest's folder."""
-    images = root / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for i, src in enumerate(sample_images[:20]):
-        shutil.copyfile(src, images / src.name)
-        rows.append({"product_id": f"p{i:03d}", "image_uri": f"images/{src.name}",
-                     "current_category": src.parent.name})
-    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 a JPEG header, then garbage")
-    (images / "notes.jpg").write_text("a text file with an image name")
-    rows += [{"product_id": "bad-corrupt", "image_uri": "images/corrupt.jpg"},
-             {"product_id": "bad-text", "image_uri": "images/notes.jpg"},
-             {"product_id": "bad-missing", "image_uri": "images/missing.jpg"}]
-    write_manifest(root / "manifest.parquet", rows)
-    return {"bad-corrupt": "decode_failed", "bad-text": "not_an_image", "bad-missing": "fetch_not_found"}
+    make_catalog(root, sample_images, good=20)
+    return dict(BAD_ROWS)
 
 
 def read_all(uri: str) -> bytes:
