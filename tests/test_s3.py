@@ -6,6 +6,7 @@ outputs or the job's output streams.
 """
 
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -118,3 +119,42 @@ def test_train_reads_its_manifest_and_writes_its_model_in_s3(ray_local, s3_bucke
     assert len(meta.classes) == 8
     assert SECRET.encode() not in read_all(f"{s3_bucket}/model-out")
     assert s3fs.S3FileSystem().exists(f"{s3_bucket.removeprefix('s3://')}/model-out/config.yaml")
+
+
+@pytest.mark.slow
+def test_make_manifest_and_evaluate_read_and_write_s3(ray_local, s3_bucket, tmp_path, sample_images,
+                                                      bundled_model):
+    from jobs.evaluate import main as evaluate_main
+    from jobs.make_manifest import main as make_manifest_main
+
+    # The importer reads a local class-folder tree and writes its manifest straight to S3.
+    tree = tmp_path / "tree"
+    for src in sample_images[:4]:
+        (tree / src.parent.name).mkdir(parents=True)
+        shutil.copyfile(src, tree / src.parent.name / src.name)
+    assert run_job(make_manifest_main, ["--source", str(tree),
+                                        "--output", f"{s3_bucket}/m/manifest.parquet"]) == 0
+    fs, path = storage.arrow_filesystem(f"{s3_bucket}/m/manifest.parquet")
+    made = pq.read_table(path, filesystem=fs)
+    assert made.num_rows == 4 and set(made.column("category").to_pylist()) == {
+        p.parent.name for p in sample_images[:4]}
+
+    # The evaluation report: labelled manifest, images, model and report all in the bucket.
+    images = tmp_path / "labelled" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i, src in enumerate(sample_images[:12]):
+        shutil.copyfile(src, images / src.name)
+        rows.append({"product_id": f"e{i:02d}", "image_uri": f"images/{src.name}",
+                     "category": src.parent.name})
+    write_manifest(tmp_path / "labelled" / "manifest.parquet", rows)
+    upload_tree(tmp_path / "labelled", f"{s3_bucket}/labelled")
+    upload_tree(Path(bundled_model), f"{s3_bucket}/model")
+    assert run_job(evaluate_main, ["--manifest", f"{s3_bucket}/labelled/manifest.parquet",
+                                   "--model", f"{s3_bucket}/model",
+                                   "--output", f"{s3_bucket}/report", "--batch-size", "8"]) == 0
+    metrics = storage.read_json(f"{s3_bucket}/report/metrics.json")
+    assert metrics["rows"] == 12 and 0.0 <= metrics["accuracy"] <= 1.0
+    for name in ("report.html", "confusion_matrix.png", "reliability.png", "coverage.png"):
+        assert storage.exists(f"{s3_bucket}/report/{name}")
+    assert SECRET.encode() not in read_all(f"{s3_bucket}/report")
