@@ -158,3 +158,27 @@ def test_make_manifest_and_evaluate_read_and_write_s3(ray_local, s3_bucket, tmp_
     for name in ("report.html", "confusion_matrix.png", "reliability.png", "coverage.png"):
         assert storage.exists(f"{s3_bucket}/report/{name}")
     assert SECRET.encode() not in read_all(f"{s3_bucket}/report")
+
+
+@pytest.mark.slow
+def test_embed_reads_and_writes_s3(ray_local, s3_bucket, tmp_path, sample_images, bundled_model):
+    from jobs.embed import main as embed_main
+    from pipeline.artifact import load_artifact
+
+    images = tmp_path / "embed" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i, src in enumerate(sample_images[:4] * 3):
+        name = f"{i:02d}-{src.name}"
+        shutil.copyfile(src, images / name)
+        rows.append({"product_id": f"x{i:02d}", "image_uri": f"images/{name}",
+                     "category": src.parent.name, "split": "val" if i >= 8 else "train"})
+    write_manifest(tmp_path / "embed" / "manifest.parquet", rows)
+    upload_tree(tmp_path / "embed", f"{s3_bucket}/embed")
+    upload_tree(Path(bundled_model), f"{s3_bucket}/backbone")
+    assert run_job(embed_main, ["--manifest", f"{s3_bucket}/embed/manifest.parquet",
+                                "--backbone", f"{s3_bucket}/backbone",
+                                "--output", f"{s3_bucket}/embed-out"]) == 0
+    _, meta = load_artifact(f"{s3_bucket}/embed-out/model")
+    assert sorted(meta.classes) == sorted({p.parent.name for p in sample_images[:4]})
+    assert SECRET.encode() not in read_all(f"{s3_bucket}/embed-out")
