@@ -35,6 +35,20 @@ def local_catalog(root, sample_images):
     return dict(BAD_ROWS)
 
 
+def labelled_catalog(root: Path, sources: list[Path], val_from: int) -> None:
+    """A training manifest over copies of `sources` (relative URIs, category from the folder);
+    rows from index `val_from` on are the val split."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i, src in enumerate(sources):
+        name = f"{i:02d}-{src.name}"
+        shutil.copyfile(src, images / name)
+        rows.append({"product_id": f"t{i:02d}", "image_uri": f"images/{name}",
+                     "category": src.parent.name, "split": "val" if i >= val_from else "train"})
+    write_manifest(root / "manifest.parquet", rows)
+
+
 def read_all(uri: str) -> bytes:
     """Every byte under an output location, to search for leaked secrets."""
     fs, path = storage.filesystem(uri)
@@ -100,15 +114,7 @@ def test_train_reads_its_manifest_and_writes_its_model_in_s3(ray_local, s3_bucke
     from pipeline.artifact import load_artifact
     from pipeline.train import run as train
 
-    images = tmp_path / "train" / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for i, src in enumerate(sample_images[:8] * 2):
-        name = f"{i:02d}-{src.name}"
-        shutil.copyfile(src, images / name)
-        rows.append({"product_id": f"t{i:02d}", "image_uri": f"images/{name}",
-                     "category": src.parent.name, "split": "val" if i >= 8 else "train"})
-    write_manifest(tmp_path / "train" / "manifest.parquet", rows)
+    labelled_catalog(tmp_path / "train", sample_images[:8] * 2, val_from=8)
     upload_tree(tmp_path / "train", f"{s3_bucket}/train")
 
     summary = train(TrainConfig(manifest=f"{s3_bucket}/train/manifest.parquet",
@@ -165,15 +171,7 @@ def test_embed_reads_and_writes_s3(ray_local, s3_bucket, tmp_path, sample_images
     from jobs.embed import main as embed_main
     from pipeline.artifact import load_artifact
 
-    images = tmp_path / "embed" / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for i, src in enumerate(sample_images[:4] * 3):
-        name = f"{i:02d}-{src.name}"
-        shutil.copyfile(src, images / name)
-        rows.append({"product_id": f"x{i:02d}", "image_uri": f"images/{name}",
-                     "category": src.parent.name, "split": "val" if i >= 8 else "train"})
-    write_manifest(tmp_path / "embed" / "manifest.parquet", rows)
+    labelled_catalog(tmp_path / "embed", sample_images[:4] * 3, val_from=8)
     upload_tree(tmp_path / "embed", f"{s3_bucket}/embed")
     upload_tree(Path(bundled_model), f"{s3_bucket}/backbone")
     assert run_job(embed_main, ["--manifest", f"{s3_bucket}/embed/manifest.parquet",
