@@ -55,12 +55,6 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def inference_device(cfg: RecategorizeConfig) -> str:
-    from pipeline.cluster import resolve_inference_device
-
-    return resolve_inference_device(cfg)
-
-
 def inference_threads(cfg: RecategorizeConfig, device: str) -> int:
     """Ray pins OMP_NUM_THREADS to an actor's CPU reservation; a CPU-only model wants more."""
     if cfg.inference_threads:
@@ -72,13 +66,21 @@ def inference_threads(cfg: RecategorizeConfig, device: str) -> int:
     return max(1, cpu_count() // cfg.num_actors)
 
 
+def partition_of(ids, count: int) -> np.ndarray:
+    """A product's partition: crc32(product_id) mod count (stable across processes and
+    machines, unlike Python's hash)."""
+    return np.fromiter((zlib.crc32(str(p).encode()) % count for p in ids), dtype=np.int64,
+                       count=len(ids))
+
+
 def manifest_partitions(manifest_uri: str, count: int) -> np.ndarray:
-    """Rows per partition; a product's partition is crc32(product_id) mod count (stable
-    across processes and machines, unlike Python's hash)."""
+    """Rows per partition, streaming product_id in batches (the driver never holds the column)."""
     fs, path = storage.arrow_filesystem(manifest_uri)
-    ids = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["product_id"])
-    parts = [zlib.crc32(p.encode()) % count for p in ids.column("product_id").to_pylist()]
-    return np.bincount(np.asarray(parts, dtype=np.int64), minlength=count)
+    sizes = np.zeros(count, dtype=np.int64)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    for batch in dataset.to_batches(columns=["product_id"], batch_size=1 << 20):
+        sizes += np.bincount(partition_of(batch.column(0).to_pylist(), count), minlength=count)
+    return sizes
 
 
 class PartitionFilter:
@@ -88,8 +90,7 @@ class PartitionFilter:
         self.partition, self.count = partition, count
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep = np.array([zlib.crc32(str(p).encode()) % self.count == self.partition
-                         for p in batch["product_id"]], dtype=bool)
+        keep = partition_of(batch["product_id"], self.count) == self.partition
         return {k: v[keep] for k, v in batch.items()}
 
 
@@ -180,7 +181,7 @@ def process_partition(cfg: RecategorizeConfig, manifest: Manifest, meta, device:
 
 
 def run(cfg: RecategorizeConfig) -> dict:
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, resolve_inference_device
 
     start = time.perf_counter()
     manifest = validate_manifest(cfg.manifest)
@@ -200,7 +201,7 @@ def run(cfg: RecategorizeConfig) -> dict:
     device = "cpu"
     if todo:
         init_ray(cfg.ray_address, cfg.num_cpus)
-        device = inference_device(cfg)
+        device = resolve_inference_device(cfg)
     stats = []
     for p in todo:
         stats.append(f"partition {p} of {count}\n" + process_partition(
