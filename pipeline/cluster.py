@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,11 +29,17 @@ from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.outputs import OutputFormatter
 from pipeline.predict import Classifier
+from pipeline.preprocess import Preprocessor
 
 # Each decode task takes this much of --decode-resource; a node advertising N of it runs at
 # most 100*N decode tasks at once, so in practice its CPUs stay the limit.
 DECODE_RESOURCE_PER_TASK = 0.01
 GPU_POLL_S = 5.0
+# Calls an inference actor runs at once when it decodes its own input: measured on 2 cores
+# (348 px catalog, 3,000 rows), 499 images/s one call at a time (decode on 2 threads, then the
+# model on 2) vs 677 with two calls, one decoding while the other is in the model; three calls
+# were no better.
+CALLS_IN_FLIGHT = 2
 ACTOR_ERROR_LINE = re.compile(r"^pipeline\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
@@ -95,6 +102,20 @@ def resolve_inference_device(cfg: RecategorizeConfig) -> str:
     return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
 
 
+def decode_in_actor(cfg: RecategorizeConfig, device: str) -> bool:
+    """Whether fetch/decode runs inside the inference actors instead of in separate CPU tasks.
+
+    With a GPU, decode tasks scale out over cheap CPU nodes and keep the GPU fed. Without one,
+    the model and the decoders share the same cores anyway: decoding inside the actor on a
+    thread pool is the plain PyTorch loop's structure, and it skips the object-store hop of
+    decoded images and Ray Data's split of the CPU budget between two operators, which left
+    decode tasks at an average concurrency of 0.6 on 2 cores (BENCHMARKS.md).
+    """
+    if cfg.decode_in == "auto":
+        return device == "cpu"
+    return cfg.decode_in == "actor"
+
+
 def decode_task_cpus(cfg: RecategorizeConfig, device: str) -> float:
     """CPUs each decode task reserves. With a GPU, a decode task owns a core. With inference on
     the CPU, the model actor's threads and the decoders share the cores: half-CPU decode tasks put
@@ -118,13 +139,16 @@ def decode_placement(cfg: RecategorizeConfig, memory: int, device: str) -> dict[
     return args
 
 
-def inference_placement(cfg: RecategorizeConfig, device: str) -> dict[str, Any]:
-    """Ray Data arguments for the inference stage: an actor pool, a GPU each on cuda."""
+def inference_placement(cfg: RecategorizeConfig, device: str, decodes: bool = False) -> dict[str, Any]:
+    """Ray Data arguments for the inference stage: an actor pool, a GPU each on cuda. An actor
+    that `decodes` its own input runs CALLS_IN_FLIGHT calls at once (see InferenceActor)."""
     import ray.data
 
     low, high = actor_pool_bounds(cfg)
-    pool = (ray.data.ActorPoolStrategy(size=low) if low == high
-            else ray.data.ActorPoolStrategy(min_size=low, max_size=high))
+    calls = {"max_concurrent_calls_per_actor": CALLS_IN_FLIGHT,
+             "enable_true_multi_threading": True} if decodes else {}
+    pool = (ray.data.ActorPoolStrategy(size=low, **calls) if low == high
+            else ray.data.ActorPoolStrategy(min_size=low, max_size=high, **calls))
     return {"compute": pool, "num_cpus": cfg.cpus_per_actor,
             "num_gpus": cfg.gpus_per_actor if device == "cuda" else 0}
 
@@ -153,18 +177,31 @@ def actor_device(requested: str, allow_cpu_fallback: bool) -> str:
 class InferenceActor(Classifier):
     """The Classifier as the actor pool runs it: the device is checked on the actor's node, and
     predictions leave the actor already in the output schema (one stage and one object-store
-    hop fewer than a separate formatting stage)."""
+    hop fewer than a separate formatting stage).
+
+    With `preprocess`, the actor also fetches and decodes its own batches: the CPU-only layout,
+    where separate decode tasks would only add an object-store hop and a share of the
+    scheduler's CPU budget (see `decode_in_actor`). Ray Data then runs CALLS_IN_FLIGHT calls at
+    once, so one batch decodes while another is in the model; the model itself runs one batch at
+    a time, on all its threads."""
 
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
-                 allow_cpu_fallback: bool = False, run_id: str = "", review_threshold: float = 0.5):
+                 allow_cpu_fallback: bool = False, run_id: str = "", review_threshold: float = 0.5,
+                 preprocess: Preprocessor | None = None):
         super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
                          precision, compile)
+        self.preprocess = preprocess
+        self.model_lock = threading.Lock()
         self.format = OutputFormatter(self.meta.classes, self.meta.architecture,
                                       self.meta.model_version, run_id, review_threshold)
 
     def __call__(self, batch: dict) -> pa.Table:  # type: ignore[override]
-        return self.format(super().__call__(batch))
+        if self.preprocess is not None:
+            batch = self.preprocess(batch)
+        with self.model_lock:
+            predicted = super().__call__(batch)
+        return self.format(predicted)
 
 
 def _error_in_actor_text(text: str) -> PipelineError | None:

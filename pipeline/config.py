@@ -85,9 +85,9 @@ class RecategorizeConfig(JobConfig):
     gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per inference actor on cuda.")
     inference_threads: int | None = Field(
         None, ge=1,
-        description="Intra-op threads per inference actor. Default: on cpu, this machine's cores "
-        "divided by --num-actors (decode tasks share the cores; the model is the heavier part); "
-        "on cuda, --cpus-per-actor.",
+        description="Intra-op threads of the model in each inference actor. Default: on cpu, "
+        "this machine's cores divided by --num-actors, halved when the actor also decodes "
+        "(the other half decodes); on cuda, --cpus-per-actor.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision. 'auto': bf16 autocast on cuda, fp32 on cpu.")
@@ -123,6 +123,13 @@ class RecategorizeConfig(JobConfig):
         description="CPU cores (fetch/decode tasks) feeding each inference actor: caps concurrent "
         "decode tasks at this times the largest pool size, so decoding keeps the GPUs busy "
         "without flooding the object store. Default: no cap (Ray Data's backpressure).",
+    )
+    decode_in: Literal["auto", "tasks", "actor"] = Field(
+        "auto",
+        description="Where images are fetched and decoded: 'tasks' (separate CPU tasks that scale "
+        "out over CPU nodes, feeding GPU actors) or 'actor' (inside each inference actor on a "
+        "thread pool, for CPU-only inference). 'auto': 'actor' when inference runs on CPU, else "
+        "'tasks'.",
     )
     decode_task_cpus: float | None = Field(
         None, gt=0,

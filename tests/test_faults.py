@@ -126,7 +126,8 @@ def test_killed_workers_are_replaced_and_no_row_is_lost_or_doubled(
     killer.start()
     try:
         summary = run(RecategorizeConfig(manifest=str(manifest), model=bundled_model,
-                                         output=str(out), batch_size=8, preprocess_batch_size=8))
+                                         output=str(out), batch_size=8, preprocess_batch_size=8,
+                                         decode_in="tasks"))
     finally:
         done.set()
         killer.join(timeout=30)
