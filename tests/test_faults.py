@@ -1,7 +1,8 @@
 """Lost workers and a killed driver: every row still comes out exactly once.
 
 A preprocess worker and an inference actor are killed with SIGKILL mid-run (Ray retries the
-task, restarts the actor and retries its batches); the
+task, restarts the actor and retries its batches), with decoding in separate tasks and inside
+the actor; the
 job's driver process is killed mid-run and the job started again with the same arguments resumes
 from its finished partitions and commits the same rows a clean run commits.
 """
@@ -73,9 +74,10 @@ class WorkerKiller(threading.Thread):
     actor, and records the process that replaced the actor. Only descendants of this test
     process (its own local Ray) are ever looked at."""
 
-    def __init__(self, run_done: threading.Event):
+    def __init__(self, run_done: threading.Event, kill_preprocess: bool):
         super().__init__(daemon=True)
         self.run_done = run_done
+        self.kill_preprocess = kill_preprocess
         self.preprocess_pid: int | None = None
         self.killed_pid: int | None = None
         self.killed_while_running = False
@@ -99,10 +101,10 @@ class WorkerKiller(threading.Thread):
 
     def run(self) -> None:
         while not self.run_done.is_set():
-            if self.preprocess_pid is None:
+            if self.kill_preprocess and self.preprocess_pid is None:
                 self._kill_preprocess_worker()
             pid = self._classifier_pid()
-            if pid is None or self.preprocess_pid is None:
+            if pid is None or (self.kill_preprocess and self.preprocess_pid is None):
                 time.sleep(0.1)
                 continue
             if self.killed_pid is None:
@@ -117,21 +119,24 @@ class WorkerKiller(threading.Thread):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("decode_in", ["tasks", "actor"])
 def test_killed_workers_are_replaced_and_no_row_is_lost_or_doubled(
-        ray_local, tmp_path, sample_images, bundled_model):
-    manifest, n = repeated_catalog(tmp_path, sample_images, copies=4)
+        ray_local, tmp_path, sample_images, bundled_model, decode_in):
+    # Decoding in the actor is fast enough to finish 4 copies before the kill: give it more.
+    manifest, n = repeated_catalog(tmp_path, sample_images, copies=4 if decode_in == "tasks" else 24)
     out = tmp_path / "out"
     done = threading.Event()
-    killer = WorkerKiller(done)
+    killer = WorkerKiller(done, kill_preprocess=decode_in == "tasks")
     killer.start()
     try:
         summary = run(RecategorizeConfig(manifest=str(manifest), model=bundled_model,
                                          output=str(out), batch_size=8, preprocess_batch_size=8,
-                                         decode_in="tasks"))
+                                         decode_in=decode_in))
     finally:
         done.set()
         killer.join(timeout=30)
-    assert killer.preprocess_pid and killer.killed_pid and killer.killed_while_running
+    assert bool(killer.preprocess_pid) == (decode_in == "tasks")
+    assert killer.killed_pid and killer.killed_while_running
     assert killer.replacement_pid and killer.replacement_pid != killer.killed_pid
     table = committed(out)
     ids = table.column("product_id").to_pylist()

@@ -77,6 +77,25 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
 
 
 @pytest.mark.slow
+def test_decoding_in_tasks_and_in_the_actor_give_the_same_rows(ray_local, small_catalog, tmp_path,
+                                                              bundled_model):
+    manifest, n, expected = small_catalog
+    tables = {}
+    for decode_in in ("tasks", "actor"):
+        out = tmp_path / decode_in
+        run(RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(out),
+                               batch_size=8, decode_in=decode_in))
+        tables[decode_in] = pq.read_table(out / "predictions").sort_by("product_id")
+    tasks, actor = tables["tasks"], tables["actor"]
+    assert tasks.num_rows == actor.num_rows == n
+    for column in ("product_id", "status", "error_type", "predicted_category", "needs_review"):
+        assert tasks.column(column).to_pylist() == actor.column(column).to_pylist(), column
+    confidence = [np.array(t.column("confidence").to_pylist(), dtype=float) for t in (tasks, actor)]
+    np.testing.assert_allclose(*confidence, atol=1e-5)
+    assert sum(s == "error" for s in actor.column("status").to_pylist()) == len(expected)
+
+
+@pytest.mark.slow
 def test_rerun_replaces_same_run_and_refuses_other_manifest(ray_local, small_catalog, tmp_path,
                                                             bundled_model):
     manifest, n, _ = small_catalog
