@@ -8,8 +8,11 @@ Five ways to do (parts of) the nightly job, each timed on the same catalog:
   (PIL decode and torchvision transforms per row with `Dataset.map`, float32 model, defaults);
 - torch loop: a plain PyTorch DataLoader (workers = cores) + the same model, no Ray.
 
-Peak memory is the largest resident-set total of this process and all its descendants (Ray's
-raylet and workers included), sampled every 100 ms while a stage runs, minus the total before it.
+Peak memory is the largest total proportional set size (PSS) of this process and all its
+descendants (Ray's raylet, object store and workers included), sampled every 500 ms while a
+stage runs, minus the total before it. PSS splits each shared page between the processes that
+map it, so torch's libraries and Ray's shared-memory object store count once, not once per
+worker as a resident-set (RSS) total would count them.
 """
 
 from __future__ import annotations
@@ -53,29 +56,29 @@ class Measurement:
 
 
 class PeakMemory:
-    """Samples the RSS total of this process tree in a thread while the block runs."""
+    """Samples the PSS total of this process tree in a thread while the block runs."""
 
-    def __init__(self, interval_s: float = 0.1):
+    def __init__(self, interval_s: float = 0.5):
         self.interval_s = interval_s
         self.peak = 0
         self._stop = threading.Event()
 
     @staticmethod
-    def tree_rss() -> int:
+    def tree_pss() -> int:
         me = psutil.Process()
         total = 0
         for proc in [me, *me.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):  # a worker may exit while we look
-                total += proc.memory_info().rss
+                total += proc.memory_full_info().pss  # /proc/<pid>/smaps_rollup
         return total
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.tree_rss())
+            self.peak = max(self.peak, self.tree_pss())
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
-        self.base = self.tree_rss()
+        self.base = self.tree_pss()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self

@@ -43,6 +43,13 @@ CALLS_IN_FLIGHT = 2
 ACTOR_ERROR_LINE = re.compile(r"^pipeline\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
+# Ray's workers (reads, repartitions, writes) allocate many small Arrow buffers; Arrow's default
+# jemalloc pool kept their high-water mark, so peak memory grew with the catalog (10k -> 100k
+# rows: +51% over the job's idle footprint with jemalloc, +16% with the system allocator;
+# BENCHMARKS.md). cluster.yaml sets the same variable on every node.
+WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
@@ -53,7 +60,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # "local" always starts a private Ray: a bare ray.init() would attach to any cluster a
         # `ray start` left running on this machine.
         ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
-                 include_dashboard=False)
+                 include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
 
 
 def cluster_gpus() -> float:

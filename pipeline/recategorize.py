@@ -1,5 +1,6 @@
 """The nightly job's Ray Data plan: manifest -> preprocess (CPU tasks) -> predict (actor pool)
--> format -> Parquet (staged, then committed) -> run summary.
+-> format -> Parquet (staged, then committed) -> run summary. With CPU inference the actors
+run the preprocess step themselves (`cluster.decode_in_actor`).
 
 The manifest is processed in deterministic partitions (crc32 of product_id), one Ray Data
 pipeline each; a finished partition is recorded in staging under a key of the run's arguments,
@@ -49,6 +50,10 @@ STATS_FILE = "ray_data_stats.txt"
 # parallel CPU tasks instead of serially inside each model replica.
 DECODE_TASK_MEMORY = 256 * 1024**2
 RUN_FILE = "run.json"
+# Inference emits one small table per batch. Compacted into blocks of this many rows before the
+# write, a write task holds a few large blocks instead of thousands of small ones (Arrow and
+# object overhead per block made the writer's memory grow with the catalog).
+WRITE_BLOCK_ROWS = 32_768
 
 
 def new_run_id() -> str:
@@ -167,7 +172,6 @@ def process_partition(cfg: RecategorizeConfig, manifest: Manifest, meta, device:
                       policy: UriPolicy, partition: int, count: int, out_uri: str) -> str:
     """Manifest rows of one partition -> preprocess -> predict -> format -> Parquet in out_uri.
     Returns Ray Data's stats for it."""
-
     from pipeline.cluster import (
         InferenceActor,
         decode_in_actor,
@@ -204,6 +208,7 @@ def process_partition(cfg: RecategorizeConfig, manifest: Manifest, meta, device:
                                "preprocess": preprocess if in_actor else None},
         batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
         **inference_placement(cfg, device, decodes=in_actor), **retry_args(cfg, actor=True))
+    ds = ds.repartition(target_num_rows_per_block=min(WRITE_BLOCK_ROWS, cfg.rows_per_file))
     storage.remove(out_uri)  # what a killed attempt left of this partition
     out_fs, out_path = storage.arrow_filesystem(out_uri)
     with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA

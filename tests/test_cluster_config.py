@@ -12,6 +12,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.cluster import (
     DECODE_RESOURCE_PER_TASK,
+    WORKER_ENV,
     actor_device,
     actor_pool_bounds,
     decode_placement,
@@ -68,10 +69,12 @@ def test_cluster_yaml_installs_the_pinned_release_and_keeps_auth_on(cluster_conf
     assert re.search(rf'"catalog-recategorizer @ git\+https://\S+@v{re.escape(PROJECT_VERSION)}"', setup)
     # Every node gets the token from the secret before Ray starts on it ...
     assert re.search(r"secretsmanager get-secret-value .*> ~/\.ray/auth_token", setup.replace("\n", " "))
-    # ... and every `ray start` runs with token auth.
+    # ... and every `ray start` runs with token auth and the workers' environment of a local run.
     starts = [c for c in cluster_config["head_start_ray_commands"] + cluster_config[
         "worker_start_ray_commands"] if "ray start" in c]
-    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    env = " ".join(f"{k}={v}" for k, v in WORKER_ENV.items())
+    assert len(starts) == 2 and all(c.startswith(f"RAY_AUTH_MODE=token {env} ray start")
+                                    for c in starts)
     assert "disabled" not in yaml.safe_dump(cluster_config)
     assert all("--object-store-memory" in c for c in starts)
 
