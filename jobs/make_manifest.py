@@ -6,14 +6,17 @@ import sys
 
 from jobs._main import run_job
 from pipeline.config import MakeManifestConfig, parse_args
-from pipeline.importers import make_manifest
+from pipeline.importers import holdout_uri, make_manifest
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(MakeManifestConfig, argv, __doc__)
     splits = tuple(s.strip() for s in cfg.splits.split(",") if s.strip())
-    rows = make_manifest(cfg.source, cfg.output, cfg.layout, splits)
+    rows, held = make_manifest(cfg.source, cfg.output, cfg.layout, splits, cfg.holdout_categories,
+                               cfg.holdout_seed)
     print(f"wrote {rows} rows to {cfg.output}")
+    if held:
+        print(f"held out {len(held)} categories ({', '.join(held)}) in {holdout_uri(cfg.output)}")
 
 
 if __name__ == "__main__":

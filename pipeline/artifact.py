@@ -23,6 +23,8 @@ from pipeline.models import create_model, get_spec
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
+CENTROIDS_FILE = "open_set.safetensors"  # class centroids of the open-set score, when it uses them
+CENTROIDS_KEY = "centroids"
 FORMAT_VERSION = 1
 
 
@@ -36,12 +38,17 @@ class ModelMetadata:
     temperature: float = 1.0
     coarse_classes: dict[str, str] = field(default_factory=dict)  # fine class -> coarse class
     training: dict[str, Any] = field(default_factory=dict)
+    # Where the starting weights came from (package, version, SHA-256, licence), for audits.
+    provenance: dict[str, Any] = field(default_factory=dict)
+    weights_dtype: str = "float32"  # storage precision of the weight matrices
+    # Open-set score kind and review threshold (pipeline.openset); empty: no open-set review.
+    open_set: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
     format_version: int = FORMAT_VERSION
 
     def prediction_fields(self) -> dict[str, Any]:
         """What determines predictions; hashed into model_version."""
-        return {
+        fields = {
             "architecture": self.architecture,
             "classes": self.classes,
             "input_size": self.input_size,
@@ -50,20 +57,45 @@ class ModelMetadata:
             "temperature": self.temperature,
             "coarse_classes": self.coarse_classes,
         }
+        if self.open_set:  # it changes needs_review; older artifacts without it keep their hash
+            fields["open_set"] = self.open_set
+        return fields
 
 
-def content_hash(weights: bytes, meta: ModelMetadata) -> str:
+def content_hash(weights: bytes, meta: ModelMetadata, centroids: bytes = b"") -> str:
     h = hashlib.sha256(weights)
     h.update(json.dumps(meta.prediction_fields(), sort_keys=True).encode())
+    h.update(centroids)  # empty for artifacts without them: older versions keep their hash
     return h.hexdigest()[:16]
 
 
-def save_artifact(model: nn.Module, meta: ModelMetadata, uri: str) -> ModelMetadata:
-    """Write weights and metadata under `uri`; returns metadata with model_version set."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Weight matrices and kernels in the storage dtype; vectors (biases, BatchNorm statistics)
+    stay float32, where half precision could flush small variances to zero."""
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dim() >= 2 else tensor
+
+
+def save_artifact(model: nn.Module, meta: ModelMetadata, uri: str,
+                  centroids: torch.Tensor | None = None) -> ModelMetadata:
+    """Write weights and metadata (and the open-set centroids, when given) under `uri`;
+    returns metadata with model_version set.
+
+    meta.weights_dtype float16 halves the file; the model is loaded back in float32."""
+    if meta.weights_dtype not in STORAGE_DTYPES:
+        raise ModelError(f"unknown weights_dtype {meta.weights_dtype!r}; valid: {', '.join(STORAGE_DTYPES)}")
+    dtype = STORAGE_DTYPES[meta.weights_dtype]
+    state = {k: _stored(v, dtype) for k, v in model.state_dict().items()}
     weights = save_safetensors(state, metadata={"architecture": meta.architecture})
-    meta.model_version = content_hash(weights, meta)
+    extra = b"" if centroids is None else save_safetensors(
+        {CENTROIDS_KEY: centroids.detach().float().cpu().contiguous()})
+    meta.model_version = content_hash(weights, meta, extra)
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
+    if extra:
+        storage.write_bytes(storage.join(uri, CENTROIDS_FILE), extra)
     storage.write_json(storage.join(uri, METADATA_FILE), asdict(meta))
     return meta
 
@@ -95,10 +127,11 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
         weights = storage.read_bytes(weights_uri)
     except FileNotFoundError as exc:
         raise ModelError(f"model artifact {uri!r} has no {WEIGHTS_FILE}") from exc
-    if meta.model_version and content_hash(weights, meta) != meta.model_version:
+    extra = _centroid_bytes(uri, meta)
+    if meta.model_version and content_hash(weights, meta, extra) != meta.model_version:
         raise ModelError(
             f"model artifact {uri!r} is corrupt or was edited: content hash "
-            f"{content_hash(weights, meta)} != model_version {meta.model_version}"
+            f"{content_hash(weights, meta, extra)} != model_version {meta.model_version}"
         )
     try:
         state = load_safetensors(weights)
@@ -106,10 +139,27 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
         raise ModelError(f"{weights_uri!r} is not valid safetensors: {exc}") from exc
     model = create_model(meta.architecture, num_classes=len(meta.classes))
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state)  # copies into the float32 parameters, whatever was stored
     except RuntimeError as exc:
         raise ModelError(f"{weights_uri!r} does not fit {meta.architecture}: {exc}") from exc
     return model.eval().to(device), meta
+
+
+def _centroid_bytes(uri: str, meta: ModelMetadata) -> bytes:
+    if meta.open_set.get("score") != "centroid":
+        return b""
+    try:
+        return storage.read_bytes(storage.join(uri, CENTROIDS_FILE))
+    except FileNotFoundError as exc:
+        raise ModelError(f"model artifact {uri!r} uses the centroid open-set score but has no "
+                         f"{CENTROIDS_FILE}") from exc
+
+
+def load_centroids(uri: str, meta: ModelMetadata) -> torch.Tensor | None:
+    """The open-set class centroids of artifact `uri` (already verified by load_artifact's
+    content hash), or None when its score does not use them."""
+    extra = _centroid_bytes(uri, meta)
+    return load_safetensors(extra)[CENTROIDS_KEY] if extra else None
 
 
 def is_artifact(uri: str) -> bool:

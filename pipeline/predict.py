@@ -1,8 +1,8 @@
 """Inference stage: a callable class that loads the model once and maps a batch to predictions.
 
 Each BatchNorm that follows a convolution is folded into that convolution's weights (inference
-only; torch.fx finds the pairs by data flow): the bundled model runs 1.75x faster on CPU, 833 ->
-1,459 images/s on 2 cores at batch 64, with outputs equal to within 5e-6.
+only; torch.fx finds the pairs by data flow), which saves a pass over every activation map
+(BENCHMARKS.md has the speed-up).
 
 Top-k leaves as class indices (numeric arrays travel zero-copy); the output stage names them.
 uint8 NHWC images go to the device as they are (4x less to copy than float32) and are normalized
@@ -17,8 +17,10 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline.artifact import load_artifact
+from pipeline import openset
+from pipeline.artifact import load_artifact, load_centroids
 from pipeline.errors import ConfigError
+from pipeline.models import get_spec
 from pipeline.transforms import norm_tensors, to_model_input
 
 
@@ -32,20 +34,75 @@ def resolve_device(device: str) -> torch.device:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# Test-time augmentation: "flip" averages the logits of each image and its mirror image, at twice
+# the model cost per image (BENCHMARKS.md has what it buys).
+TTA_MODES = ("none", "flip")
+
+
+def _trace_conv_bn(model: torch.nn.Module) -> torch.fx.Graph:
+    """The fx graph with every convolution and BatchNorm (subclasses included, e.g. timm's
+    Conv2dSame and BatchNormAct2d) kept as one opaque node, so pairs are found by data flow."""
+    from torch import fx, nn
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, nn.Conv2d | nn.modules.batchnorm._BatchNorm) or \
+                super().is_leaf_module(m, qualname)
+
+    return Tracer().trace(model)
+
+
+def _after_norm(bn: torch.nn.Module) -> torch.nn.Module:
+    """What a folded BatchNorm leaves behind: timm's BatchNormAct2d keeps its activation."""
+    from torch import nn
+
+    act = getattr(bn, "act", None)
+    return act if isinstance(act, nn.Module) else nn.Identity()
 
 
 def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """The eval-mode model with conv -> BatchNorm pairs folded into the convs. A model torch.fx
-    cannot trace runs unfolded (same outputs, slower), with a warning."""
-    from torch.fx.experimental.optimization import fuse
+    """The eval-mode model with each conv -> BatchNorm pair folded into the conv, in place (the
+    model keeps its class). A model torch.fx cannot trace runs unfolded (same outputs, slower),
+    with a warning."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     model.eval()
     try:
-        return fuse(model)
+        graph = _trace_conv_bn(model)
     except Exception as exc:  # tracing fails on data-dependent control flow
         warnings.warn(f"could not fold BatchNorm into convolutions ({type(exc).__name__}: {exc}); "
                       "running the model as it is", stacklevel=2)
         return model
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+            continue
+        source = node.args[0]
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_module"
+                and type(modules[source.target]) in (nn.Conv2d, *_same_pad_convs())
+                and len(source.users) == 1):
+            continue
+        bn = modules[node.target]
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        _replace(model, source.target, fuse_conv_bn_eval(modules[source.target], bn))
+        _replace(model, node.target, _after_norm(bn))
+    return model
+
+
+def _same_pad_convs() -> tuple[type, ...]:
+    """timm's convolutions with TensorFlow "same" padding: plain convs after a pad, foldable."""
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:
+        return ()
+    return (Conv2dSame,)
+
+
+def _replace(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
 
 
 class Classifier:
@@ -53,11 +110,15 @@ class Classifier:
     slower on most cores without AMX. `compile` runs torch.compile (worth it on long GPU runs)."""
 
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
-                 num_threads: int | None = None, precision: str = "auto", compile: bool = False):
+                 num_threads: int | None = None, precision: str = "auto", compile: bool = False,
+                 tta: str = "none"):
         if num_threads:
             torch.set_num_threads(num_threads)
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown tta {tta!r}; valid: {', '.join(TTA_MODES)}")
+        self.tta = tta
         self.device = resolve_device(device)
         model, self.meta = load_artifact(model_uri, self.device)
         self.model = fold_batch_norms(model).to(memory_format=torch.channels_last)
@@ -68,17 +129,41 @@ class Classifier:
         self.classes = np.array(self.meta.classes, dtype=object)
         self.top_k = min(top_k, len(self.classes))
         self.mean, self.std = norm_tensors(self.meta.mean, self.meta.std, self.device)
+        self.open_set_kind = self.meta.open_set.get("score", openset.LOGIT_SCORE)
+        self.centroids = load_centroids(model_uri, self.meta)
+        if self.centroids is not None:
+            self.centroids = self.centroids.to(self.device)
+        self._embeddings: list[torch.Tensor] = []
+        if self.open_set_kind == "centroid":  # the head's input is the embedding
+            head = model.get_submodule(get_spec(self.meta.architecture).head)
+            head.register_forward_pre_hook(lambda _, args: self._embeddings.append(args[0].float()))
 
     @torch.inference_mode()
-    def probabilities(self, images: np.ndarray) -> torch.Tensor:
-        """Softmax (with the artifact's temperature) for a uint8 NHWC batch."""
+    def logits(self, images: np.ndarray) -> torch.Tensor:
+        """Raw float32 logits for a uint8 NHWC batch (averaged with the mirror image's with
+        tta='flip')."""
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.pin:  # page-locked source: the copy runs async, overlapping the previous batch
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True)
+        self._embeddings.clear()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.model(to_model_input(x, self.mean, self.std)).float()
-        return torch.softmax(logits / self.meta.temperature, dim=1)
+            x = to_model_input(x, self.mean, self.std)
+            logits = self.model(x).float()
+            if self.tta == "flip":
+                logits = (logits + self.model(x.flip(3)).float()) / 2
+        return logits
+
+    def embeddings(self) -> torch.Tensor | None:
+        """The embeddings of the last `logits` call (mean over its TTA views), when the
+        open-set score uses them."""
+        if not self._embeddings:
+            return None
+        return torch.stack(self._embeddings).mean(0)
+
+    def probabilities(self, images: np.ndarray) -> torch.Tensor:
+        """Softmax (with the artifact's temperature) for a uint8 NHWC batch."""
+        return torch.softmax(self.logits(images) / self.meta.temperature, dim=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
@@ -88,8 +173,13 @@ class Classifier:
         confidence = np.full(n, np.nan, dtype=np.float32)
         top_index = np.full((n, self.top_k), -1, dtype=np.int32)
         top_scores = np.full((n, self.top_k), np.nan, dtype=np.float32)
+        unfamiliar = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            probs = self.probabilities(images[ok])
+            logits = self.logits(images[ok])
+            probs = torch.softmax(logits / self.meta.temperature, dim=1)
+            unfamiliar[ok] = openset.unfamiliarity(
+                logits, self.meta.temperature, self.open_set_kind, self.embeddings(),
+                self.centroids).cpu().numpy()
             scores, idx = probs.topk(self.top_k, dim=1)
             scores, idx = scores.cpu().numpy(), idx.cpu().numpy()
             top_index[ok] = idx
@@ -97,4 +187,4 @@ class Classifier:
             predicted[ok] = self.classes[idx[:, 0]]
             confidence[ok] = scores[:, 0]
         return {**batch, "predicted_category": predicted, "confidence": confidence,
-                "top_k_index": top_index, "top_k_scores": top_scores}
+                "top_k_index": top_index, "top_k_scores": top_scores, "unfamiliarity": unfamiliar}

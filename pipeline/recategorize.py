@@ -126,7 +126,7 @@ def run_identity(cfg: RecategorizeConfig, manifest_uri: str, model_version: str)
     options = cfg.model_dump(include={
         "top_k", "review_threshold", "max_image_bytes", "max_image_pixels", "allowed_uri_schemes",
         "allowed_uri_prefixes", "allowed_networks", "partition_rows", "run_id", "fetch_timeout_s",
-        "fetch_retries"})
+        "fetch_retries", "tta"})
     blob = json.dumps({"manifest": manifest_uri, "files": files, "model": model_version,
                        "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -204,7 +204,7 @@ def process_partition(cfg: RecategorizeConfig, manifest: Manifest, meta, device:
                                "top_k": cfg.top_k, "num_threads": threads,
                                "precision": cfg.precision, "compile": cfg.compile,
                                "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
-                               "review_threshold": cfg.review_threshold,
+                               "review_threshold": cfg.review_threshold, "tta": cfg.tta,
                                "preprocess": preprocess if in_actor else None},
         batch_size=cfg.batch_size, batch_format="numpy", zero_copy_batch=True,
         **inference_placement(cfg, device, decodes=in_actor), **retry_args(cfg, actor=True))

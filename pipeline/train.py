@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import storage
+from pipeline import openset, storage
 from pipeline.artifact import (
     ModelMetadata,
     artifact_start_record,
@@ -46,7 +46,7 @@ from pipeline.models import (
     param_groups,
 )
 from pipeline.preprocess import Preprocessor
-from pipeline.transforms import EvalPreset, TrainPreset, norm_tensors, to_model_input
+from pipeline.transforms import EvalPreset, TrainPreset, norm_tensors, resize_batch, to_model_input
 
 DECODE_MARGIN = 1.15  # training images are decoded this much larger than the crop size
 DECODE_BLOCK_ROWS = 256  # one decode task per this many rows: a single block would decode serially
@@ -130,13 +130,29 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 class CosinePlan:
     """Cosine with warm-up over `epochs`, as a LambdaLR factor. An object rather than a closure:
-    a time budget can shorten `epochs` mid-run, and LambdaLR saves its fields in the checkpoint."""
+    a time budget can shorten `epochs` mid-run, and LambdaLR saves its fields in the checkpoint.
 
-    def __init__(self, steps_per_epoch: int, epochs: int, warmup_steps: int):
+    `delay_steps` holds the factor at 0 first (staged unfreezing: a backbone group waits while
+    the fresh head learns), then warms up and decays over what is left."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int, warmup_steps: int, delay_steps: int = 0):
         self.steps_per_epoch, self.epochs, self.warmup_steps = steps_per_epoch, epochs, warmup_steps
+        self.delay_steps = delay_steps
 
     def __call__(self, step: int) -> float:
-        return cosine_with_warmup(self.steps_per_epoch * self.epochs, self.warmup_steps)(step)
+        if step < self.delay_steps:
+            return 0.0
+        total = self.steps_per_epoch * self.epochs - self.delay_steps
+        return cosine_with_warmup(total, self.warmup_steps)(step - self.delay_steps)
+
+
+def group_plans(groups: list[dict], steps_per_epoch: int, cfg: TrainConfig) -> list[CosinePlan]:
+    """One schedule per optimizer group: the head starts at once, backbone groups after
+    `cfg.unfreeze_epochs`."""
+    warmup = round(steps_per_epoch * cfg.warmup_epochs)
+    delay = round(steps_per_epoch * cfg.unfreeze_epochs)
+    return [CosinePlan(steps_per_epoch, cfg.epochs, warmup, 0 if g["name"] == "head" else delay)
+            for g in groups]
 
 
 def budget_epochs(epochs_done: int, epochs_timed: int, elapsed_s: float, budget_s: float,
@@ -235,9 +251,10 @@ def _forward(model, images, mean, std, device, mixed_precision: bool):
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, batches, preset, mean, std,
-                    device, mixed_precision: bool = True, coarse_weight: float = 0.0) -> dict:
+                    device, mixed_precision: bool = True, coarse_weight: float = 0.0,
+                    bn_frozen: bool = False) -> dict:
     model.train()
-    freeze_batchnorm_stats(model)
+    freeze_batchnorm_stats(model, every_layer=bn_frozen)
     seen, loss_sum, correct, start = 0, 0.0, 0, time.perf_counter()
     for batch in batches:
         images = preset(batch["image"]).to(device, non_blocking=True)
@@ -368,6 +385,15 @@ def start_record(cfg: TrainConfig, classes: list[str]) -> dict:
     return describe_weights(cfg.model_name, cfg.weights)
 
 
+def provenance(start: dict) -> dict:
+    """The starting weights' origin for the artifact: a pinned package's name, version,
+    checksum and licence; a parent artifact's provenance is inherited."""
+    if start.get("kind") == "artifact":
+        return {"parent_model_version": start["model_version"],
+                **load_metadata(start["uri"]).provenance}
+    return {k: v for k, v in start.items() if k != "weights" or start.get("kind") != "package"}
+
+
 def build_model(cfg: TrainConfig, classes: list[str], num_coarse: int) -> nn.Module:
     """The starting model for `classes` (see TrainConfig.weights) with its freezing policy
     applied, wrapped with a coarse head when asked."""
@@ -406,12 +432,13 @@ def train_loop_per_worker(config: dict) -> None:
                       if config["fine_to_coarse"] else None)
 
     model = build_model(cfg, config["classes"], config["num_coarse"])
-    groups = param_groups(model, cfg.model_name, cfg.lr, cfg.backbone_lr_scale)
+    groups = param_groups(model, cfg.model_name, cfg.lr, cfg.backbone_lr_scale, cfg.layer_decay)
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, config["train_rows"] // (cfg.batch_size * world))
-    plan = CosinePlan(steps, cfg.epochs, round(steps * cfg.warmup_epochs))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
+    plans = group_plans(groups, steps, cfg)
+    plan = plans[0]  # the head's: the epoch count every group follows
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plans)
     criterion = build_criterion(cfg, np.asarray(config["class_counts"])).to(device)
     stopper = EarlyStopping(cfg.early_stopping_patience, monitor_mode(cfg.monitor),
                             cfg.early_stopping_min_delta)
@@ -435,7 +462,8 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_seed=cfg.seed + epoch)
         metrics = train_one_epoch(model, criterion, optimizer, scheduler, batches, preset,
                                   mean, std, device, cfg.mixed_precision,
-                                  cfg.coarse_loss_weight if cfg.coarse_head else 0.0)
+                                  cfg.coarse_loss_weight if cfg.coarse_head else 0.0,
+                                  cfg.bn_mode == "frozen")
         val_batches = ({**b, "image": eval_preset(b["image"])}
                        for b in val_shard.iter_torch_batches(batch_size=cfg.batch_size))
         metrics.update(evaluate(model, val_batches, mean, std, device, fine_to_coarse,
@@ -443,8 +471,10 @@ def train_loop_per_worker(config: dict) -> None:
         stop = stopper.update(metrics[cfg.monitor])
         elapsed = time.perf_counter() - run_start
         if cfg.time_budget_min:
-            plan.epochs = budget_epochs(epoch + 1, epoch + 1 - start_epoch, elapsed,
-                                        cfg.time_budget_min * 60, cfg.epochs)
+            fit = budget_epochs(epoch + 1, epoch + 1 - start_epoch, elapsed,
+                                cfg.time_budget_min * 60, cfg.epochs)
+            for p in plans:
+                p.epochs = fit
         metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0], planned_epochs=plan.epochs,
                        epoch_time_s=time.perf_counter() - epoch_start, early_stopped=stop)
         if rank == 0:
@@ -522,17 +552,26 @@ def fine_to_coarse_map(data: LabelledData) -> tuple[list[int] | None, list[str]]
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, dataset, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a decoded Ray dataset, computed on the driver (CPU)."""
+def predict_logits(model: nn.Module, dataset, cfg: TrainConfig
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, labels and embeddings (the head's input) of a decoded Ray dataset, computed on
+    the driver (CPU). Images larger than the input size (the training copies, decoded with a
+    margin for random crops) are resized to it, as inference sees a whole photo."""
     spec = get_spec(cfg.model_name)
     device = torch.device("cpu")
     mean, std = norm_tensors(spec.mean, spec.std, device)
     model.eval()
-    logits, labels = [], []
-    for batch in dataset.iter_torch_batches(batch_size=cfg.batch_size):
-        logits.append(model(to_model_input(batch["image"], mean, std)).float())
-        labels.append(batch["label"])
-    return torch.cat(logits), torch.cat(labels)
+    logits, labels, embeddings = [], [], []
+    hook = model.get_submodule(spec.head).register_forward_pre_hook(
+        lambda _, args: embeddings.append(args[0].float()))
+    try:
+        for batch in dataset.iter_torch_batches(batch_size=cfg.batch_size):
+            images = resize_batch(batch["image"], cfg.input_size)
+            logits.append(model(to_model_input(images, mean, std)).float())
+            labels.append(batch["label"])
+    finally:
+        hook.remove()
+    return torch.cat(logits), torch.cat(labels), torch.cat(embeddings)
 
 
 def final_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -572,6 +611,8 @@ def run(cfg: TrainConfig) -> dict:
 
     start = time.perf_counter()
     spec = get_spec(cfg.model_name)
+    if cfg.input_size is None:
+        cfg = cfg.model_copy(update={"input_size": spec.input_size})
     data = load_data(cfg)
     fine_to_coarse, coarse_names = fine_to_coarse_map(data)
     if cfg.coarse_head and fine_to_coarse is None:
@@ -618,9 +659,12 @@ def run(cfg: TrainConfig) -> dict:
     model = create_model(cfg.model_name, len(data.classes))
     with best_ckpt.as_directory() as folder:
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-    logits, labels = predict_logits(model, val_ds, cfg)
+    logits, labels, val_embeddings = predict_logits(model, val_ds, cfg)
     temperature = fit_temperature(logits, labels) if cfg.calibrate else 1.0
     final = final_metrics(logits, labels, temperature, fine_to_coarse)
+    _, train_labels, train_embeddings = predict_logits(model, train_ds, cfg)
+    centroids = openset.class_centroids(train_embeddings, train_labels, len(data.classes))
+    open_set = openset.calibrate(logits, temperature, val_embeddings, centroids)
     last = result.metrics or {}
     wall = time.perf_counter() - start
     summary = {
@@ -644,8 +688,9 @@ def run(cfg: TrainConfig) -> dict:
     meta = ModelMetadata(architecture=cfg.model_name, classes=data.classes,
                          input_size=cfg.input_size, mean=list(spec.mean), std=list(spec.std),
                          temperature=temperature, coarse_classes=data.coarse_classes,
-                         training=summary)
-    meta = save_artifact(model, meta, storage.join(output, "model"))
+                         training=summary, provenance=provenance(start_info),
+                         weights_dtype=cfg.weights_dtype, open_set=open_set)
+    meta = save_artifact(model, meta, storage.join(output, "model"), centroids)
     summary["model"] = storage.join(output, "model")
     summary["model_version"] = meta.model_version
     storage.write_json(storage.join(output, "training_summary.json"), summary)

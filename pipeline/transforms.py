@@ -59,6 +59,14 @@ class TrainPreset:
         return out.permute(0, 2, 3, 1)
 
 
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 NHWC square images -> the same at `size` px (antialiased), as decode would give."""
+    if images.shape[1] == size:
+        return images
+    chw = v2.functional.resize(images.permute(0, 3, 1, 2), [size, size], antialias=True)
+    return chw.permute(0, 2, 3, 1)
+
+
 class EvalPreset:
     """Images are already resized and center-cropped by the preprocess stage."""
 

@@ -63,3 +63,68 @@ def test_classifier_bf16_is_close_to_fp32(tmp_path, sample_images):
     assert torch.allclose(fp32, bf16, atol=0.05)
     with pytest.raises(ValueError, match="valid: auto, fp32, bf16"):
         Classifier(str(tmp_path / "m"), precision="fp16")
+
+
+def test_lite_artifact_keeps_provenance_open_set_and_half_precision(tmp_path):
+    """A pretrained EfficientNet-Lite artifact stored in float16: half the bytes, the metadata
+    round-trips, and its predictions match the float32 model's."""
+    from pipeline import pretrained
+    from pipeline.models import describe_weights, get_spec
+
+    name = "efficientnet_lite0"
+    spec = get_spec(name)
+    model = create_model(name, 4, pretrained.IMAGENET).eval()
+    record = describe_weights(name, pretrained.IMAGENET)
+    open_set = {"score": "energy", "threshold": -3.5, "known_keep_share": 0.95}
+
+    def meta(dtype):
+        return ModelMetadata(name, ["a", "b", "c", "d"], spec.input_size, list(spec.mean),
+                             list(spec.std), provenance=record, weights_dtype=dtype,
+                             open_set=open_set)
+
+    full = save_artifact(model, meta("float32"), str(tmp_path / "f32"))
+    half = save_artifact(model, meta("float16"), str(tmp_path / "f16"))
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("f32", "f16")}
+    assert size["f16"] < 0.6 * size["f32"]
+    assert full.model_version != half.model_version
+    loaded, loaded_meta = load_artifact(str(tmp_path / "f16"))
+    assert loaded_meta.provenance["sha256"] == pretrained.PRETRAINED_FILES[name].sha256
+    assert loaded_meta.open_set == open_set and loaded_meta.weights_dtype == "float16"
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.randn(2, 3, spec.input_size, spec.input_size)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), loaded(x), atol=2e-2)
+
+
+def test_open_set_threshold_is_part_of_the_version(tmp_path):
+    model = create_model("mobilenet_v3_small", 3)
+    plain = save_artifact(model, _meta(), str(tmp_path / "a")).model_version
+    meta = _meta()
+    meta.open_set = {"score": "energy", "threshold": 1.0}
+    assert save_artifact(model, meta, str(tmp_path / "b")).model_version != plain
+
+
+def test_centroids_travel_with_the_artifact_and_are_hashed(tmp_path):
+    from pipeline.artifact import CENTROIDS_FILE, load_centroids
+
+    model = create_model("mobilenet_v3_small", 3)
+    meta = _meta()
+    meta.open_set = {"score": "centroid", "threshold": 0.4}
+    centroids = torch.nn.functional.normalize(torch.randn(3, 1024), dim=1)
+    saved = save_artifact(model, meta, str(tmp_path / "m"), centroids)
+    _, loaded = load_artifact(str(tmp_path / "m"))
+    assert torch.equal(load_centroids(str(tmp_path / "m"), loaded), centroids)
+    other = save_artifact(model, _meta_with(meta), str(tmp_path / "n"), centroids.flip(0))
+    assert other.model_version != saved.model_version  # the centroids are part of the version
+    (tmp_path / "m" / CENTROIDS_FILE).write_bytes((tmp_path / "n" / CENTROIDS_FILE).read_bytes())
+    with pytest.raises(ModelError, match="corrupt or was edited"):
+        load_artifact(str(tmp_path / "m"))
+    (tmp_path / "m" / CENTROIDS_FILE).unlink()
+    with pytest.raises(ModelError, match=r"has no open_set\.safetensors"):
+        load_artifact(str(tmp_path / "m"))
+
+
+def _meta_with(meta: ModelMetadata) -> ModelMetadata:
+    copy = _meta()
+    copy.open_set = dict(meta.open_set)
+    return copy

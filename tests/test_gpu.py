@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.artifact import load_metadata
 from pipeline.decode import decode_image
 from pipeline.predict import Classifier
 
@@ -11,7 +12,8 @@ from pipeline.predict import Classifier
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_classifier_agrees_with_cpu(bundled_model, sample_images, compile):
-    images = np.stack([decode_image(p.read_bytes(), 160) for p in sample_images[:16]])
+    size = load_metadata(bundled_model).input_size
+    images = np.stack([decode_image(p.read_bytes(), size) for p in sample_images[:16]])
     cpu = Classifier(bundled_model, device="cpu").probabilities(images)
     gpu = Classifier(bundled_model, device="cuda", compile=compile).probabilities(images).cpu()
     assert torch.allclose(cpu, gpu, atol=0.05)

@@ -1,11 +1,13 @@
 import pyarrow.parquet as pq
+import pytest
 
+from pipeline.errors import ManifestError
 from pipeline.importers import make_manifest
 
 
 def test_grocery_store_counts_match_split_files(grocery_root, tmp_path):
     out = tmp_path / "m.parquet"
-    n = make_manifest(str(grocery_root), str(out))
+    n, _ = make_manifest(str(grocery_root), str(out))
     table = pq.read_table(out)
     lines = {s: sum(1 for line in (grocery_root / f"{s}.txt").read_text().splitlines() if line.strip())
              for s in ("train", "val")}
@@ -26,9 +28,30 @@ def test_class_folder_tree(tmp_path, sample_images):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(src.read_bytes())
     (tmp_path / "tree" / "train" / "README.txt").write_text("not an image")
-    n = make_manifest(str(tmp_path / "tree"), str(tmp_path / "m.parquet"))
+    n, _ = make_manifest(str(tmp_path / "tree"), str(tmp_path / "m.parquet"))
     table = pq.read_table(tmp_path / "m.parquet")
     assert n == 6
     assert sorted(set(table.column("category").to_pylist())) == sorted(
         p.parent.name for p in sample_images[:3])
     assert table.column("split").to_pylist().count("val") == 3
+
+
+def test_held_out_categories_leave_the_manifest_whole(grocery_root, tmp_path):
+    out = tmp_path / "known.parquet"
+    n, held = make_manifest(str(grocery_root), str(out), holdout_categories=10, holdout_seed=3)
+    known = pq.read_table(out)
+    holdout = pq.read_table(tmp_path / "known.holdout.parquet")
+    assert len(held) == 10 and n == known.num_rows
+    assert not set(held) & set(known.column("category").to_pylist())
+    assert set(holdout.column("category").to_pylist()) == set(held)
+    assert "val" in holdout.column("split").to_pylist()  # every held-out category can be evaluated
+    full, _ = make_manifest(str(grocery_root), str(tmp_path / "all.parquet"))
+    assert known.num_rows + holdout.num_rows == full
+    again = make_manifest(str(grocery_root), str(tmp_path / "again.parquet"), holdout_categories=10,
+                          holdout_seed=3)[1]
+    assert again == held
+
+
+def test_holding_out_too_many_categories_is_refused(grocery_root, tmp_path):
+    with pytest.raises(ManifestError, match="only 60 have val rows"):
+        make_manifest(str(grocery_root), str(tmp_path / "m.parquet"), holdout_categories=59)

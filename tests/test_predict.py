@@ -27,7 +27,8 @@ def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0",
+                                  "efficientnet_lite0"])
 def test_folding_removes_every_batch_norm_and_keeps_outputs(name):
     model = _trained_like(create_model(name, num_classes=7))
     folded = fold_batch_norms(copy.deepcopy(model))
@@ -41,8 +42,8 @@ def test_folding_removes_every_batch_norm_and_keeps_outputs(name):
 
 def test_bundled_model_predicts_the_same_on_real_photos(bundled_model, sample_images):
     batch = {"image_uri": np.array([str(p) for p in sample_images], dtype=object)}
-    images = Preprocessor(160, str(sample_images[0].parents[2]))(batch)["image"]
     model, meta = load_artifact(bundled_model)
+    images = Preprocessor(meta.input_size, str(sample_images[0].parents[2]))(batch)["image"]
     mean, std = norm_tensors(meta.mean, meta.std, "cpu")
     with torch.inference_mode():
         plain = torch.softmax(model.eval()(to_model_input(torch.from_numpy(images), mean, std)), 1)
@@ -71,3 +72,28 @@ def test_untraceable_model_runs_unfolded_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fold_batch_norms(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(bundled_model, sample_images):
+    model, meta = load_artifact(bundled_model)
+    batch = {"image_uri": np.array([str(p) for p in sample_images[:4]], dtype=object)}
+    images = Preprocessor(meta.input_size, str(sample_images[0].parents[2]))(batch)["image"]
+    mean, std = norm_tensors(meta.mean, meta.std, "cpu")
+    x = to_model_input(torch.from_numpy(images), mean, std)
+    with torch.inference_mode():
+        expected = (model(x) + model(x.flip(3))) / 2
+    got = Classifier(bundled_model, device="cpu", tta="flip").logits(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(Classifier(bundled_model, device="cpu").logits(images), got)
+    with pytest.raises(ValueError, match="valid: none, flip"):
+        Classifier(bundled_model, device="cpu", tta="five-crop")
+
+
+def test_classifier_rows_carry_an_open_set_score(bundled_model, sample_images):
+    meta_size = load_artifact(bundled_model)[1].input_size
+    uris = [str(p) for p in sample_images[:3]] + [str(sample_images[0].parent / "missing.jpg")]
+    batch = Preprocessor(meta_size, str(sample_images[0].parents[2]))(
+        {"image_uri": np.array(uris, dtype=object)})
+    out = Classifier(bundled_model, device="cpu")(batch)
+    assert out["unfamiliarity"].dtype == np.float32
+    assert np.isfinite(out["unfamiliarity"][:3]).all() and np.isnan(out["unfamiliarity"][3])

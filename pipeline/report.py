@@ -1,0 +1,423 @@
+"""The evaluation report's page: plots, thumbnails and one self-contained HTML file.
+
+Everything here renders numbers that `pipeline.evaluate` already computed; nothing is measured
+here. The page is written for a catalog team: which categories fail, what they are mistaken for
+(with pictures of the mistakes), and what can be auto-accepted. Images and plots are embedded as
+base64 so the page can be mailed or attached to a ticket as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import storage
+
+PNG_DPI = 110
+THUMBNAIL_PX = 96  # longest side of an example-mistake thumbnail: recognisable, keeps the page small
+THUMBNAIL_JPEG_QUALITY = 80
+FULL_MATRIX_FONT_SIZE = {"few": 9, "many": 5}
+FEW_CLASSES = 20  # up to this many classes the full confusion PNG uses the larger font
+CELL_SHADE_ALPHA = 0.85  # strongest background of a confusion cell (share 1.0 of its row)
+
+
+# ---- pure views of the metrics ------------------------------------------------------------
+
+def split_label(split: str | None) -> str:
+    """How the page names the evaluated rows: a split, or the whole manifest."""
+    return f"{split} split" if split else "all rows"
+
+
+def split_per_class(per_class: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Categories present in the rows (support > 0), worst F1 first; and categories only ever
+    predicted (support 0), most false positives first. A support-0 category has F1 0 by
+    definition, so mixing it into the first list would push it above the real failures."""
+    present = sorted((r for r in per_class if r["support"] > 0), key=lambda r: (r["f1"], r["category"]))
+    absent = sorted((r for r in per_class if r["support"] == 0),
+                    key=lambda r: (-r.get("false_positives", 0), r["category"]))
+    return present, absent
+
+
+@dataclass
+class CoarseGroup:
+    """The confusion among the fine categories of one coarse category.
+
+    `matrix[i, j]` counts rows given as `given[i]` and predicted as `predicted[j]` (both fine
+    categories of this group); `other[i]` counts rows of `given[i]` predicted outside the group
+    and `top_other[i]` names the most frequent of those (None when there is none). `correct`
+    counts the rows predicted as their given category."""
+
+    coarse: str
+    given: list[str]
+    predicted: list[str]
+    matrix: np.ndarray
+    other: np.ndarray
+    top_other: list[tuple[str, int] | None]
+    correct: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.matrix.sum() + self.other.sum())
+
+    @property
+    def errors(self) -> int:
+        return self.rows - self.correct
+
+
+def coarse_groups(matrix: np.ndarray, classes: list[str],
+                  coarse_classes: dict[str, str]) -> tuple[list[CoarseGroup], list[tuple[str, int]]]:
+    """Per coarse category with rows: its small confusion matrix. Returns the groups with mistakes
+    (most mistakes first) and (name, rows) of the error-free ones. Rows are the group's fine
+    categories present in the rows; columns add those only predicted (for a row of the group).
+    Classes without a coarse category are skipped."""
+    support = matrix.sum(1)
+    with_errors: list[CoarseGroup] = []
+    clean: list[tuple[str, int]] = []
+    for coarse in sorted(set(coarse_classes.values())):
+        members = [i for i, c in enumerate(classes) if coarse_classes.get(c) == coarse]
+        given = [i for i in members if support[i]]
+        if not given:
+            continue
+        predicted = [i for i in members if support[i] or matrix[given, i].any()]
+        sub = matrix[np.ix_(given, predicted)]
+        group = CoarseGroup(coarse, [classes[i] for i in given], [classes[i] for i in predicted], sub,
+                            matrix[given].sum(1) - sub.sum(1),
+                            [_top_outside(matrix[i], members, classes) for i in given],
+                            int(sum(matrix[i, i] for i in given)))
+        if group.errors:
+            with_errors.append(group)
+        else:
+            clean.append((coarse, group.rows))
+    with_errors.sort(key=lambda g: (-g.errors, g.coarse))
+    return with_errors, clean
+
+
+def _top_outside(row: np.ndarray, inside: list[int], classes: list[str]) -> tuple[str, int] | None:
+    """The most frequent prediction outside the group for one true class, with its count."""
+    outside = row.copy()
+    outside[inside] = 0
+    j = int(np.argmax(outside))
+    return (classes[j], int(outside[j])) if outside[j] else None
+
+
+# ---- images -------------------------------------------------------------------------------
+
+def thumbnail_jpeg(uri: str, base_uri: str, size: int = THUMBNAIL_PX) -> bytes | None:
+    """A small JPEG of one product image, or None when it cannot be read (a missing thumbnail
+    must not cost the whole report)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(storage.resolve(uri, base_uri)))) as im:
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, format="JPEG", quality=THUMBNAIL_JPEG_QUALITY)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return buf.getvalue()
+
+
+def pair_thumbnails(pairs: list[dict], base_uri: str) -> dict[str, bytes]:
+    """Thumbnails of the example mistakes of the confused pairs, by image_uri."""
+    uris = {e["image_uri"] for p in pairs for e in p["examples"] if e.get("image_uri")}
+    thumbs = {uri: thumbnail_jpeg(uri, base_uri) for uri in sorted(uris)}
+    return {uri: jpeg for uri, jpeg in thumbs.items() if jpeg is not None}
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PNG_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_png(matrix: np.ndarray, classes: list[str]) -> bytes:
+    """Row-normalized confusion matrix (true class per row) of the classes that occur. Written as
+    a file for completeness; with many classes its labels are too small for the page."""
+    plt = _pyplot()
+    keep = np.flatnonzero(matrix.sum(0) + matrix.sum(1))
+    m = matrix[np.ix_(keep, keep)].astype(np.float64)
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    side = max(5.0, 0.16 * len(keep) + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    names = [classes[i] for i in keep]
+    font = FULL_MATRIX_FONT_SIZE["few" if len(keep) <= FEW_CLASSES else "many"]
+    ax.set_xticks(range(len(keep)), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(len(keep)), names, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (share of each true class)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    return _png(fig)
+
+
+def reliability_png(bins: list[dict], ece: float) -> bytes:
+    plt = _pyplot()
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    width = bins[0]["high"] - bins[0]["low"]
+    filled = [b for b in bins if b["count"]]
+    ax.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+           edgecolor="black", color="#4c72b0", label="accuracy")
+    ax.bar([b["low"] for b in filled], [b["confidence"] - b["accuracy"] for b in filled],
+           bottom=[b["accuracy"] for b in filled], width=width, align="edge", color="#dd8452",
+           alpha=0.5, edgecolor="black", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    ax_n.bar([b["low"] for b in bins], [b["count"] for b in bins], width=width, align="edge",
+             color="gray", edgecolor="black")
+    ax_n.set_xlabel("confidence")
+    ax_n.set_ylabel("rows")
+    ax_n.set_xlim(0, 1)
+    return _png(fig)
+
+
+def coverage_png(curve: dict, accept: dict) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(curve["coverage"], curve["accuracy"], color="#4c72b0", label="accepted above threshold")
+    ax.axhline(accept["target_accuracy"], color="#c44e52", linestyle="--",
+               label=f"target {accept['target_accuracy']:.0%}")
+    if accept["threshold"] is not None:
+        ax.plot([accept["coverage"]], [accept["accuracy"]], "o", color="#c44e52",
+                label=f"threshold {accept['threshold']:.3f}: {accept['coverage']:.0%} covered")
+    ax.set_xlabel("coverage (share of scored products auto-accepted)")
+    ax.set_ylabel("accuracy of auto-accepted")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title("Accuracy vs coverage")
+    ax.legend(loc="lower left")
+    return _png(fig)
+
+
+# ---- HTML ---------------------------------------------------------------------------------
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _img(data: bytes, alt: str, mime: str = "image/png") -> str:
+    return f'<img alt="{_e(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else _e(value)
+
+
+def _pct(value) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else _fmt(value)
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """An HTML table; cells are already-escaped HTML."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
+
+
+def header_html(metrics: dict, model: dict, manifest: str) -> str:
+    """Title and one subtitle line: what was evaluated, by which model, on how many rows."""
+    subtitle = (f"{_e(split_label(metrics.get('split')))} of <code>{_e(manifest)}</code> &middot; "
+                f"model {_e(model['architecture'])} <code>{_e(model['version'])}</code> &middot; "
+                f"{metrics['rows']} rows")
+    return f'<h1>Model evaluation</h1><p class="subtitle">{subtitle}</p>'
+
+
+def summary_html(metrics: dict, model: dict, manifest: str) -> str:
+    accept = metrics["auto_accept"]
+    unknown = ", ".join(f"{c} ({n})" for c, n in sorted(metrics["unknown_categories"].items()))
+    summary = [("evaluated rows", split_label(metrics.get("split"))), ("manifest", manifest),
+               ("model", f"{model['architecture']} {model['version']}"),
+               ("temperature", model["temperature"]), ("rows", metrics["rows"]),
+               ("scored rows", metrics["scored_rows"]), ("error rows", metrics["error_rows"]),
+               ("rows with categories the model does not know", metrics["unknown_category_rows"]),
+               ("those categories", unknown or "none"),
+               ("accuracy", metrics["accuracy"]), ("top-5 accuracy", metrics["top5_accuracy"]),
+               ("coarse accuracy", metrics.get("coarse_accuracy")), ("macro-F1", metrics["macro_f1"]),
+               ("expected calibration error", metrics["ece"]),
+               (f"threshold for {accept['target_accuracy']:.0%} auto-accept accuracy", accept["threshold"]),
+               ("share of the catalog auto-accepted at that threshold", accept["catalog_share"])]
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in summary)
+    return f'<table class="summary">{rows}</table>'
+
+
+def per_class_html(per_class: list[dict]) -> str:
+    """Real categories worst F1 first; predicted-only categories in their own small table."""
+    present, absent = split_per_class(per_class)
+    main = _table(["category", "precision", "recall", "F1", "support"],
+                  [[_e(r["category"]), f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                    str(r["support"])] for r in present], "per-class")
+    out = f"<h2>Per category (worst F1 first)</h2>{main}"
+    if absent:
+        out += ("<h3>Predicted but absent from these rows</h3><p>The model gave these categories to "
+                "products of other categories; none of the evaluated rows belongs to them.</p>"
+                + _table(["category", "false positives"],
+                         [[_e(r["category"]), str(r.get("false_positives", "n/a"))] for r in absent],
+                         "absent"))
+    return out
+
+
+def _breakable(path_like: str) -> str:
+    """Escaped text that may wrap after each '/' (product ids are often long paths)."""
+    return "/<wbr>".join(_e(part) for part in str(path_like).split("/"))
+
+
+def _example_html(example: dict, pair: dict, thumbs: dict[str, bytes]) -> str:
+    jpeg = thumbs.get(example.get("image_uri"))
+    picture = _img(jpeg, f"product {example['product_id']}", "image/jpeg") if jpeg else \
+        '<div class="noimg">image unavailable</div>'
+    caption = (f"<b>{_breakable(example['product_id'])}</b><br>given: {_e(pair['true_category'])}<br>"
+               f"predicted: {_e(pair['predicted_category'])}<br>confidence {_fmt(example['confidence'])}")
+    return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
+
+
+def confused_pairs_html(pairs: list[dict], thumbs: dict[str, bytes]) -> str:
+    """The most frequent (true -> predicted) mistakes, each with pictures of its most confident
+    mistakes: those are where a wrong given category or a look-alike product shows first."""
+    if not pairs:
+        return "<h2>Most-confused category pairs</h2><p>No mistakes among the scored rows.</p>"
+    rows = [[f'{_e(p["true_category"])}<br>&rarr; {_e(p["predicted_category"])}', str(p["count"]),
+             _pct(p["share_of_true"]),
+             '<div class="examples">' + "".join(_example_html(e, p, thumbs) for e in p["examples"])
+             + "</div>"] for p in pairs]
+    return ("<h2>Most-confused category pairs</h2><p>Given category &rarr; predicted category, most "
+            "frequent first; share = of the given category's scored rows. Examples: the most "
+            "confident mistakes.</p>"
+            + _table(["given (true) &rarr; predicted", "rows", "share", "examples"], rows, "pairs"))
+
+
+def _cell(count: int, row_total: int, diagonal: bool) -> str:
+    """A confusion cell shaded by its share of the row: green on the diagonal, red elsewhere."""
+    if not count:
+        return '<td class="n"></td>'
+    share = count / max(row_total, 1)
+    rgb = "46,160,67" if diagonal else "214,39,40"
+    return (f'<td class="n" style="background:rgba({rgb},{CELL_SHADE_ALPHA * share:.2f})" '
+            f'title="{share:.0%} of the row">{count}</td>')
+
+
+def coarse_group_html(group: CoarseGroup) -> str:
+    """One coarse category: rows = given fine category, columns = predicted fine category of
+    the same group, then 'other' (predicted outside the group) and its most frequent target."""
+    head = "".join(f'<th class="v"><span>{_e(c)}</span></th>' for c in group.predicted)
+    body = ""
+    for i, name in enumerate(group.given):
+        total = int(group.matrix[i].sum() + group.other[i])
+        cells = "".join(_cell(int(group.matrix[i, j]), total, name == column)
+                        for j, column in enumerate(group.predicted))
+        body += (f'<tr><th>{_e(name)}</th><td class="n">{total}</td>{cells}'
+                 f"{_cell(int(group.other[i]), total, False)}<td>{_top_other(group.top_other[i])}</td></tr>")
+    return (f"<h3>{_e(group.coarse)} &mdash; {group.errors} of {group.rows} rows wrong</h3>"
+            f'<table class="cm"><tr><th>given \\ predicted</th><th>rows</th>{head}<th>other</th>'
+            f"<th>most frequent other</th></tr>{body}</table>")
+
+
+def _top_other(top: tuple[str, int] | None) -> str:
+    return _e(f"{top[0]} ({top[1]})") if top else ""
+
+
+def single_class_groups_html(groups: list[CoarseGroup]) -> str:
+    """Coarse categories with one fine category: every mistake leaves the group, so a matrix
+    would be a single cell; one table row each says the same."""
+    rows = [[_e(g.given[0]), str(g.rows), str(g.errors), _top_other(g.top_other[0])] for g in groups]
+    return ("<h3>Coarse categories with one fine category</h3>"
+            + _table(["category", "rows", "wrong", "most frequent wrong prediction"], rows, "single"))
+
+
+def coarse_html(groups: list[CoarseGroup], clean: list[tuple[str, int]]) -> str:
+    """Small confusion matrices for coarse categories with several fine categories and
+    mistakes, one table for single-category ones, one line for those without mistakes."""
+    if not groups and not clean:
+        return ("<h2>Confusion within coarse categories</h2><p>The model has no coarse categories."
+                "</p>")
+    several = [g for g in groups if len(g.predicted) > 1]
+    single = [g for g in groups if len(g.predicted) == 1]
+    clean_line = ", ".join(f"{_e(name)} ({rows})" for name, rows in clean) or "none"
+    return ("<h2>Confusion within coarse categories</h2><p>For each coarse category with mistakes: "
+            "its fine categories (rows: given, columns: predicted), 'other' for predictions "
+            "outside the coarse category. Cells are counts, shaded by share of the row.</p>"
+            + "".join(coarse_group_html(g) for g in several)
+            + (single_class_groups_html(single) if single else "")
+            + f"<p><b>Coarse categories without mistakes</b> (rows): {clean_line}</p>")
+
+
+OPEN_SET_FIELDS = [  # key, label, formatter
+    ("score", "unfamiliarity score", _fmt),
+    ("auroc", "AUROC, familiar vs unfamiliar products", _fmt),
+    ("baseline", "baseline score", _fmt),
+    ("baseline_auroc", "baseline AUROC", _fmt),
+    ("known_rows", "familiar rows (categories the model knows)", _fmt),
+    ("unknown_rows", "unfamiliar rows (categories it does not)", _fmt),
+    ("threshold", "flagging threshold", _fmt),
+    ("flagged_unknown_share", "unfamiliar products flagged", _pct),
+    ("flagged_known_share", "familiar products flagged (false alarms)", _pct),
+]
+
+
+def open_set_html(open_set) -> str:
+    """Whether the model can tell products of categories it never learned; every value may be
+    missing or None (the measurement is optional and made elsewhere)."""
+    title = "<h2>Unfamiliar products (open-set)</h2>"
+    if not isinstance(open_set, dict) or not open_set:
+        return title + '<p class="note">Not measured in this run.</p>'
+    known = {k for k, _, _ in OPEN_SET_FIELDS}
+    rows = [(label, fmt(open_set.get(key))) for key, label, fmt in OPEN_SET_FIELDS if key in open_set]
+    rows += [(key, _fmt(value)) for key, value in sorted(open_set.items()) if key not in known]
+    body = "".join(f"<tr><th>{_e(label)}</th><td>{value}</td></tr>" for label, value in rows)
+    return (title + "<p>AUROC: chance that an unfamiliar product scores as more unfamiliar than a "
+            "familiar one (0.5 = chance, 1.0 = perfect).</p>" + f'<table class="summary">{body}</table>')
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1150px;color:#222}
+h1{margin-bottom:0}.subtitle{margin-top:.3em;color:#555;font-size:1.1em}
+table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+table.summary th{font-weight:normal;background:#f6f6f6}img{max-width:100%}
+td.n{text-align:right;min-width:2.2em}table.cm th{vertical-align:bottom}
+th.v{padding:4px 2px}th.v span{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap}
+table.pairs td{vertical-align:top}.examples{display:flex;gap:8px}
+figure{margin:0;width:150px;font-size:11px;line-height:1.3}figure img{display:block;margin-bottom:2px}
+figcaption{overflow-wrap:anywhere}.noimg{width:96px;height:72px;background:#eee;color:#888;font-size:11px}
+.plots{display:flex;gap:1em;align-items:flex-start}.plots img{max-width:49%}.note{color:#555}"""
+
+
+def report_html(metrics: dict, model: dict, manifest: str, pngs: dict[str, bytes],
+                groups: tuple[list[CoarseGroup], list[tuple[str, int]]],
+                thumbs: dict[str, bytes]) -> str:
+    """One self-contained HTML page (plots and thumbnails embedded)."""
+    pairs = metrics.get("confused_pairs", [])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Model evaluation: {_e(split_label(metrics.get("split")))}</title>
+<style>{STYLE}</style></head>
+<body>{header_html(metrics, model, manifest)}
+{summary_html(metrics, model, manifest)}
+<h2>Accuracy vs coverage, calibration</h2>
+<p>Predictions with confidence at or above the threshold are accepted without review.</p>
+<div class="plots">{_img(pngs["coverage"], "accuracy-coverage curve")}
+{_img(pngs["reliability"], "reliability diagram")}</div>
+{confused_pairs_html(pairs, thumbs)}
+{coarse_html(*groups)}
+{per_class_html(metrics["per_class"])}
+{open_set_html(metrics.get("open_set"))}
+<p class="note">Full confusion matrix: confusion_matrix.csv next to this page.</p>
+</body></html>
+"""
