@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from pipeline.artifact import load_metadata
+from pipeline.artifact import load_artifact, load_metadata
 from pipeline.config import EvaluateConfig, RecategorizeConfig
 from pipeline.decode import decode_image
 from pipeline.errors import ConfigError
@@ -34,6 +34,7 @@ from pipeline.evaluate import (
     write_report,
 )
 from pipeline.importers import grocery_store_rows
+from pipeline.models import get_spec
 from pipeline.predict import Classifier
 from pipeline.report import THUMBNAIL_PX, coarse_groups, open_set_html, split_per_class
 from tests.test_training_recipe import small_training_manifest
@@ -324,7 +325,9 @@ def test_feature_route_exports_logistic_regression_as_a_linear_head(ray_local, g
     cfg = EmbedConfig(manifest=str(manifest), output=str(tmp_path / "feat"), backbone=bundled_model,
                       calibrate=False, num_cpus=2)
     summary = run(cfg)
-    assert summary["train_rows"] == 36 and summary["val_rows"] == 12 and summary["feature_dim"] == 1024
+    backbone, backbone_meta = load_artifact(bundled_model)
+    dim = backbone.get_submodule(get_spec(backbone_meta.architecture).head).in_features
+    assert summary["train_rows"] == 36 and summary["val_rows"] == 12 and summary["feature_dim"] == dim
     assert 0 <= summary["val_accuracy"] <= 1 and 0 <= summary["knn_val_accuracy"] <= 1
 
     rows = [r for r in pq.read_table(manifest).to_pylist() if r["split"] == "train"]

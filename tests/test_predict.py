@@ -46,7 +46,8 @@ def test_bundled_model_predicts_the_same_on_real_photos(bundled_model, sample_im
     images = Preprocessor(meta.input_size, str(sample_images[0].parents[2]))(batch)["image"]
     mean, std = norm_tensors(meta.mean, meta.std, "cpu")
     with torch.inference_mode():
-        plain = torch.softmax(model.eval()(to_model_input(torch.from_numpy(images), mean, std)), 1)
+        logits = model.eval()(to_model_input(torch.from_numpy(images), mean, std))
+        plain = torch.softmax(logits / meta.temperature, 1)
     folded = Classifier(bundled_model, device="cpu").probabilities(images)
     assert torch.equal(plain.argmax(1), folded.argmax(1))
     torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5)

@@ -41,7 +41,8 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
     rows = {r["product_id"]: r for r in table.to_pylist()}
     assert set(rows) == set(pq.read_table(manifest).column("product_id").to_pylist())
 
-    classes = set(load_metadata(bundled_model).classes)
+    meta = load_metadata(bundled_model)
+    classes, unfamiliar_above = set(meta.classes), meta.open_set["threshold"]
     for pid, row in rows.items():
         if pid in expected:
             assert row["status"] == "error" and row["error_type"] == expected[pid]
@@ -56,7 +57,8 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
         assert row["top_k"][0] == {"category": row["predicted_category"],
                                    "score": row["confidence"]}
         assert row["category_changed"] == (row["predicted_category"] != row["current_category"])
-        assert row["needs_review"] == (row["confidence"] < cfg.review_threshold)
+        assert row["needs_review"] == (row["confidence"] < cfg.review_threshold
+                                       or row["unfamiliarity"] > unfamiliar_above)
         assert row["run_id"] == summary["run_id"]
         assert row["model_version"] == load_metadata(bundled_model).model_version
 

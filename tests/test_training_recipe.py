@@ -423,7 +423,9 @@ def test_linear_probe_from_our_artifact_with_early_stopping(ray_local, small_man
                                                             bundled_model):
     from pipeline.train import run
 
+    parent_architecture = load_artifact(bundled_model)[1].architecture
     summary = run(_cfg(small_manifest, tmp_path / "probe", weights=bundled_model, train_stages=0,
+                       model_name=parent_architecture,
                        epochs=4, early_stopping_patience=1, early_stopping_min_delta=1.0,
                        checkpoint_path=str(tmp_path / "ckpts")))
     assert summary["early_stopped"] and summary["epochs_run"] == 2
