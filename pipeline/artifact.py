@@ -205,3 +205,13 @@ def transfer_from_artifact(uri: str, classes: list[str]) -> tuple[nn.Module, dic
                 new_head.weight[i] = old_head.weight[parent_row]
                 new_head.bias[i] = old_head.bias[parent_row]
     return model.train(), start
+
+
+def weights_provenance(start: dict[str, Any]) -> dict[str, Any]:
+    """The starting weights' origin for an artifact, from a start record (describe_weights or
+    artifact_start_record): a pinned package's name, version, checksum and licence, without the
+    local install path; a parent artifact's provenance is inherited."""
+    if start.get("kind") == "artifact":
+        return {"parent_model_version": start["model_version"],
+                **load_metadata(start["uri"]).provenance}
+    return {k: v for k, v in start.items() if k != "weights" or start.get("kind") != "package"}

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from pipeline import openset, storage
-from pipeline.artifact import ModelMetadata, is_artifact, load_artifact, load_metadata, save_artifact
+from pipeline.artifact import (
+    ModelMetadata,
+    is_artifact,
+    load_artifact,
+    load_metadata,
+    save_artifact,
+    weights_provenance,
+)
 from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.config import EmbedConfig, TrainConfig
 from pipeline.errors import TrainingError
@@ -38,12 +45,13 @@ def load_backbone(cfg: EmbedConfig) -> tuple[nn.Module, str, int, list[float], l
 
 
 def backbone_provenance(cfg: EmbedConfig) -> dict:
-    """Where the backbone's weights came from (see pipeline.train.provenance)."""
+    """Where the backbone's weights came from (artifact.weights_provenance)."""
     if cfg.backbone and is_artifact(cfg.backbone):
-        parent = load_metadata(cfg.backbone)
-        return {"parent_model_version": parent.model_version, **parent.provenance}
-    found = describe_weights(cfg.model_name, cfg.backbone)
-    return {k: v for k, v in found.items() if k != "weights" or found.get("kind") != "package"}
+        start = {"kind": "artifact", "uri": cfg.backbone,
+                 "model_version": load_metadata(cfg.backbone).model_version}
+    else:
+        start = describe_weights(cfg.model_name, cfg.backbone)
+    return weights_provenance(start)
 
 
 class Embedder:

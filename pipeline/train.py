@@ -31,6 +31,7 @@ from pipeline.artifact import (
     load_metadata,
     save_artifact,
     transfer_from_artifact,
+    weights_provenance,
 )
 from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.catalog import open_dataset, validate_manifest
@@ -385,15 +386,6 @@ def start_record(cfg: TrainConfig, classes: list[str]) -> dict:
     return describe_weights(cfg.model_name, cfg.weights)
 
 
-def provenance(start: dict) -> dict:
-    """The starting weights' origin for the artifact: a pinned package's name, version,
-    checksum and licence; a parent artifact's provenance is inherited."""
-    if start.get("kind") == "artifact":
-        return {"parent_model_version": start["model_version"],
-                **load_metadata(start["uri"]).provenance}
-    return {k: v for k, v in start.items() if k != "weights" or start.get("kind") != "package"}
-
-
 def build_model(cfg: TrainConfig, classes: list[str], num_coarse: int) -> nn.Module:
     """The starting model for `classes` (see TrainConfig.weights) with its freezing policy
     applied, wrapped with a coarse head when asked."""
@@ -688,7 +680,7 @@ def run(cfg: TrainConfig) -> dict:
     meta = ModelMetadata(architecture=cfg.model_name, classes=data.classes,
                          input_size=cfg.input_size, mean=list(spec.mean), std=list(spec.std),
                          temperature=temperature, coarse_classes=data.coarse_classes,
-                         training=summary, provenance=provenance(start_info),
+                         training=summary, provenance=weights_provenance(start_info),
                          weights_dtype=cfg.weights_dtype, open_set=open_set)
     meta = save_artifact(model, meta, storage.join(output, "model"), centroids)
     summary["model"] = storage.join(output, "model")
