@@ -14,11 +14,9 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pyarrow as pa
 import ray
@@ -27,26 +25,16 @@ import torch
 from pipeline import errors
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.outputs import OutputFormatter
 from pipeline.predict import Classifier
-from pipeline.preprocess import Preprocessor
+from pipeline.sinks.rows import OutputFormatter
 
-# Each decode task takes this much of --decode-resource; a node advertising N of it runs at
-# most 100*N decode tasks at once, so in practice its CPUs stay the limit.
-DECODE_RESOURCE_PER_TASK = 0.01
 GPU_POLL_S = 5.0
-# Calls an inference actor runs at once when it decodes its own input: measured on 2 cores
-# (348 px catalog, 3,000 rows), 499 images/s one call at a time (decode on 2 threads, then the
-# model on 2) vs 677 with two calls, one decoding while the other is in the model; three calls
-# were no better.
-CALLS_IN_FLIGHT = 2
 ACTOR_ERROR_LINE = re.compile(r"^pipeline\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
 # Ray's workers (reads, repartitions, writes) allocate many small Arrow buffers; Arrow's default
-# jemalloc pool kept their high-water mark, so peak memory grew with the catalog (10k -> 100k
-# rows: +51% over the job's idle footprint with jemalloc, +16% with the system allocator;
-# BENCHMARKS.md). cluster.yaml sets the same variable on every node.
+# jemalloc pool kept their high-water mark, so peak memory grew with the catalog (BENCHMARKS.md,
+# "Memory"). cluster.yaml sets the same variable on every node.
 WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
@@ -65,13 +53,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
-
-
-def actor_pool_bounds(cfg: RecategorizeConfig) -> tuple[int, int]:
-    """(min, max) inference actors: a fixed --num-actors pool unless --min/--max-actors are set."""
-    if cfg.min_actors is not None and cfg.max_actors is not None:
-        return cfg.min_actors, cfg.max_actors
-    return cfg.num_actors, cfg.num_actors
 
 
 def wait_for_gpus(needed: float, timeout_s: float) -> float:
@@ -97,7 +78,7 @@ def wait_for_gpus(needed: float, timeout_s: float) -> float:
 def resolve_inference_device(cfg: RecategorizeConfig) -> str:
     """'cuda' or 'cpu' for the inference actors, decided on the driver from cluster resources."""
     gpus = cluster_gpus()
-    low, _ = actor_pool_bounds(cfg)
+    low = cfg.min_actors if cfg.min_actors is not None else cfg.num_actors
     needed = low * cfg.gpus_per_actor
     if cfg.device == "cuda" and gpus < needed and cfg.gpu_wait_s > 0:
         gpus = wait_for_gpus(needed, cfg.gpu_wait_s)
@@ -107,57 +88,6 @@ def resolve_inference_device(cfg: RecategorizeConfig) -> str:
             f"--device cuda was requested but the Ray cluster has no GPUs{waited}; on an "
             "autoscaling cluster pass --gpu-wait-s so the job asks for GPU nodes first")
     return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
-
-
-def decode_in_actor(cfg: RecategorizeConfig, device: str) -> bool:
-    """Whether fetch/decode runs inside the inference actors instead of in separate CPU tasks.
-
-    With a GPU, decode tasks scale out over cheap CPU nodes and keep the GPU fed. Without one,
-    the model and the decoders share the same cores anyway: decoding inside the actor on a
-    thread pool is the plain PyTorch loop's structure, and it skips the object-store hop of
-    decoded images and Ray Data's split of the CPU budget between two operators, which left
-    decode tasks at an average concurrency of 0.6 on 2 cores (BENCHMARKS.md).
-    """
-    if cfg.decode_in == "auto":
-        return device == "cpu"
-    return cfg.decode_in == "actor"
-
-
-def decode_task_cpus(cfg: RecategorizeConfig, device: str) -> float:
-    """CPUs each decode task reserves. With a GPU, a decode task owns a core. With inference on
-    the CPU, the model actor's threads and the decoders share the cores: half-CPU decode tasks put
-    two decoders beside the actor on each core it does not reserve, so no core waits idle while
-    Ray holds a whole CPU for a task that is blocked on its input."""
-    if cfg.decode_task_cpus is not None:
-        return cfg.decode_task_cpus
-    return 1.0 if device == "cuda" else 0.5
-
-
-def decode_placement(cfg: RecategorizeConfig, memory: int, device: str) -> dict[str, Any]:
-    """Ray Data arguments for the fetch/decode stage: CPU only, optionally pinned and capped."""
-    import ray.data
-
-    args: dict[str, Any] = {"num_cpus": decode_task_cpus(cfg, device), "memory": memory}
-    if cfg.decode_resource:
-        args["resources"] = {cfg.decode_resource: DECODE_RESOURCE_PER_TASK}
-    if cfg.decode_cpus_per_actor:
-        _, high = actor_pool_bounds(cfg)
-        args["compute"] = ray.data.TaskPoolStrategy(size=cfg.decode_cpus_per_actor * high)
-    return args
-
-
-def inference_placement(cfg: RecategorizeConfig, device: str, decodes: bool = False) -> dict[str, Any]:
-    """Ray Data arguments for the inference stage: an actor pool, a GPU each on cuda. An actor
-    that `decodes` its own input runs CALLS_IN_FLIGHT calls at once (see InferenceActor)."""
-    import ray.data
-
-    low, high = actor_pool_bounds(cfg)
-    calls = {"max_concurrent_calls_per_actor": CALLS_IN_FLIGHT,
-             "enable_true_multi_threading": True} if decodes else {}
-    pool = (ray.data.ActorPoolStrategy(size=low, **calls) if low == high
-            else ray.data.ActorPoolStrategy(min_size=low, max_size=high, **calls))
-    return {"compute": pool, "num_cpus": cfg.cpus_per_actor,
-            "num_gpus": cfg.gpus_per_actor if device == "cuda" else 0}
 
 
 def actor_device(requested: str, allow_cpu_fallback: bool) -> str:
@@ -182,34 +112,22 @@ def actor_device(requested: str, allow_cpu_fallback: bool) -> str:
 
 
 class InferenceActor(Classifier):
-    """The Classifier as the actor pool runs it: the device is checked on the actor's node, and
-    predictions leave the actor already in the output schema (one stage and one object-store
-    hop fewer than a separate formatting stage).
-
-    With `preprocess`, the actor also fetches and decodes its own batches: the CPU-only layout,
-    where separate decode tasks would only add an object-store hop and a share of the
-    scheduler's CPU budget (see `decode_in_actor`). Ray Data then runs CALLS_IN_FLIGHT calls at
-    once, so one batch decodes while another is in the model; the model itself runs one batch at
-    a time, on all its threads."""
+    """The Classifier as the nightly job's actor pool runs it: the device is checked on the
+    actor's node, and predictions leave the actor already in the output schema (one stage and
+    one object-store hop fewer than a separate formatting stage)."""
 
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
                  allow_cpu_fallback: bool = False, run_id: str = "", review_threshold: float = 0.5,
-                 preprocess: Preprocessor | None = None, tta: str = "none"):
+                 tta: str = "none"):
         super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
                          precision, compile, tta)
-        self.preprocess = preprocess
-        self.model_lock = threading.Lock()
         self.format = OutputFormatter(self.meta.classes, self.meta.architecture,
                                       self.meta.model_version, run_id, review_threshold,
                                       self.meta.open_set.get("threshold"))
 
     def __call__(self, batch: dict) -> pa.Table:  # type: ignore[override]
-        if self.preprocess is not None:
-            batch = self.preprocess(batch)
-        with self.model_lock:
-            predicted = super().__call__(batch)
-        return self.format(predicted)
+        return self.format(super().__call__(batch))
 
 
 def _error_in_actor_text(text: str) -> PipelineError | None:

@@ -45,7 +45,53 @@ class JobConfig(BaseModel):
         storage.write_text(uri, self.to_yaml())
 
 
-class RecategorizeConfig(JobConfig):
+class ImageAccessOptions(BaseModel):
+    """How every job that reads images fetches them: the URI policy, the limits, the retries
+    (the scoring engine applies them the same way for each job)."""
+
+    max_image_bytes: int = Field(
+        50_000_000, ge=1, description="Images larger than this many bytes become too_large errors."
+    )
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="Images with more pixels than this become too_large errors."
+    )
+    allowed_uri_schemes: str = Field(
+        "file,s3,gs,https",
+        description="Comma-separated schemes an image_uri may use ('file' covers plain local "
+        "paths; add 'http' only for trusted sources). Others become fetch_failed error rows.",
+    )
+    allowed_uri_prefixes: str = Field(
+        "",
+        description="Comma-separated prefixes every image_uri must start with once resolved "
+        "(local folders or URIs, e.g. s3://vendor-images/,/mnt/images). Default: local images only "
+        "inside the manifest's folder; any s3/gs/https location.",
+    )
+    allowed_networks: str = Field(
+        "",
+        description="Comma-separated CIDRs that https image fetches may reach although they are "
+        "private, loopback or link-local (e.g. 10.20.0.0/16). Default: public addresses only.",
+    )
+    fetch_timeout_s: float = Field(
+        20.0, gt=0, description="Seconds an http(s) image fetch may wait for the server per try."
+    )
+    fetch_retries: int = Field(
+        3, ge=0, description="Retries (exponential backoff) of an image fetch after a timeout or "
+        "transient error before the row becomes fetch_timeout / fetch_failed.",
+    )
+
+class LabelledImagesOptions(ImageAccessOptions):
+    """Jobs that read a labelled dataset through a manifest made by jobs.make_manifest, which
+    names the dataset's images where they lie rather than next to the manifest."""
+
+    dataset_root: str | None = Field(
+        GROCERY_DATASET,
+        description="Local folder of labelled images this job may read besides the manifest's "
+        "own folder, when --allowed-uri-prefixes is not given. Default: the Grocery Store "
+        "dataset that the default manifest is made from.",
+    )
+
+
+class RecategorizeConfig(ImageAccessOptions, JobConfig):
     manifest: str = Field(
         SAMPLE_MANIFEST,
         description="Catalog manifest: Parquet file or folder, local path or URI (s3://...).",
@@ -96,12 +142,6 @@ class RecategorizeConfig(JobConfig):
         "none", description="Test-time augmentation: flip averages each image with its mirror "
         "image (twice the model cost).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
-    max_image_bytes: int = Field(
-        50_000_000, ge=1, description="Images larger than this many bytes become too_large errors."
-    )
-    max_image_pixels: int = Field(
-        100_000_000, ge=1, description="Images with more pixels than this become too_large errors."
-    )
     run_id: str | None = Field(None, description="Run identifier. Default: UTC time + random suffix.")
     overwrite: bool = Field(
         False, description="Replace a completed run already in the output folder."
@@ -154,33 +194,26 @@ class RecategorizeConfig(JobConfig):
         description="With --device cuda on an autoscaling cluster: ask the autoscaler for the "
         "pool's GPUs before starting and wait up to this many seconds for them. 0: no wait.",
     )
-    allowed_uri_schemes: str = Field(
-        "file,s3,gs,https",
-        description="Comma-separated schemes an image_uri may use ('file' covers plain local "
-        "paths; add 'http' only for trusted sources). Others become fetch_failed error rows.",
-    )
-    allowed_uri_prefixes: str = Field(
-        "",
-        description="Comma-separated prefixes every image_uri must start with once resolved "
-        "(local folders or URIs, e.g. s3://vendor-images/,/mnt/images). Default: local images only "
-        "inside the manifest's folder; any s3/gs/https location.",
-    )
-    allowed_networks: str = Field(
-        "",
-        description="Comma-separated CIDRs that https image fetches may reach although they are "
-        "private, loopback or link-local (e.g. 10.20.0.0/16). Default: public addresses only.",
-    )
-    partition_rows: int = Field(
+    chunk_rows: int = Field(
         100_000, ge=1,
-        description="Rows per resumable partition: finished partitions are kept in staging, so a "
-        "killed run restarted with the same arguments redoes only the partition in flight.",
+        description="Rows per resumable chunk: the run writes each chunk's rows straight into its "
+        "folder, so a killed run restarted with the same arguments redoes only the chunks in "
+        "flight.",
     )
-    fetch_timeout_s: float = Field(
-        20.0, gt=0, description="Seconds an http(s) image fetch may wait for the server per try."
+    full: bool = Field(
+        False,
+        description="Score every product, even where the output's committed run could carry it "
+        "forward (same model, same options, same image).",
     )
-    fetch_retries: int = Field(
-        3, ge=0, description="Retries (exponential backoff) of an image fetch after a timeout or "
-        "transient error before the row becomes fetch_timeout / fetch_failed.",
+    iceberg_table: str | None = Field(
+        None,
+        description="Also commit the night to this Iceberg table (NAMESPACE.TABLE): one snapshot "
+        "per night holding exactly the night's products. Needs --iceberg-catalog.",
+    )
+    iceberg_catalog: str | None = Field(
+        None,
+        description="pyiceberg catalog properties KEY=VALUE,... as load_catalog takes them, e.g. "
+        "type=sql,uri=sqlite:////abs/cat.db,warehouse=file:///abs/warehouse.",
     )
     max_worker_retries: int = Field(
         5, ge=0,
@@ -194,10 +227,12 @@ class RecategorizeConfig(JobConfig):
             raise ValueError("--min-actors and --max-actors must be set together")
         if self.min_actors is not None and self.min_actors > self.max_actors:
             raise ValueError(f"--min-actors {self.min_actors} is above --max-actors {self.max_actors}")
+        if (self.iceberg_table is None) != (self.iceberg_catalog is None):
+            raise ValueError("--iceberg-table and --iceberg-catalog must be set together")
         return self
 
 
-class TrainConfig(JobConfig):
+class TrainConfig(LabelledImagesOptions, JobConfig):
     manifest: str = Field(
         "manifests/grocery.parquet",
         description="Training manifest (product_id, image_uri, category, optional "
@@ -342,7 +377,7 @@ class TrainConfig(JobConfig):
     )
 
 
-class EvaluateConfig(JobConfig):
+class EvaluateConfig(LabelledImagesOptions, JobConfig):
     manifest: str = Field(
         "manifests/grocery.parquet",
         description="Labelled manifest (product_id, image_uri, category; optional split).",
@@ -369,7 +404,7 @@ class EvaluateConfig(JobConfig):
         "none", description="Test-time augmentation, as the nightly job's --tta.")
 
 
-class EmbedConfig(JobConfig):
+class EmbedConfig(LabelledImagesOptions, JobConfig):
     manifest: str = Field(
         "manifests/grocery.parquet",
         description="Training manifest (as for jobs.train); its val split (or a stratified share) "

@@ -91,21 +91,13 @@ def _set_identity_head(model: nn.Module, arch: str) -> None:
 
 def embed(cfg: EmbedConfig, table: pa.Table, base_uri: str, input_size: int) -> dict[str, np.ndarray]:
     """Features, labels and split of every readable row (unreadable rows are counted)."""
-    import ray.data
-
+    from pipeline import engine
     from pipeline.cluster import init_ray
-    from pipeline.preprocess import Preprocessor
-    from pipeline.recategorize import DECODE_TASK_MEMORY
-    from pipeline.train import row_blocks
 
     init_ray(cfg.ray_address, cfg.num_cpus)
-    ds = ray.data.from_arrow(row_blocks(table)).map_batches(
-        Preprocessor(input_size, base_uri), batch_size=32, batch_format="numpy",
-        num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused: decode runs in parallel tasks
-    ds = ds.map_batches(
-        Embedder, fn_constructor_kwargs={"cfg": cfg.model_dump(), "num_threads": 1},
-        batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=1)
+    images = engine.ImageSettings.from_config(cfg, input_size, base_uri)
+    ds = engine.scored(engine.table_dataset(table), images, engine.Placement.from_config(cfg, "cpu"),
+                       Embedder, {"cfg": cfg.model_dump()})
     parts = list(ds.select_columns(["label", "is_val", "status", "features"])
                  .iter_batches(batch_format="numpy", batch_size=None))
     ok = np.concatenate([p["status"] for p in parts]) == "ok"

@@ -65,28 +65,19 @@ def labelled_rows(cfg: EvaluateConfig) -> tuple[pa.Table, str]:
 
 
 def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str]) -> Scored:
-    """Run preprocess + Classifier over the rows on Ray Data; collect top-k on the driver."""
-    import ray.data
-
+    """Score the rows with the scoring engine (the nightly job's URI policy, fetch limits and
+    placement); collect top-k on the driver."""
+    from pipeline import engine
     from pipeline.cluster import init_ray
     from pipeline.predict import Classifier
-    from pipeline.preprocess import Preprocessor
-    from pipeline.recategorize import DECODE_TASK_MEMORY
-    from pipeline.train import row_blocks
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     meta = load_metadata(cfg.model)
-    ds = ray.data.from_arrow(row_blocks(table)).map_batches(
-        Preprocessor(meta.input_size, base_uri), batch_size=32, batch_format="numpy",
-        num_cpus=1, memory=DECODE_TASK_MEMORY)  # unfused: decode runs in parallel tasks
-    ds = ds.map_batches(
-        Classifier, fn_constructor_kwargs={"model_uri": storage.normalize(cfg.model),
-                                           "device": cfg.device, "top_k": TOP_K,
-                                           "num_threads": max(1, int(cfg.cpus_per_actor)),
-                                           "tta": cfg.tta},
-        batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.cpus_per_actor,
-        num_gpus=1 if cfg.device == "cuda" else 0)
+    images = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri)
+    ds = engine.scored(engine.table_dataset(table), images,
+                       engine.Placement.from_config(cfg, cfg.device), Classifier,
+                       {"model_uri": storage.normalize(cfg.model), "device": cfg.device,
+                        "top_k": TOP_K, "tta": cfg.tta})
     columns = ["product_id", "image_uri", "category", "status", "top_k_index", "top_k_scores",
                "unfamiliarity"]
     parts = list(ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None))

@@ -144,3 +144,26 @@ def fetch_bytes(uri: str, max_bytes: int, retries: int = RETRIES, policy: UriPol
                 ) from exc
         time.sleep(BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def image_signal(uri: str, policy: UriPolicy | None = None) -> str | None:
+    """A cheap change signal of the image at `uri` without reading it: the object store's ETag
+    (or size and modification time), a local file's size and modification time. None when the
+    store gives none (http(s)), the URI is refused or the image is unreadable: such a row is
+    always re-scored, never carried forward on a guess."""
+    try:
+        (policy or UriPolicy()).check_uri(uri)
+        if scheme_of(uri) in ("http", "https"):
+            return None
+        if storage.is_local(uri):
+            st = os.stat(storage.local_path(uri))
+            return f"stat:{st.st_size}:{st.st_mtime_ns}"
+        fs, path = storage.filesystem(uri)
+        info = fs.info(path)
+    except (ImageError, OSError, ValueError):
+        return None
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    modified = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    return f"stat:{info.get('size')}:{modified}" if modified is not None else None

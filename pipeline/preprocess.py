@@ -3,10 +3,12 @@
 A batch in, the same rows out (never fewer): failed rows keep a zero image and status='error'
 so they flow through inference untouched and reach the output.
 
+A batch without an `image_version` column gets one: the image's change signal from the store
+(`fetch.image_signal`, taken before the read), which the next incremental night compares.
+
 With `threads` > 1 the images of a batch are fetched and decoded on a thread pool: Pillow
-releases the GIL while it decodes and resizes, so threads scale over cores (measured: 1,195 ->
-2,155 images/s from 1 to 2 threads on 2 cores at 348 px). That is what lets the inference actor
-decode its own input on CPU-only nodes.
+releases the GIL while it decodes and resizes, so threads scale over cores (BENCHMARKS.md has the
+measurement). That is what lets the inference actor decode its own input on CPU-only nodes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.decode import decode_image
 from pipeline.errors import ImageError
-from pipeline.fetch import RETRIES, TIMEOUT_S, fetch_bytes
+from pipeline.fetch import RETRIES, TIMEOUT_S, fetch_bytes, image_signal
 from pipeline.security import UriPolicy
 
 REMOTE_FETCH_THREADS = 16
@@ -39,17 +41,20 @@ class Preprocessor:
         self.fetch_timeout_s = fetch_timeout_s
         self.fetch_retries = fetch_retries
 
-    def _load(self, uri: str | None) -> np.ndarray:
+    def _load(self, uri: str | None, signal: bool) -> tuple[np.ndarray, str | None]:
         if not uri:
             raise ImageError("fetch_not_found", "image_uri is empty")
-        data = fetch_bytes(storage.resolve(uri, self.base_uri), self.max_bytes,
-                           retries=self.fetch_retries, policy=self.policy, timeout=self.fetch_timeout_s)
-        return decode_image(data, self.size, self.max_pixels)
+        resolved = storage.resolve(uri, self.base_uri)
+        version = image_signal(resolved, self.policy) if signal else None
+        data = fetch_bytes(resolved, self.max_bytes, retries=self.fetch_retries,
+                           policy=self.policy, timeout=self.fetch_timeout_s)
+        return decode_image(data, self.size, self.max_pixels), version
 
-    def _fetch_all(self, uris: np.ndarray) -> list[np.ndarray | ImageError]:
+    def _fetch_all(self, uris: np.ndarray, signal: bool
+                   ) -> list[tuple[np.ndarray, str | None] | ImageError]:
         def one(uri):
             try:
-                return self._load(uri)
+                return self._load(uri, signal)
             except ImageError as exc:
                 return exc
 
@@ -69,10 +74,13 @@ class Preprocessor:
         status = np.full(n, "ok", dtype=object)
         error_type = np.full(n, None, dtype=object)
         error_message = np.full(n, None, dtype=object)
-        for i, result in enumerate(self._fetch_all(uris)):
+        signal = "image_version" not in batch
+        versions = np.full(n, None, dtype=object)
+        for i, result in enumerate(self._fetch_all(uris, signal)):
             if isinstance(result, ImageError):
                 status[i], error_type[i], error_message[i] = "error", result.error_type, result.message
             else:
-                images[i] = result
-        return {**batch, "image": images, "status": status, "error_type": error_type,
+                images[i], versions[i] = result
+        extra = {"image_version": versions} if signal else {}
+        return {**batch, **extra, "image": images, "status": status, "error_type": error_type,
                 "error_message": error_message}

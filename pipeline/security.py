@@ -92,14 +92,16 @@ class UriPolicy:
         object.__setattr__(self, "_networks", _parse_networks(self.allowed_networks))
 
     @classmethod
-    def from_options(cls, schemes: str, prefixes: str, networks: str, local_root: str | None) -> UriPolicy:
+    def from_options(cls, schemes: str, prefixes: str, networks: str, local_root: str | None,
+                     dataset_root: str | None = None) -> UriPolicy:
         """The job's policy. With no prefixes given, local images must lie under `local_root`
-        (the manifest's folder) and are refused outright for a manifest in object storage;
-        locations under the other allowed schemes are open."""
+        (the manifest's folder) or `dataset_root` (a labelled dataset a training manifest was
+        made from) and are refused outright for a manifest in object storage; locations under
+        the other allowed schemes are open."""
         scheme_list = tuple(s.lower() for s in _split(schemes))
         prefix_list = _split(prefixes)
         if not prefix_list:
-            local = (local_root,) if local_root and storage.is_local(local_root) else ()
+            local = tuple(r for r in (local_root, dataset_root) if r and storage.is_local(r))
             prefix_list = (*local, *(f"{s}://" for s in scheme_list if s != "file")) or (NOWHERE,)
         return cls(schemes=scheme_list, prefixes=prefix_list, allowed_networks=_split(networks))
 

@@ -46,11 +46,9 @@ from pipeline.models import (
     get_spec,
     param_groups,
 )
-from pipeline.preprocess import Preprocessor
 from pipeline.transforms import EvalPreset, TrainPreset, norm_tensors, resize_batch, to_model_input
 
 DECODE_MARGIN = 1.15  # training images are decoded this much larger than the crop size
-DECODE_BLOCK_ROWS = 256  # one decode task per this many rows: a single block would decode serially
 
 
 @dataclass
@@ -495,17 +493,13 @@ def print_progress(metrics: dict, epochs: int, left_s: float) -> None:
           f"left ~{left_s / 60:.1f} min", flush=True)
 
 
-def row_blocks(table: pa.Table, rows: int = DECODE_BLOCK_ROWS) -> list[pa.Table]:
-    """Slices of `table` to hand Ray Data as separate blocks, so decode runs in parallel tasks."""
-    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
+def decoded_dataset(cfg: TrainConfig, table: pa.Table, size: int, base_uri: str):
+    """Ray Data: fetch + decode once with the scoring engine (the nightly job's URI policy and
+    fetch limits), drop rows that fail (counted), cache in the object store."""
+    from pipeline import engine
 
-
-def decoded_dataset(table: pa.Table, size: int, base_uri: str):
-    """Ray Data: fetch + decode once, drop rows that fail (counted), cache in the object store."""
-    import ray.data
-
-    ds = ray.data.from_arrow(row_blocks(table)).map_batches(
-        Preprocessor(size, base_uri), batch_size=32, batch_format="numpy")
+    images = engine.ImageSettings.from_config(cfg, size, base_uri)
+    ds = engine.decoded(engine.table_dataset(table), images, engine.Placement.from_config(cfg, "cpu"))
     ds.context.execution_options.preserve_order = True  # same row order every run: resumable
     ds = ds.materialize()
     bad = ds.filter(expr="status != 'ok'").count()
@@ -618,8 +612,8 @@ def run(cfg: TrainConfig) -> dict:
     init_ray(cfg.ray_address, cfg.num_cpus)
 
     decode_size = round(cfg.input_size * DECODE_MARGIN)
-    train_ds, train_bad = decoded_dataset(data.train, decode_size, data.base_uri)
-    val_ds, val_bad = decoded_dataset(data.val, cfg.input_size, data.base_uri)
+    train_ds, train_bad = decoded_dataset(cfg, data.train, decode_size, data.base_uri)
+    val_ds, val_bad = decoded_dataset(cfg, data.val, cfg.input_size, data.base_uri)
     print(f"data: {data.train.num_rows} train rows ({train_bad} unreadable), {data.val.num_rows} "
           f"val rows ({val_bad} unreadable), {len(data.classes)} classes", flush=True)
     counts = np.bincount(data.train.column("label").to_numpy(), minlength=len(data.classes))

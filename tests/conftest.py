@@ -58,6 +58,93 @@ def bundled_model() -> str:
     return BUNDLED_MODEL
 
 
+TINY_ARCHITECTURE, TINY_INPUT_SIZE, TINY_SEED = "mobilenet_v3_small", 64, 0
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, sample_images) -> str:
+    """A small, fast model artifact for tests that only need *a* model to push a catalog through
+    the pipeline (decode + inference about 35x the bundled model's images/s on one core); tests
+    of the bundled model's own contract (accuracy, temperature, threshold, demo) keep
+    `bundled_model`.
+
+    mobilenet_v3_small at 64 px, seeded random convolutions; no gradient step: its BatchNorm
+    statistics are those of the sample catalog's photos and its head is the class means of their
+    embeddings (weight imprinting), so predictions and confidences vary with the image. The photos
+    other than `sample_images` play the training split, `sample_images` the validation split the
+    centroid open-set threshold is set on. Same classes and coarse map as the bundled model;
+    written by pipeline.artifact.save_artifact. Built on one thread, so float sums do not depend
+    on the core count: the same model_version every session on a given kind of CPU."""
+    import torch
+
+    from pipeline.artifact import ModelMetadata, load_metadata, save_artifact
+    from pipeline.decode import decode_image
+    from pipeline.models import get_spec
+    from pipeline.transforms import norm_tensors, to_model_input
+
+    bundled = load_metadata(BUNDLED_MODEL)
+    spec = get_spec(TINY_ARCHITECTURE)
+    val = set(sample_images)
+    train = [p for p in sorted((SAMPLE_DIR / "images").rglob("*")) if p.is_file() and p not in val]
+    mean, std = norm_tensors(spec.mean, spec.std, "cpu")
+
+    def split(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = np.stack([decode_image(p.read_bytes(), TINY_INPUT_SIZE) for p in paths])
+        labels = torch.tensor([bundled.classes.index(p.parent.name) for p in paths])
+        return to_model_input(torch.from_numpy(images), mean, std), labels
+
+    (x_train, y_train), (x_val, _) = split(train), split(sorted(val))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, centroids, open_set = _imprinted_model(x_train, y_train, x_val, len(bundled.classes))
+    finally:
+        torch.set_num_threads(threads)
+    meta = ModelMetadata(
+        architecture=TINY_ARCHITECTURE, classes=list(bundled.classes), input_size=TINY_INPUT_SIZE,
+        mean=list(spec.mean), std=list(spec.std), coarse_classes=dict(bundled.coarse_classes),
+        training={"kind": "test fixture", "seed": TINY_SEED, "train_rows": len(train)},
+        open_set=open_set)
+    uri = str(tmp_path_factory.mktemp("tiny_model") / "model")
+    save_artifact(model, meta, uri, centroids)
+    return uri
+
+
+def _imprinted_model(x_train, y_train, x_val, num_classes: int):
+    """tiny_model's network: seeded convolutions, BatchNorm statistics of x_train, a head of
+    x_train's class-mean embeddings; and its centroids and open-set record (set on x_val)."""
+    import torch
+
+    from pipeline import openset
+    from pipeline.models import create_model, get_spec
+
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the session's RNG state
+        torch.manual_seed(TINY_SEED)
+        model = create_model(TINY_ARCHITECTURE, num_classes)
+    batch_norms = {m: m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for bn in batch_norms:
+        bn.momentum = None  # running statistics = the average over the pass below
+    with torch.no_grad():
+        model.train()(x_train)
+    for bn, momentum in batch_norms.items():
+        bn.momentum = momentum
+    model.eval()
+    head = model.get_submodule(get_spec(TINY_ARCHITECTURE).head)
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _, args: seen.append(args[0].float()))
+    with torch.inference_mode():
+        model(x_train)
+    centroids = openset.class_centroids(seen[0], y_train, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(centroids * 20 / seen[0].norm(dim=1).mean())
+        head.bias.zero_()
+    seen.clear()
+    with torch.inference_mode():
+        logits = model(x_val)
+    hook.remove()
+    return model, centroids, openset.calibrate(logits, 1.0, seen[0], centroids)
+
+
 def jpeg_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
@@ -304,3 +391,10 @@ def odd_images(photo: Path, max_bytes: int) -> dict[str, tuple[bytes, str | None
         "icon.ico": (_save(rgb.resize((64, 64)), "ICO"), "unsupported_format"),
         "photo.heic": (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64, "unsupported_format"),
     }
+
+
+def committed_table(out: Path) -> pa.Table:
+    """The rows of the run an output folder's `_SUCCESS` names, sorted by product_id."""
+    marker = json.loads((Path(out) / "_SUCCESS").read_text())
+    return pq.ParquetDataset([str(Path(out) / f) for f in marker["files"]]).read().sort_by(
+        "product_id")

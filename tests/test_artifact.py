@@ -128,3 +128,26 @@ def _meta_with(meta: ModelMetadata) -> ModelMetadata:
     copy = _meta()
     copy.open_set = dict(meta.open_set)
     return copy
+
+
+def test_tiny_model_fixture_is_a_real_artifact_that_tells_photos_apart(tiny_model, bundled_model,
+                                                                      sample_images):
+    """The stand-in model other tests push catalogs through: loads like any artifact, knows the
+    bundled model's categories, and its predictions and open-set scores depend on the photo."""
+    import numpy as np
+
+    from pipeline.artifact import load_centroids
+    from pipeline.predict import Classifier
+    from pipeline.preprocess import Preprocessor
+
+    meta = load_artifact(tiny_model)[1]  # loads like any artifact: content hash verified
+    bundled = load_artifact(bundled_model)[1]
+    assert meta.classes == bundled.classes and meta.coarse_classes == bundled.coarse_classes
+    assert meta.input_size < bundled.input_size and meta.open_set["score"] == "centroid"
+    assert load_centroids(tiny_model, meta).shape == (len(meta.classes), 1024)
+    batch = Preprocessor(meta.input_size, str(sample_images[0].parents[2]))(
+        {"image_uri": np.array([str(p) for p in sample_images], dtype=object)})
+    rows = Classifier(tiny_model, device="cpu")(batch)
+    assert len(set(rows["predicted_category"])) > 5
+    assert np.ptp(rows["confidence"]) > 0.1 and np.ptp(rows["unfamiliarity"]) > 0.1
+    assert 0 < (rows["unfamiliarity"] > meta.open_set["threshold"]).sum() < len(sample_images) / 2

@@ -159,11 +159,11 @@ def build_catalog(root, sample_images, image_server, rows: int = 2000):
 
 @pytest.mark.slow
 def test_generated_catalog_every_row_once_with_its_reason(ray_local, tmp_path, sample_images,
-                                                          image_server, bundled_model, capsys):
+                                                          image_server, tiny_model, capsys):
     manifest, expected = build_catalog(tmp_path, sample_images, image_server)
     out = tmp_path / "out"
     code = run_job(recategorize_main, [
-        "--manifest", str(manifest), "--model", bundled_model, "--output", str(out),
+        "--manifest", str(manifest), "--model", tiny_model, "--output", str(out),
         "--max-image-bytes", str(MAX_BYTES), "--allowed-uri-schemes", "file,http",
         "--allowed-networks", "127.0.0.0/8", "--fetch-timeout-s", "0.5", "--fetch-retries", "1",
         "--batch-size", "64"])
@@ -177,7 +177,7 @@ def test_generated_catalog_every_row_once_with_its_reason(ray_local, tmp_path, s
     assert all(got[pid]["error_message"] and got[pid]["status"] == "error" for pid in expected)
     good = [r for pid, r in got.items() if pid not in expected]
     assert all(r["status"] == "ok" and r["predicted_category"] for r in good)
-    assert summary["errors"] == len(expected) and summary["partitions"] == 1
+    assert summary["errors"] == len(expected) and summary["chunks"] == 1
     assert set(expected.values()) == {
         "fetch_not_found", "fetch_failed", "fetch_timeout", "not_an_image", "truncated",
         "too_large", "unsupported_format", "decode_failed"}

@@ -10,16 +10,15 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipeline.cluster import (
+from pipeline.cluster import WORKER_ENV, actor_device, job_error
+from pipeline.config import REPO_ROOT, RecategorizeConfig, parse_args, validate
+from pipeline.engine import (
     DECODE_RESOURCE_PER_TASK,
-    WORKER_ENV,
-    actor_device,
+    Placement,
     actor_pool_bounds,
     decode_placement,
     inference_placement,
-    job_error,
 )
-from pipeline.config import REPO_ROOT, RecategorizeConfig, parse_args, validate
 from pipeline.errors import ConfigError, PipelineError
 
 PROJECT_VERSION = re.search(r'^version = "(.+)"', (REPO_ROOT / "pyproject.toml").read_text(),
@@ -172,24 +171,42 @@ def test_rayjob_entrypoint_is_a_valid_job_command(rayjob):
 def test_placement_arguments():
     cfg = RecategorizeConfig(min_actors=1, max_actors=4, decode_cpus_per_actor=3,
                              decode_resource="decode", cpus_per_actor=2)
-    decode = decode_placement(cfg, memory=123, device="cuda")
+    gpu_place = Placement.from_config(cfg, "cuda")
+    assert gpu_place.decode_in == "tasks"  # auto: separate decode tasks feed the GPUs
+    decode = decode_placement(gpu_place, memory=123)
     assert decode["num_cpus"] == 1 and decode["memory"] == 123
     assert decode["resources"] == {"decode": DECODE_RESOURCE_PER_TASK}
     assert decode["compute"].size == 12  # 3 decode cores for each of up to 4 actors
-    gpu = inference_placement(cfg, "cuda")
+    gpu = inference_placement(gpu_place)
     assert (gpu["compute"].min_size, gpu["compute"].max_size) == (1, 4)
     assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 2
-    assert inference_placement(cfg, "cpu")["num_gpus"] == 0
+    cpu_place = Placement.from_config(cfg, "cpu")
+    assert cpu_place.decode_in == "actor"  # auto: CPU actors decode their own batches
+    assert inference_placement(cpu_place)["num_gpus"] == 0
 
     fixed = RecategorizeConfig(num_actors=3)  # the default: a fixed pool
-    assert actor_pool_bounds(fixed) == (3, 3)
-    pool = inference_placement(fixed, "cuda")["compute"]
+    assert actor_pool_bounds(Placement.from_config(fixed, "cuda")) == (3, 3)
+    pool = inference_placement(Placement.from_config(fixed, "cuda"))["compute"]
     assert pool.min_size == pool.max_size == 3
-    assert set(decode_placement(fixed, memory=1, device="cuda")) == {"num_cpus", "memory"}
+    assert set(decode_placement(Placement.from_config(fixed, "cuda"), memory=1)) == {
+        "num_cpus", "memory"}
     # CPU inference: decoders share cores with the model actor's threads, unless told otherwise.
-    assert decode_placement(fixed, memory=1, device="cpu")["num_cpus"] == 0.5
+    assert decode_placement(Placement.from_config(fixed, "cpu"), memory=1)["num_cpus"] == 0.5
     pinned = RecategorizeConfig(decode_task_cpus=2)
-    assert decode_placement(pinned, memory=1, device="cpu")["num_cpus"] == 2
+    assert decode_placement(Placement.from_config(pinned, "cpu"), memory=1)["num_cpus"] == 2
+
+
+def test_every_image_job_takes_the_same_placement_and_uri_options():
+    """The scoring engine's settings come from any job's config: a job without a knob gets the
+    engine's default, and every job that reads images has the URI policy options."""
+    from pipeline.config import EmbedConfig, EvaluateConfig, TrainConfig
+
+    for cls in (EvaluateConfig, EmbedConfig):
+        place = Placement.from_config(cls(num_actors=2, batch_size=8), "cpu")
+        assert (place.num_actors, place.batch_size) == (2, 8)
+        assert place.max_worker_retries == Placement.max_worker_retries
+    for cls in (EvaluateConfig, EmbedConfig, TrainConfig):
+        assert cls(allowed_uri_prefixes="/mnt/images").allowed_uri_prefixes == "/mnt/images"
 
 
 @pytest.mark.parametrize("values, message", [

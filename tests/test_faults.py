@@ -4,7 +4,7 @@ A preprocess worker and an inference actor are killed with SIGKILL mid-run (Ray 
 task, restarts the actor and retries its batches), with decoding in separate tasks and inside
 the actor; the
 job's driver process is killed mid-run and the job started again with the same arguments resumes
-from its finished partitions and commits the same rows a clean run commits.
+from its finished chunks and commits the same rows a clean run commits.
 """
 
 import contextlib
@@ -89,7 +89,7 @@ class WorkerKiller(threading.Thread):
         from ray._private.state import actors
 
         return next((a["Pid"] for a in actors().values()
-                     if a["State"] == "ALIVE" and "InferenceActor" in a["ActorClassName"] and a["Pid"]),
+                     if a["State"] == "ALIVE" and "ScoringActor" in a["ActorClassName"] and a["Pid"]),
                     None)
 
     def _kill_preprocess_worker(self) -> None:
@@ -146,7 +146,7 @@ def test_killed_workers_are_replaced_and_no_row_is_lost_or_doubled(
 
 def _job(manifest, model, out, *extra):
     return [sys.executable, "-m", "jobs.recategorize", "--manifest", str(manifest), "--model", model,
-            "--output", str(out), "--num-cpus", "2", "--partition-rows", "100",
+            "--output", str(out), "--num-cpus", "2", "--chunk-rows", "100",
             "--batch-size", "16", *extra]
 
 
@@ -195,38 +195,43 @@ def wait_gone(pids: list[int], tries: int = 100) -> bool:
     return False
 
 
-def _done_partitions(out) -> int:
-    return len(list((out / "_staging").glob("*/part-*/_DONE")))
+def _done_chunks(out, chunk_rows: int = 100) -> int:
+    """Chunks whose files in the run folder hold all their rows (the listing is the log)."""
+    rows: dict[str, int] = {}
+    for f in out.glob("runs/*/part-*.parquet"):
+        chunk, _, count = f.stem.split("-")[1:4]
+        rows[chunk] = rows.get(chunk, 0) + int(count)
+    return sum(r == chunk_rows for r in rows.values())
 
 
 @pytest.mark.slow
 def test_killed_driver_resumes_and_matches_a_clean_run(ray_local, tmp_path, sample_images,
                                                        bundled_model, capsys):
     manifest, n = repeated_catalog(tmp_path, sample_images, copies=2)
-    partitions = math.ceil(n / 100)
+    chunks = math.ceil(n / 100)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen(_job(manifest, bundled_model, out), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None and _done_partitions(out) < 1:
+        while proc.poll() is None and _done_chunks(out) < 1:
             time.sleep(0.1)
     finally:
         tree = kill_tree(proc.pid)  # the driver and the local Ray it started, nothing else
         proc.wait()
     assert wait_gone(tree), "processes of the killed job outlived it"
-    finished = _done_partitions(out)
-    assert proc.returncode == -signal.SIGKILL and 1 <= finished < partitions
+    finished = _done_chunks(out)
+    assert proc.returncode == -signal.SIGKILL and 1 <= finished < chunks
     assert not (out / "_SUCCESS").exists()  # nothing published by the killed run
 
     # Started again with the same arguments (in this process's Ray: one Ray start less).
     assert run_job(recategorize_main, _job(manifest, bundled_model, out)[3:]) == 0
     summary = summary_json(capsys.readouterr().out)
-    assert summary["partitions"] == partitions and summary["partitions_resumed"] == finished
+    assert summary["chunks"] == chunks and summary["chunks_resumed"] >= finished
 
     clean_out = tmp_path / "clean"
     run(RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(clean_out),
-                           batch_size=16))  # one partition: rows must not depend on partitioning
+                           batch_size=16))  # one chunk: rows must not depend on chunking
     got, want = committed(out), committed(clean_out)
     assert got.num_rows == want.num_rows == n
     assert len(set(got.column("product_id").to_pylist())) == n
@@ -237,3 +242,4 @@ def test_killed_driver_resumes_and_matches_a_clean_run(ray_local, tmp_path, samp
         assert scores(got, column) == pytest.approx(scores(want, column), abs=1e-4)
     assert set(got.column("run_id").to_pylist()) == {summary["run_id"]}
     assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
+    assert len(list(out.glob("runs/*"))) == 1  # the killed attempt's rows are in this run

@@ -1,7 +1,6 @@
 """Job-level problems stop the job before it writes anything, with a message naming the problem
 and the exit code the README lists. Real files, no Ray (every check runs before Ray starts)."""
 
-import json
 import shutil
 
 import pytest
@@ -60,16 +59,12 @@ def test_output_not_writable(tmp_path, capsys, manifest, bundled_model):
     assert code == 5 and "not writable" in err and "a-file" in err
 
 
-def test_output_holding_another_run_or_a_broken_marker(tmp_path, capsys, manifest, bundled_model):
+def test_output_with_a_broken_marker(tmp_path, capsys, manifest, bundled_model):
     out = tmp_path / "o"
     out.mkdir()
-    (out / "_SUCCESS").write_text(json.dumps(
-        {"run_id": "earlier", "manifest": "/elsewhere/manifest.parquet", "model_version": "x"}))
-    code, err = job(capsys, "--manifest", manifest, "--model", bundled_model, "--output", out)
-    assert code == 5 and "already holds completed run 'earlier'" in err and "--overwrite" in err
     (out / "_SUCCESS").write_text("{ half a JSON")
     code, err = job(capsys, "--manifest", manifest, "--model", bundled_model, "--output", out)
-    assert code == 5 and "unreadable _SUCCESS" in err
+    assert code == 5 and "unreadable _SUCCESS" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS"]
 
 
@@ -84,3 +79,20 @@ def test_unsafe_or_invalid_security_options(tmp_path, capsys, manifest, bundled_
                     "--output", tmp_path / "o", flag, value)
     assert code == 2 and named in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("table, catalog, message", [
+    ("predictions", "type=sql,uri=sqlite:///{tmp}/c.db,warehouse=file://{tmp}/w",
+     "NAMESPACE.TABLE"),
+    ("retail.predictions", "type=sql,uri", "KEY=VALUE"),
+    ("retail.predictions", None, "must be set together"),
+])
+def test_bad_warehouse_table_options(tmp_path, capsys, manifest, tiny_model, table, catalog,
+                                     message):
+    args = ["--manifest", manifest, "--model", tiny_model, "--output", tmp_path / "o",
+            "--iceberg-table", table]
+    if catalog:
+        args += ["--iceberg-catalog", catalog.format(tmp=tmp_path)]
+    code, err = job(capsys, *args)
+    assert code == 2 and message in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

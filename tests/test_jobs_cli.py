@@ -34,8 +34,11 @@ def test_bad_option_and_missing_model(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_every_option_has_help():
-    for job in ("jobs.recategorize", "jobs.train", "jobs.make_manifest"):
+    for job, option in (("jobs.recategorize", "--top-k"), ("jobs.train", "--time-budget-min"),
+                        ("jobs.make_manifest", "--output"), ("jobs.evaluate", "--target-accuracy"),
+                        ("jobs.embed", "--knn-k")):
         proc = run_job(job, "--help")
-        assert proc.returncode == 0
-        assert "(default:" in proc.stdout and "--config" in proc.stdout
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert option in proc.stdout and "(default:" in proc.stdout and "--config" in proc.stdout

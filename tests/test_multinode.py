@@ -215,17 +215,17 @@ def test_cluster_requires_the_token(ray_cluster):
     assert nodes[ray_cluster.gpu_node].get("GPU") == 1 and "GPU" not in nodes[ray_cluster.head_node]
 
 
-def _recategorize(manifest: Path, output: Path, *extra: str) -> list[str]:
+def _recategorize(manifest: Path, model: str, output: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.recategorize", "--manifest", str(manifest),
-            "--model", str(REPO_ROOT / "examples" / "model"), "--output", str(output),
+            "--model", model, "--output", str(output),
             "--batch-size", "8", "--preprocess-batch-size", "4", "--decode-resource", "decode",
             *extra]
 
 
-def test_gpu_node_without_cuda_fails_the_job_early(ray_cluster, small_catalog, tmp_path):
+def test_gpu_node_without_cuda_fails_the_job_early(ray_cluster, small_catalog, tiny_model, tmp_path):
     manifest, _, _ = small_catalog
     out = tmp_path / "out"
-    done = ray_cluster.submit("recategorize-no-fallback", _recategorize(manifest, out))
+    done = ray_cluster.submit("recategorize-no-fallback", _recategorize(manifest, tiny_model, out))
 
     assert done.returncode == 1, done.stdout[-3000:]  # `ray job submit` exits 1 on FAILED
     info = ray_cluster.job("recategorize-no-fallback")
@@ -238,11 +238,11 @@ def test_gpu_node_without_cuda_fails_the_job_early(ray_cluster, small_catalog, t
 
 
 def test_recategorize_job_places_decode_on_cpu_node_and_inference_on_gpu_node(
-        ray_cluster, small_catalog, tmp_path):
+        ray_cluster, small_catalog, tiny_model, tmp_path):
     manifest, rows_in, expected_errors = small_catalog
     out = tmp_path / "out"
     done = ray_cluster.submit("recategorize-nightly",
-                              _recategorize(manifest, out, "--allow-cpu-fallback"))
+                              _recategorize(manifest, tiny_model, out, "--allow-cpu-fallback"))
 
     assert done.returncode == 0, done.stdout[-3000:]
     info = ray_cluster.job("recategorize-nightly")
@@ -262,7 +262,7 @@ def test_recategorize_job_places_decode_on_cpu_node_and_inference_on_gpu_node(
                     if "Preprocessor" in t["name"] and t["state"] == "FINISHED"}
     assert decode_nodes == {ray_cluster.head_node}
     inference = [a for a in ray_cluster.placements("actors", job_id)
-                 if "InferenceActor" in (a.get("repr_name") or a.get("name") or "")]
+                 if "ScoringActor" in (a.get("repr_name") or a.get("name") or "")]
     assert inference and {a["node_id"] for a in inference} == {ray_cluster.gpu_node}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import openset
-from pipeline.outputs import OUTPUT_SCHEMA, OutputFormatter
+from pipeline.sinks.rows import OUTPUT_SCHEMA, OutputFormatter
 
 
 @pytest.mark.parametrize("kind", ["energy", "max_logit", "max_softmax"])

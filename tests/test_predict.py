@@ -40,6 +40,7 @@ def test_folding_removes_every_batch_norm_and_keeps_outputs(name):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # ...the function did not
 
 
+@pytest.mark.slow
 def test_bundled_model_predicts_the_same_on_real_photos(bundled_model, sample_images):
     batch = {"image_uri": np.array([str(p) for p in sample_images], dtype=object)}
     model, meta = load_artifact(bundled_model)
@@ -75,26 +76,26 @@ def test_untraceable_model_runs_unfolded_with_a_warning():
         fold_batch_norms(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
 
 
-def test_flip_tta_averages_each_image_with_its_mirror(bundled_model, sample_images):
-    model, meta = load_artifact(bundled_model)
+def test_flip_tta_averages_each_image_with_its_mirror(tiny_model, sample_images):
+    model, meta = load_artifact(tiny_model)
     batch = {"image_uri": np.array([str(p) for p in sample_images[:4]], dtype=object)}
     images = Preprocessor(meta.input_size, str(sample_images[0].parents[2]))(batch)["image"]
     mean, std = norm_tensors(meta.mean, meta.std, "cpu")
     x = to_model_input(torch.from_numpy(images), mean, std)
     with torch.inference_mode():
         expected = (model(x) + model(x.flip(3))) / 2
-    got = Classifier(bundled_model, device="cpu", tta="flip").logits(images)
+    got = Classifier(tiny_model, device="cpu", tta="flip").logits(images)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(Classifier(bundled_model, device="cpu").logits(images), got)
+    assert not torch.allclose(Classifier(tiny_model, device="cpu").logits(images), got)
     with pytest.raises(ValueError, match="valid: none, flip"):
-        Classifier(bundled_model, device="cpu", tta="five-crop")
+        Classifier(tiny_model, device="cpu", tta="five-crop")
 
 
-def test_classifier_rows_carry_an_open_set_score(bundled_model, sample_images):
-    meta_size = load_artifact(bundled_model)[1].input_size
+def test_classifier_rows_carry_an_open_set_score(tiny_model, sample_images):
+    meta_size = load_artifact(tiny_model)[1].input_size
     uris = [str(p) for p in sample_images[:3]] + [str(sample_images[0].parent / "missing.jpg")]
     batch = Preprocessor(meta_size, str(sample_images[0].parents[2]))(
         {"image_uri": np.array(uris, dtype=object)})
-    out = Classifier(bundled_model, device="cpu")(batch)
+    out = Classifier(tiny_model, device="cpu")(batch)
     assert out["unfamiliarity"].dtype == np.float32
     assert np.isfinite(out["unfamiliarity"][:3]).all() and np.isnan(out["unfamiliarity"][3])

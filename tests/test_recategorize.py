@@ -9,10 +9,9 @@ import pytest
 
 from pipeline.artifact import load_metadata
 from pipeline.config import RecategorizeConfig
-from pipeline.errors import OutputError
-from pipeline.outputs import OUTPUT_SCHEMA
 from pipeline.preprocess import Preprocessor
 from pipeline.recategorize import run
+from pipeline.sinks.rows import OUTPUT_SCHEMA
 
 
 def test_preprocessor_keeps_every_row(small_catalog):
@@ -80,12 +79,12 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
 
 @pytest.mark.slow
 def test_decoding_in_tasks_and_in_the_actor_give_the_same_rows(ray_local, small_catalog, tmp_path,
-                                                              bundled_model):
+                                                              tiny_model):
     manifest, n, expected = small_catalog
     tables = {}
     for decode_in in ("tasks", "actor"):
         out = tmp_path / decode_in
-        run(RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(out),
+        run(RecategorizeConfig(manifest=str(manifest), model=tiny_model, output=str(out),
                                batch_size=8, decode_in=decode_in))
         tables[decode_in] = pq.read_table(out / "predictions").sort_by("product_id")
     tasks, actor = tables["tasks"], tables["actor"]
@@ -98,19 +97,21 @@ def test_decoding_in_tasks_and_in_the_actor_give_the_same_rows(ray_local, small_
 
 
 @pytest.mark.slow
-def test_rerun_replaces_same_run_and_refuses_other_manifest(ray_local, small_catalog, tmp_path,
-                                                            bundled_model):
-    manifest, n, _ = small_catalog
+def test_rerun_commits_a_new_run_and_a_new_manifest_is_the_normal_case(ray_local, small_catalog,
+                                                                       tmp_path, tiny_model):
+    manifest, n, expected = small_catalog
     out = tmp_path / "out"
-    cfg = RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(out))
+    cfg = RecategorizeConfig(manifest=str(manifest), model=tiny_model, output=str(out))
     first = run(cfg)
     second = run(cfg)
     assert first["run_id"] != second["run_id"]
+    assert (second["rows_carried"], second["rows_rescored"]) == (n - len(expected), len(expected))
     table = pq.read_table(out / "predictions")
     assert table.num_rows == n and set(table.column("run_id").to_pylist()) == {second["run_id"]}
 
+    # Tomorrow's manifest at a new path with fewer products: committed, the rest gone.
     other = tmp_path / "other.parquet"
     pq.write_table(pq.read_table(manifest).slice(0, 3), other)
-    with pytest.raises(OutputError, match="already holds completed run"):
-        run(cfg.model_copy(update={"manifest": str(other)}))
-    assert pq.read_table(out / "predictions").num_rows == n  # untouched
+    third = run(cfg.model_copy(update={"manifest": str(other)}))
+    assert third["rows"] == 3 and third["removed_products"] == n - 3
+    assert pq.read_table(out / "predictions").num_rows == 3

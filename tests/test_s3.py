@@ -16,7 +16,7 @@ from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
 from pipeline import storage
 from pipeline.config import TrainConfig
-from pipeline.outputs import committed_files
+from pipeline.sinks.parquet import committed_files
 from tests.conftest import (
     BAD_ROWS,
     LOOPBACK_AWS_ENV,
@@ -70,7 +70,7 @@ def location(request, tmp_path):
 
 
 @pytest.mark.slow
-def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, bundled_model,
+def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, tiny_model,
                                  capsys):
     expected = local_catalog(tmp_path / "catalog", sample_images)
     catalog = storage.join(location, "catalog")
@@ -79,12 +79,12 @@ def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, b
     else:
         shutil.copytree(tmp_path / "catalog", catalog)
     output = storage.join(location, "out")
-    args = ["--manifest", storage.join(catalog, "manifest.parquet"), "--model", bundled_model,
+    args = ["--manifest", storage.join(catalog, "manifest.parquet"), "--model", tiny_model,
             "--output", output, "--batch-size", "16"]
 
     assert run_job(recategorize_main, args) == 0
     first = summary_json(capsys.readouterr().out)
-    assert first["rows"] == 23 and first["partitions"] == 1 and first["errors"] == 3
+    assert first["rows"] == 23 and first["chunks"] == 1 and first["errors"] == 3
     files = committed_files(output)
     fs, _ = storage.arrow_filesystem(output)
     table = pq.ParquetDataset([storage.filesystem(f)[1] for f in files], filesystem=fs).read()
@@ -94,9 +94,11 @@ def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, b
     assert all(r["status"] == "ok" for pid, r in rows.items() if pid not in expected)
 
     # Same arguments again: a new complete run replaces the old one; the old one stays readable
-    # until the run after next.
+    # until the run after next. Unchanged images (ETag from the store) are carried forward;
+    # the error rows are tried again.
     assert run_job(recategorize_main, args) == 0
     second = summary_json(capsys.readouterr().out)
+    assert (second["rows_carried"], second["rows_rescored"]) == (20, 3)
     assert storage.read_json(storage.join(output, "_SUCCESS"))["run_id"] == second["run_id"]
     assert all(storage.exists(f) for f in files)
     assert set(storage.list_dirs(storage.join(output, "runs"))) == {first["run_id"], second["run_id"]}
@@ -129,7 +131,7 @@ def test_train_reads_its_manifest_and_writes_its_model_in_s3(ray_local, s3_bucke
 
 @pytest.mark.slow
 def test_make_manifest_and_evaluate_read_and_write_s3(ray_local, s3_bucket, tmp_path, sample_images,
-                                                      bundled_model):
+                                                      tiny_model):
     from jobs.evaluate import main as evaluate_main
     from jobs.make_manifest import main as make_manifest_main
 
@@ -155,7 +157,7 @@ def test_make_manifest_and_evaluate_read_and_write_s3(ray_local, s3_bucket, tmp_
                      "category": src.parent.name})
     write_manifest(tmp_path / "labelled" / "manifest.parquet", rows)
     upload_tree(tmp_path / "labelled", f"{s3_bucket}/labelled")
-    upload_tree(Path(bundled_model), f"{s3_bucket}/model")
+    upload_tree(Path(tiny_model), f"{s3_bucket}/model")
     assert run_job(evaluate_main, ["--manifest", f"{s3_bucket}/labelled/manifest.parquet",
                                    "--model", f"{s3_bucket}/model",
                                    "--output", f"{s3_bucket}/report", "--batch-size", "8"]) == 0
@@ -167,13 +169,13 @@ def test_make_manifest_and_evaluate_read_and_write_s3(ray_local, s3_bucket, tmp_
 
 
 @pytest.mark.slow
-def test_embed_reads_and_writes_s3(ray_local, s3_bucket, tmp_path, sample_images, bundled_model):
+def test_embed_reads_and_writes_s3(ray_local, s3_bucket, tmp_path, sample_images, tiny_model):
     from jobs.embed import main as embed_main
     from pipeline.artifact import load_artifact
 
     labelled_catalog(tmp_path / "embed", sample_images[:4] * 3, val_from=8)
     upload_tree(tmp_path / "embed", f"{s3_bucket}/embed")
-    upload_tree(Path(bundled_model), f"{s3_bucket}/backbone")
+    upload_tree(Path(tiny_model), f"{s3_bucket}/backbone")
     assert run_job(embed_main, ["--manifest", f"{s3_bucket}/embed/manifest.parquet",
                                 "--backbone", f"{s3_bucket}/backbone",
                                 "--output", f"{s3_bucket}/embed-out"]) == 0

@@ -1,0 +1,273 @@
+"""The scoring engine: the one Ray Data plan every job that reads images runs.
+
+rows (product_id, image_uri, ...) -> fetch + decode (CPU tasks, or inside the actors) ->
+a model on an actor pool -> rows out. The nightly job, the evaluation report, the embedding
+route and training data preparation all build their plan here, so they share the URI policy,
+the fetch limits and retries, the batch sizes and the placement on the cluster.
+
+Settings are two small frozen dataclasses built from any job config that has the fields
+(`ImageSettings.from_config`, `Placement.from_config`), not the nightly job's whole config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.cluster import cpu_count
+from pipeline.preprocess import Preprocessor
+from pipeline.security import UriPolicy
+
+# Decoding a large upload needs a few hundred MB. Declaring it also keeps Ray from fusing the
+# decode tasks into the inference actors (fusion needs equal remote args), so decode runs in
+# parallel CPU tasks instead of serially inside each model replica.
+DECODE_TASK_MEMORY = 256 * 1024**2
+# Each decode task takes this much of --decode-resource; a node advertising N of it runs at
+# most 100*N decode tasks at once, so in practice its CPUs stay the limit.
+DECODE_RESOURCE_PER_TASK = 0.01
+# Calls an inference actor runs at once when it decodes its own input: one batch decodes
+# while the other is in the model (BENCHMARKS.md has the measurement).
+CALLS_IN_FLIGHT = 2
+# Rows of an in-memory table per Ray block, so decode fans out over tasks (small tables are
+# otherwise a single block, decoded by a single task).
+TABLE_BLOCK_ROWS = 64
+# Change-signal probes (HEAD / stat) per task and in flight per task: latency-bound requests.
+PROBE_BATCH_ROWS = 1024
+REMOTE_PROBE_THREADS = 16
+# Plain Ray remote args for retries; Ray 2.60 warns that they move to named options in 2.64.
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated",
+                        category=DeprecationWarning)
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How images are fetched and decoded: size, where relative URIs resolve, the URI policy,
+    the limits and the retries."""
+
+    input_size: int
+    base_uri: str
+    policy: UriPolicy
+    max_bytes: int = 50_000_000
+    max_pixels: int = 100_000_000
+    fetch_timeout_s: float = 20.0
+    fetch_retries: int = 3
+
+    @classmethod
+    def from_config(cls, cfg: Any, input_size: int, base_uri: str) -> ImageSettings:
+        """From a job config with the image-access options (`config.ImageAccessOptions`)."""
+        policy = UriPolicy.from_options(cfg.allowed_uri_schemes, cfg.allowed_uri_prefixes,
+                                        cfg.allowed_networks, base_uri,
+                                        getattr(cfg, "dataset_root", None))
+        return cls(input_size, base_uri, policy, cfg.max_image_bytes, cfg.max_image_pixels,
+                   cfg.fetch_timeout_s, cfg.fetch_retries)
+
+    def preprocessor(self, threads: int = 1) -> Preprocessor:
+        return Preprocessor(self.input_size, self.base_uri, self.max_bytes, self.max_pixels,
+                            self.policy, self.fetch_timeout_s, self.fetch_retries, threads=threads)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how wide the plan runs: device, actor pool, decode tasks, batches, retries."""
+
+    device: str = "cpu"  # resolved: 'cpu' or 'cuda'
+    num_actors: int = 1
+    min_actors: int | None = None
+    max_actors: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0
+    decode_in: str = "tasks"  # resolved: 'tasks' or 'actor'
+    decode_task_cpus: float | None = None
+    decode_resource: str | None = None
+    decode_cpus_per_actor: int | None = None
+    batch_size: int = 64
+    preprocess_batch_size: int = 32
+    max_worker_retries: int = 5
+    inference_threads: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: str) -> Placement:
+        """The fields `cfg` has (jobs differ in how much they let a user tune), on `device`.
+        decode_in 'auto' resolves here: inside the actors on CPU, separate tasks with a GPU."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"device", "decode_in"}
+        values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+        mode = getattr(cfg, "decode_in", "auto")
+        decode_in = ("actor" if device == "cpu" else "tasks") if mode == "auto" else mode
+        return cls(device=device, decode_in=decode_in, **values)
+
+    @property
+    def in_actor(self) -> bool:
+        return self.decode_in == "actor"
+
+
+def actor_pool_bounds(place: Placement) -> tuple[int, int]:
+    """(min, max) inference actors: a fixed pool of num_actors unless min/max are set."""
+    if place.min_actors is not None and place.max_actors is not None:
+        return place.min_actors, place.max_actors
+    return place.num_actors, place.num_actors
+
+
+def actor_threads(place: Placement) -> tuple[int, int]:
+    """(model threads, decode threads) in each inference actor.
+
+    Ray pins OMP_NUM_THREADS to an actor's CPU reservation, which is too few for a CPU model.
+    An actor that decodes its own input splits its cores: half run the model on one batch while
+    the other half decode the next, because oversubscribed OpenMP threads wait on each other.
+    """
+    if place.device == "cuda":
+        return place.inference_threads or max(1, int(place.cpus_per_actor)), 1
+    cores = max(1, cpu_count() // place.num_actors)
+    if not place.in_actor:
+        return place.inference_threads or cores, 1
+    model = place.inference_threads or max(1, cores // 2)
+    return model, max(1, cores - model)
+
+
+def decode_task_cpus(place: Placement) -> float:
+    """CPUs each decode task reserves. With a GPU, a decode task owns a core. With inference on
+    the CPU, the model actor's threads and the decoders share the cores: half-CPU decode tasks put
+    two decoders beside the actor on each core it does not reserve, so no core waits idle while
+    Ray holds a whole CPU for a task that is blocked on its input."""
+    if place.decode_task_cpus is not None:
+        return place.decode_task_cpus
+    return 1.0 if place.device == "cuda" else 0.5
+
+
+def retry_args(place: Placement, actor: bool) -> dict[str, int]:
+    """Bounded fault tolerance. Ray Data's defaults retry a lost task and restart a lost actor
+    without limit, so an image that crashes its worker every time would hang the run forever."""
+    n = place.max_worker_retries
+    return {"max_restarts": n, "max_task_retries": n} if actor else {"max_retries": n}
+
+
+def decode_placement(place: Placement, memory: int = DECODE_TASK_MEMORY) -> dict[str, Any]:
+    """Ray Data arguments for the fetch/decode stage: CPU only, optionally pinned and capped."""
+    import ray.data
+
+    args: dict[str, Any] = {"num_cpus": decode_task_cpus(place), "memory": memory}
+    if place.decode_resource:
+        args["resources"] = {place.decode_resource: DECODE_RESOURCE_PER_TASK}
+    if place.decode_cpus_per_actor:
+        _, high = actor_pool_bounds(place)
+        args["compute"] = ray.data.TaskPoolStrategy(size=place.decode_cpus_per_actor * high)
+    return args
+
+
+def inference_placement(place: Placement) -> dict[str, Any]:
+    """Ray Data arguments for the inference stage: an actor pool, a GPU each on cuda. An actor
+    that decodes its own input runs CALLS_IN_FLIGHT calls at once (see ScoringActor)."""
+    import ray.data
+
+    low, high = actor_pool_bounds(place)
+    calls = {"max_concurrent_calls_per_actor": CALLS_IN_FLIGHT,
+             "enable_true_multi_threading": True} if place.in_actor else {}
+    pool = (ray.data.ActorPoolStrategy(size=low, **calls) if low == high
+            else ray.data.ActorPoolStrategy(min_size=low, max_size=high, **calls))
+    return {"compute": pool, "num_cpus": place.cpus_per_actor,
+            "num_gpus": place.gpus_per_actor if place.device == "cuda" else 0}
+
+
+class ScoringActor:
+    """Any batch-dict -> batch-dict model callable as the actor pool runs it.
+
+    With `preprocess`, the actor also fetches and decodes its own batches: the CPU-only layout,
+    where separate decode tasks would only add an object-store hop and a share of the
+    scheduler's CPU budget. Ray Data then runs CALLS_IN_FLIGHT calls at once, so one batch
+    decodes while another is in the model; the model runs one batch at a time, on all its
+    threads."""
+
+    def __init__(self, predictor: type, predictor_kwargs: dict[str, Any],
+                 preprocess: Preprocessor | None = None):
+        self.predictor = predictor(**predictor_kwargs)
+        self.preprocess = preprocess
+        self.model_lock = threading.Lock()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        if self.preprocess is not None:
+            batch = self.preprocess(batch)
+        with self.model_lock:
+            return self.predictor(batch)
+
+
+def table_dataset(table: pa.Table, rows: int = TABLE_BLOCK_ROWS):
+    """An in-memory table as a Ray Dataset of small blocks, so its decode fans out over tasks."""
+    import ray.data
+
+    blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
+    return ray.data.from_arrow(blocks)
+
+
+def decoded(ds, images: ImageSettings, place: Placement):
+    """rows -> rows + image (uint8 NHWC) + status / error columns, in parallel CPU tasks."""
+    ds = ds.repartition(target_num_rows_per_block=place.preprocess_batch_size)
+    return ds.map_batches(images.preprocessor(), batch_size=place.preprocess_batch_size,
+                          batch_format="numpy", **decode_placement(place),
+                          **retry_args(place, actor=False))
+
+
+def scored(ds, images: ImageSettings, place: Placement, predictor: type,
+           predictor_kwargs: dict[str, Any]):
+    """rows -> fetch + decode -> `predictor(**predictor_kwargs, num_threads=...)` on the actor
+    pool -> whatever the predictor returns per batch. Error rows flow through with their reason
+    (the predictor must pass rows whose status is not 'ok' through)."""
+    threads, decode_threads = actor_threads(place)
+    if place.in_actor:
+        # A manifest file arrives as a few big blocks and a map task handles a whole block:
+        # split them (streaming, no shuffle) so the work fans out over all actors.
+        ds = ds.repartition(target_num_rows_per_block=place.batch_size)
+        preprocess = images.preprocessor(threads=decode_threads)
+    else:
+        ds = decoded(ds, images, place)
+        preprocess = None
+    return ds.map_batches(
+        ScoringActor,
+        fn_constructor_kwargs={"predictor": predictor,
+                               "predictor_kwargs": {**predictor_kwargs, "num_threads": threads},
+                               "preprocess": preprocess},
+        batch_size=place.batch_size, batch_format="numpy", zero_copy_batch=True,
+        **inference_placement(place), **retry_args(place, actor=True))
+
+
+class SignalProbe:
+    """Ray Data callable: rows with image_uri -> the same rows with `image_version`, the
+    store's change signal of each image (no image is read; `fetch.image_signal`)."""
+
+    def __init__(self, images: ImageSettings, threads: int = REMOTE_PROBE_THREADS):
+        self.images = images
+        self.threads = threads
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipeline import storage
+        from pipeline.fetch import image_signal
+
+        def one(uri: str | None) -> str | None:
+            if not uri:
+                return None
+            return image_signal(storage.resolve(uri, self.images.base_uri), self.images.policy)
+
+        with ThreadPoolExecutor(self.threads) as pool:  # HEAD requests are latency-bound
+            versions = list(pool.map(one, batch["image_uri"]))
+        return {"product_id": batch["product_id"], "image_version": np.array(versions, dtype=object)}
+
+
+def probe_signals(candidates_uri: str, out_uri: str, images: ImageSettings,
+                  place: Placement) -> None:
+    """Write the change signal of every candidate row's image into Parquet under out_uri."""
+    import ray.data
+
+    from pipeline import storage
+
+    fs, path = storage.arrow_filesystem(candidates_uri)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    ds = ds.map_batches(SignalProbe(images), batch_size=PROBE_BATCH_ROWS, batch_format="numpy",
+                        num_cpus=decode_task_cpus(place), **retry_args(place, actor=False))
+    out_fs, out_path = storage.arrow_filesystem(out_uri)
+    ds.write_parquet(out_path, filesystem=out_fs)

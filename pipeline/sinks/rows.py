@@ -1,0 +1,106 @@
+"""Output rows: the predictions schema and the formatter that builds it from a scored batch.
+
+One output row per manifest row. Columns are added, never renamed (readers depend on them).
+`run_id` is the run that committed the row; `scored_run_id` the run that scored it, which is
+an earlier night's for a row carried forward unchanged by an incremental run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Resumable chunk of a row on its way to the sink; not an output column.
+CHUNK_COLUMN = "_chunk"
+TOP_K_TYPE = pa.list_(pa.struct([("category", pa.string()), ("score", pa.float32())]))
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("product_id", pa.string(), nullable=False),
+    pa.field("image_uri", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("predicted_category", pa.string()),
+    pa.field("confidence", pa.float32()),
+    pa.field("top_k", TOP_K_TYPE),
+    pa.field("unfamiliarity", pa.float32()),
+    pa.field("current_category", pa.string()),
+    pa.field("image_version", pa.string()),
+    pa.field("category_changed", pa.bool_()),
+    pa.field("needs_review", pa.bool_(), nullable=False),
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("scored_run_id", pa.string(), nullable=False),
+    pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+
+def _strings(values: np.ndarray | None, n: int) -> pa.Array:
+    """A string column from a batch; an all-null column arrives from Arrow as float NaNs."""
+    if values is None or np.asarray(values).dtype.kind in "fc":
+        return pa.nulls(n, pa.string())
+    return pa.array(values, pa.string())
+
+
+class OutputFormatter:
+    """numpy batch of predictions -> pyarrow Table in OUTPUT_SCHEMA."""
+
+    def __init__(self, classes: list[str], model_name: str, model_version: str, run_id: str,
+                 review_threshold: float, open_set_threshold: float | None = None):
+        self.classes = pa.array(classes, pa.string())
+        self.model_name = model_name
+        self.model_version = model_version
+        self.run_id = run_id
+        self.review_threshold = review_threshold
+        self.open_set_threshold = open_set_threshold
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["product_id"])
+        ok = np.asarray(batch["status"]) == "ok"
+        confidence = pa.array(batch["confidence"], pa.float32(), mask=~ok)
+        index, scores = batch["top_k_index"], batch["top_k_scores"]
+        k = index.shape[1]
+        flat = index.reshape(-1)
+        names = self.classes.take(pa.array(flat, pa.int32(), mask=flat < 0))
+        structs = pa.StructArray.from_arrays(
+            [names, pa.array(scores.reshape(-1), pa.float32())],
+            fields=list(TOP_K_TYPE.value_type))
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        top_k = pa.ListArray.from_arrays(offsets, structs, mask=pa.array(~ok))
+        current = _strings(batch.get("current_category"), n)
+        predicted = _strings(batch["predicted_category"], n)
+        changed = pc.not_equal(predicted, current)  # null when either side is null
+        low = pc.less(confidence, pa.scalar(self.review_threshold, pa.float32()))
+        unfamiliar = pa.array(batch["unfamiliarity"], pa.float32(), mask=~ok)
+        needs_review = pc.or_(pa.array(~ok), pc.fill_null(low, True))
+        if self.open_set_threshold is not None:  # a product unlike every learned category
+            above = pc.greater(unfamiliar, pa.scalar(self.open_set_threshold, pa.float32()))
+            needs_review = pc.or_(needs_review, pc.fill_null(above, True))
+        now = dt.datetime.now(dt.timezone.utc)
+        columns = {
+            "product_id": _strings(batch["product_id"], n),
+            "image_uri": _strings(batch["image_uri"], n),
+            "status": _strings(batch["status"], n),
+            "error_type": _strings(batch["error_type"], n),
+            "error_message": _strings(batch["error_message"], n),
+            "predicted_category": predicted,
+            "confidence": confidence,
+            "top_k": top_k,
+            "unfamiliarity": unfamiliar,
+            "current_category": current,
+            "image_version": _strings(batch.get("image_version"), n),
+            "category_changed": changed,
+            "needs_review": needs_review,
+            "model_name": pa.array([self.model_name] * n, pa.string()),
+            "model_version": pa.array([self.model_version] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "scored_run_id": pa.array([self.run_id] * n, pa.string()),
+            "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        }
+        table = pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
+        if CHUNK_COLUMN in batch:  # which resumable chunk the rows belong to (the sink drops it)
+            table = table.append_column(CHUNK_COLUMN, pa.array(batch[CHUNK_COLUMN], pa.int64()))
+        return table

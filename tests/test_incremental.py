@@ -1,0 +1,151 @@
+"""Incremental nights: a run into an output holding a committed run of the same model and
+options scores only new products, moved images and changed images, carries the rest forward
+unchanged, and drops products that left the catalog; the rows equal a full run's."""
+
+import os
+import shutil
+
+import pytest
+
+from pipeline.config import RecategorizeConfig
+from pipeline.recategorize import run
+from tests.conftest import committed_table, write_manifest
+
+# Columns a carried row and a re-scored row must agree on (scores compared with a tolerance).
+COMPARED = ["product_id", "image_uri", "status", "error_type", "predicted_category",
+            "current_category", "category_changed", "needs_review", "model_version",
+            "image_version"]
+ROWS = 10
+
+
+@pytest.fixture
+def catalog(tmp_path, sample_images):
+    """(folder, rows): ROWS real photos under folder/images plus one missing image, by absolute
+    path: each night's manifest lives in its own dated folder, as a scheduler writes them."""
+    folder = tmp_path / "catalog"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i, src in enumerate(sample_images[:ROWS + 2]):
+        shutil.copyfile(src, folder / "images" / f"{i:02d}.jpg")
+        if i < ROWS:
+            rows.append({"product_id": f"p{i:02d}", "image_uri": image(folder, i),
+                         "current_category": src.parent.name})
+    rows.append({"product_id": "p-missing", "image_uri": str(folder / "images" / "missing.jpg"),
+                 "current_category": None})
+    return folder, rows
+
+
+def image(folder, i: int) -> str:
+    return str(folder / "images" / f"{i:02d}.jpg")
+
+
+def night(folder, rows, name: str, out, model: str, **options) -> dict:
+    manifest = write_manifest(folder / name / "manifest.parquet", rows)
+    return run(RecategorizeConfig(manifest=str(manifest), model=model, output=str(out),
+                                  batch_size=8, allowed_uri_prefixes=str(folder), **options))
+
+
+def assert_same_rows(got, want) -> None:
+    assert got.num_rows == want.num_rows
+    for column in COMPARED:
+        assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
+    assert got.column("confidence").to_pylist() == pytest.approx(
+        want.column("confidence").to_pylist(), abs=1e-5, nan_ok=True)
+
+
+def test_second_night_carries_unchanged_rows_and_equals_a_full_run(ray_local, catalog, tmp_path,
+                                                                   tiny_model):
+    folder, rows = catalog
+    out = tmp_path / "out"
+    first = night(folder, rows, "2026-11-22", out, tiny_model)
+    assert first["mode"] == "full" and first["rows_rescored"] == ROWS + 1
+
+    moved = {**rows[1], "image_uri": image(folder, ROWS)}
+    added = {"product_id": "p-new", "image_uri": image(folder, ROWS + 1),
+             "current_category": "Banana"}
+    relabelled = {**rows[2], "current_category": "Banana"}  # the catalog's side changed
+    tonight = [moved, relabelled, *rows[3:], added]  # p00 left the catalog
+    second = night(folder, tonight, "2026-11-23", out, tiny_model)
+    assert second["mode"] == "incremental"
+    assert (second["new_products"], second["removed_products"]) == (1, 1)
+    # the moved image, the new product and the error row (retried every night) are scored
+    assert (second["rows_rescored"], second["rows_carried"]) == (3, ROWS - 2)
+    got = committed_table(out)
+    assert "p00" not in got.column("product_id").to_pylist()
+    scored_by = dict(zip(got.column("product_id").to_pylist(),
+                         got.column("scored_run_id").to_pylist(), strict=True))
+    assert {p for p, r in scored_by.items() if r == second["run_id"]} == {
+        "p01", "p-new", "p-missing"}
+    assert set(got.column("run_id").to_pylist()) == {second["run_id"]}
+    assert second["drift"]["products"] == {"new": 1, "removed": 1}
+    assert (out / "drift.html").read_text().count("<img") >= 1
+
+    full = night(folder, tonight, "2026-11-23", tmp_path / "full", tiny_model, full=True)
+    assert full["mode"] == "full" and full["rows_rescored"] == len(tonight)
+    assert_same_rows(got, committed_table(tmp_path / "full"))
+
+
+@pytest.mark.parametrize("signal", ["store", "image_version"])
+def test_an_image_replaced_at_the_same_uri_is_scored_again(ray_local, catalog, tmp_path,
+                                                          sample_images, tiny_model, signal):
+    folder, rows = catalog
+    if signal == "image_version":
+        rows = [{**r, "image_version": "v1"} for r in rows]
+    out = tmp_path / "out"
+    night(folder, rows, "n1", out, tiny_model)
+    replaced = folder / "images" / "03.jpg"
+    shutil.copyfile(sample_images[-1], replaced)  # another photo, same URI
+    stat = replaced.stat()
+    os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    if signal == "image_version":
+        rows = [{**r, "image_version": "v2"} if r["product_id"] == "p03" else r for r in rows]
+    second = night(folder, rows, "n2", out, tiny_model)
+    assert second["mode"] == "incremental"
+    assert (second["rows_rescored"], second["rows_carried"]) == (2, ROWS - 1)  # p03, p-missing
+    night(folder, rows, "n2", tmp_path / "full", tiny_model)
+    assert_same_rows(committed_table(out), committed_table(tmp_path / "full"))
+
+
+def test_a_new_model_or_new_options_score_everything(ray_local, catalog, tmp_path, tiny_model,
+                                                     bundled_model):
+    folder, rows = catalog
+    out = tmp_path / "out"
+    night(folder, rows, "n1", out, tiny_model)
+    other_options = night(folder, rows, "n2", out, tiny_model, review_threshold=0.9)
+    assert other_options["mode"] == "full" and "options" in other_options["mode_reason"]
+    new_model = night(folder, rows, "n3", out, bundled_model)
+    assert new_model["mode"] == "full" and "model changed" in new_model["mode_reason"]
+    assert new_model["rows_rescored"] == len(rows) and new_model["rows_carried"] == 0
+    got = committed_table(out)
+    assert set(got.column("scored_run_id").to_pylist()) == {new_model["run_id"]}
+    assert set(got.column("model_name").to_pylist()) == {"efficientnet_lite0"}
+
+
+def test_each_night_is_one_iceberg_snapshot_and_a_removed_product_leaves_the_table(
+        ray_local, catalog, tmp_path, tiny_model):
+    from pyiceberg.catalog import load_catalog
+
+    folder, rows = catalog
+    props = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db",
+             "warehouse": f"file://{tmp_path}/warehouse"}
+    options = {"iceberg_table": "retail.predictions",
+               "iceberg_catalog": ",".join(f"{k}={v}" for k, v in props.items())}
+    out = tmp_path / "out"
+    first = night(folder, rows, "n1", out, tiny_model, **options)
+    second = night(folder, rows[1:], "n2", out, tiny_model, **options)  # p00 left the catalog
+    assert second["iceberg"]["rows"] == len(rows) - 1
+
+    table = load_catalog("default", **props).load_table("retail.predictions")
+    con = table.scan().to_duckdb("predictions")
+    ids = {r[0] for r in con.sql("SELECT product_id FROM predictions").fetchall()}
+    assert ids == {r["product_id"] for r in rows[1:]}
+    runs = con.sql("SELECT DISTINCT run_id FROM predictions").fetchall()
+    assert runs == [(second["run_id"],)]
+    snapshots = {s.summary["catalog-recategorizer.run-id"]: s.snapshot_id
+                 for s in table.snapshots()}
+    assert set(snapshots) == {first["run_id"], second["run_id"]}
+    night1 = table.scan(snapshot_id=snapshots[first["run_id"]]).to_arrow()
+    assert "p00" in night1.column("product_id").to_pylist()
+    assert night1.num_rows == len(rows)
+    # the catalog properties do not end up in the config written next to the outputs
+    assert "sqlite" not in (out / "config.yaml").read_text()
