@@ -220,7 +220,8 @@ def driver_path(rows: int, root: Path) -> list[str]:
     folder_uri = run_folder.run_uri(output, "night2")
     step("progress listing", lambda: run_folder.finished_chunks(folder_uri,
                                                                 [c.rows for c in chunks]))
-    step("run statistics (footers)", lambda: run_folder.run_stats(folder_uri, []))
+    step("run statistics (footers)", lambda: run_folder.run_stats(
+        folder_uri, run_folder.list_run(folder_uri), []))
     peak = proc.memory_info().rss
     with open(f"/proc/{os.getpid()}/status") as f:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))

@@ -81,18 +81,9 @@ class ChunkReader:
                                      pc.cast(table.column(i), pa.string()))
         return table.append_column(CHUNK_COLUMN, pa.array(np.full(table.num_rows, chunk.index)))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        keys = [k for k in batch if k in Chunk.__dataclass_fields__]
-        tables = [self.read(Chunk(**{k: _plain(batch[k][i]) for k in keys}))
-                  for i in range(len(batch["index"]))]
-        return pa.concat_tables(tables)
-
-
-def _plain(value):
-    """numpy scalars and arrays from a Ray batch back to the dataclass's plain types."""
-    if isinstance(value, np.ndarray):
-        return tuple(int(v) for v in value)
-    return value.item() if isinstance(value, np.generic) else value
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([self.read(Chunk(**{**row, "row_groups": tuple(row["row_groups"])}))
+                                 for row in batch.to_pylist()])
 
 
 def chunk_items(chunks: list[Chunk]) -> list[dict]:

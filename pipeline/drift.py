@@ -10,15 +10,12 @@ merging is exact and gives the same result in any order and for any split of the
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import storage
 from pipeline.report import STYLE, _e, _fmt, _img, _png, _pyplot, _table
 
 CONFIDENCE_BINS = 20  # equal bins over [0, 1]; 0.05 wide is finer than any review threshold step
@@ -369,17 +366,3 @@ def render_drift_html(section: dict[str, Any]) -> str:
 </body></html>
 """
 
-
-def write_drift_html(section: dict[str, Any],
-                     path_or_writer: str | os.PathLike | IO[str] | Callable[[str], Any]) -> str:
-    """Render the page and hand it to `path_or_writer`: a callable taking the text (the caller's
-    own storage layer), a text stream, or a path/URI (written by `pipeline.storage`). Returns
-    the page."""
-    page = render_drift_html(section)
-    if callable(path_or_writer):
-        path_or_writer(page)
-    elif hasattr(path_or_writer, "write"):
-        path_or_writer.write(page)
-    else:
-        storage.write_text(os.fspath(path_or_writer), page)
-    return page

@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.cluster import cpu_count
+from pipeline.fetch import image_signal
 from pipeline.preprocess import Preprocessor
 from pipeline.security import UriPolicy
 
@@ -34,9 +37,6 @@ DECODE_RESOURCE_PER_TASK = 0.01
 # Calls an inference actor runs at once when it decodes its own input: one batch decodes
 # while the other is in the model (BENCHMARKS.md has the measurement).
 CALLS_IN_FLIGHT = 2
-# Rows of an in-memory table per Ray block, so decode fans out over tasks (small tables are
-# otherwise a single block, decoded by a single task).
-TABLE_BLOCK_ROWS = 64
 # Change-signal probes (HEAD / stat) per task and in flight per task: latency-bound requests.
 PROBE_BATCH_ROWS = 1024
 REMOTE_PROBE_THREADS = 16
@@ -57,6 +57,7 @@ class ImageSettings:
     max_pixels: int = 100_000_000
     fetch_timeout_s: float = 20.0
     fetch_retries: int = 3
+    record_signal: bool = False  # add each image's change signal (the nightly job's plan uses it)
 
     @classmethod
     def from_config(cls, cfg: Any, input_size: int, base_uri: str) -> ImageSettings:
@@ -69,7 +70,8 @@ class ImageSettings:
 
     def preprocessor(self, threads: int = 1) -> Preprocessor:
         return Preprocessor(self.input_size, self.base_uri, self.max_bytes, self.max_pixels,
-                            self.policy, self.fetch_timeout_s, self.fetch_retries, threads=threads)
+                            self.policy, self.fetch_timeout_s, self.fetch_retries, threads=threads,
+                            record_signal=self.record_signal)
 
 
 @dataclass(frozen=True)
@@ -195,12 +197,11 @@ class ScoringActor:
             return self.predictor(batch)
 
 
-def table_dataset(table: pa.Table, rows: int = TABLE_BLOCK_ROWS):
-    """An in-memory table as a Ray Dataset of small blocks, so its decode fans out over tasks."""
+def table_dataset(table: pa.Table):
+    """An in-memory table as a Ray Dataset (`decoded` and `scored` split it into batches)."""
     import ray.data
 
-    blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
-    return ray.data.from_arrow(blocks)
+    return ray.data.from_arrow(table)
 
 
 def decoded(ds, images: ImageSettings, place: Placement):
@@ -243,11 +244,6 @@ class SignalProbe:
         self.threads = threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from pipeline import storage
-        from pipeline.fetch import image_signal
-
         def one(uri: str | None) -> str | None:
             if not uri:
                 return None
@@ -262,8 +258,6 @@ def probe_signals(candidates_uri: str, out_uri: str, images: ImageSettings,
                   place: Placement) -> None:
     """Write the change signal of every candidate row's image into Parquet under out_uri."""
     import ray.data
-
-    from pipeline import storage
 
     fs, path = storage.arrow_filesystem(candidates_uri)
     ds = ray.data.read_parquet(path, filesystem=fs)

@@ -82,14 +82,6 @@ def _connect():
     return con
 
 
-def manifest_scanner(manifest: Manifest) -> pads.Scanner:
-    """The manifest's columns the night uses, as a streaming Arrow scanner."""
-    cols = ["product_id", "image_uri"] + [c for c in ("current_category", "image_version")
-                                           if manifest.has(c)]
-    fs, path = storage.arrow_filesystem(manifest.uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").scanner(columns=cols)
-
-
 def count_changes(con) -> tuple[int, int]:
     """(new products, removed products) between the registered manifest `m` and last night `p`."""
     new = con.execute("SELECT count(*) FROM m ANTI JOIN p USING (product_id)").fetchall()[0][0]
@@ -165,7 +157,7 @@ def plan_night(manifest: Manifest, previous: dict[str, Any] | None, output: str,
     everything.previous_run_id = previous.get("run_id")
     con = _connect()
     con.register("m", _dataset(manifest.uri))
-    con.register("p", _dataset(committed_uris(output, previous)))
+    con.register("p", _dataset(run_folder.committed_uris(output, previous)))
     everything.new_products, everything.removed_products = count_changes(con)
     if full:
         everything.reason = "--full"
@@ -199,7 +191,7 @@ def plan_night(manifest: Manifest, previous: dict[str, Any] | None, output: str,
     carry = _carry_condition(version)
 
     folder = run_folder.run_uri(output, run_id)
-    for name, _ in run_folder.carried_files(folder):  # what a killed plan left
+    for name, _ in run_folder.list_run(folder).carried:  # what a killed plan left
         storage.remove(storage.join(folder, name))
     carried = write_carried(con.sql(
         f"SELECT {_carried_select(manifest, run_id)} FROM {join} WHERE {carry}"
@@ -215,10 +207,6 @@ def plan_night(manifest: Manifest, previous: dict[str, Any] | None, output: str,
     return NightPlan("incremental", f"same model and options as run {previous.get('run_id')}",
                      source, rescored, carried, everything.new_products,
                      everything.removed_products, previous.get("run_id"))
-
-
-def committed_uris(output: str, marker: dict[str, Any]) -> list[str]:
-    return [storage.join(output, *f.split("/")) for f in marker["files"]]
 
 
 def load_or_plan(staging: str, make) -> NightPlan:

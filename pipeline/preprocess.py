@@ -3,8 +3,9 @@
 A batch in, the same rows out (never fewer): failed rows keep a zero image and status='error'
 so they flow through inference untouched and reach the output.
 
-A batch without an `image_version` column gets one: the image's change signal from the store
-(`fetch.image_signal`, taken before the read), which the next incremental night compares.
+With `record_signal`, a batch without an `image_version` column gets one: the image's change
+signal from the store (`fetch.image_signal`, taken before the read), which the nightly job's
+next incremental night compares. Other jobs do not pay for the extra stat or HEAD.
 
 With `threads` > 1 the images of a batch are fetched and decoded on a thread pool: Pillow
 releases the GIL while it decodes and resizes, so threads scale over cores (BENCHMARKS.md has the
@@ -31,7 +32,8 @@ class Preprocessor:
 
     def __init__(self, size: int, base_uri: str, max_bytes: int = 50_000_000,
                  max_pixels: int = 100_000_000, policy: UriPolicy | None = None,
-                 fetch_timeout_s: float = TIMEOUT_S, fetch_retries: int = RETRIES, threads: int = 1):
+                 fetch_timeout_s: float = TIMEOUT_S, fetch_retries: int = RETRIES, threads: int = 1,
+                 record_signal: bool = False):
         self.size = size
         self.threads = threads
         self.base_uri = base_uri
@@ -40,6 +42,7 @@ class Preprocessor:
         self.policy = policy or UriPolicy()
         self.fetch_timeout_s = fetch_timeout_s
         self.fetch_retries = fetch_retries
+        self.record_signal = record_signal
 
     def _load(self, uri: str | None, signal: bool) -> tuple[np.ndarray, str | None]:
         if not uri:
@@ -74,7 +77,7 @@ class Preprocessor:
         status = np.full(n, "ok", dtype=object)
         error_type = np.full(n, None, dtype=object)
         error_message = np.full(n, None, dtype=object)
-        signal = "image_version" not in batch
+        signal = self.record_signal and "image_version" not in batch
         versions = np.full(n, None, dtype=object)
         for i, result in enumerate(self._fetch_all(uris, signal)):
             if isinstance(result, ImageError):

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -53,14 +54,14 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def staging_key(cfg: RecategorizeConfig, manifest_uri: str, model_version: str,
+def staging_key(cfg: RecategorizeConfig, manifest_uri: str, model_version: str, opts_key: str,
                 previous: dict[str, Any] | None) -> str:
     """Everything that decides the rows of this run: a restart with the same arguments over the
     same manifest files against the same committed run finds its work."""
     fs, path = storage.filesystem(manifest_uri)
     files = sorted((f, fs.size(f)) for f in (fs.find(path) if fs.isdir(path) else [path]))
     blob = json.dumps({"manifest": manifest_uri, "files": files, "model": model_version,
-                       "options": options_key(cfg), "chunk_rows": cfg.chunk_rows,
+                       "options": opts_key, "chunk_rows": cfg.chunk_rows,
                        "run_id": cfg.run_id, "full": cfg.full,
                        "previous": (previous or {}).get("run_id")}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -117,7 +118,7 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
 
     ds = ray.data.from_items(chunk_items(chunks), override_num_blocks=len(chunks))
     ds = ds.map_batches(ChunkReader(source, source_columns(source, chunks)), batch_size=1,
-                        batch_format="numpy", num_cpus=IO_TASK_CPUS,
+                        batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                         **engine.retry_args(place, actor=False))
     ds = engine.scored(ds, images, place, InferenceActor, {
         "model_uri": storage.normalize(cfg.model), "device": place.device, "top_k": cfg.top_k,
@@ -145,20 +146,24 @@ def run(cfg: RecategorizeConfig) -> dict:
     manifest = validate_manifest(cfg.manifest)
     meta = load_artifact_checked(cfg.model)
     output = storage.normalize(cfg.output)
-    images = engine.ImageSettings.from_config(cfg, meta.input_size, manifest.base_uri)
+    # The nightly job records each scored image's change signal for the next night's plan.
+    images = dataclasses.replace(
+        engine.ImageSettings.from_config(cfg, meta.input_size, manifest.base_uri),
+        record_signal=True)
     if cfg.run_id:
         safe_name(cfg.run_id, "--run-id")
     previous = run_folder.check_output(output, cfg.overwrite)
     warehouse = iceberg_sink(cfg)
 
-    key = staging_key(cfg, manifest.uri, meta.model_version, previous)
+    opts = options_key(cfg)
+    key = staging_key(cfg, manifest.uri, meta.model_version, opts, previous)
     staging = run_folder.staging_uri(output, key)
     run_id = staged_run_id(output, key, cfg.run_id)
     folder = run_folder.run_uri(output, run_id)
     init_ray(cfg.ray_address, cfg.num_cpus)
     place = engine.Placement.from_config(cfg, resolve_inference_device(cfg))
     plan = load_or_plan(staging, lambda: plan_night(
-        manifest, previous, output, model_version=meta.model_version, opts_key=options_key(cfg),
+        manifest, previous, output, model_version=meta.model_version, opts_key=opts,
         full=cfg.full, run_id=run_id, staging=staging, rows_per_file=cfg.rows_per_file,
         probe=lambda src, out: engine.probe_signals(src, out, images, place)))
 
@@ -168,35 +173,33 @@ def run(cfg: RecategorizeConfig) -> dict:
     todo = [c for c in chunks if c.index not in done]
     written, ray_stats = score_chunks(cfg, plan.source, todo, images, place, run_id,
                                       folder) if todo else ([], "")
-    stats = run_folder.run_stats(folder, written)
-    marker = run_folder.commit(output, run_id, sizes, plan.rows_carried, manifest.num_rows, {
-        "manifest": manifest.uri, "model_version": meta.model_version,
-        "options_key": options_key(cfg)})
+    listing = run_folder.list_run(folder)
+    stats = run_folder.run_stats(folder, listing, written)
+    marker = run_folder.commit(output, run_id, listing, sizes, plan.rows_carried,
+                               manifest.num_rows, {"manifest": manifest.uri,
+                                                   "model_version": meta.model_version,
+                                                   "options_key": opts})
     summary = summarize(cfg, manifest, meta, place, plan, marker, stats, len(chunks),
                         len(done), time.perf_counter() - start)
     summary["drift"] = drift.drift(previous_stats(output, previous), stats,
                                    plan.new_products, plan.removed_products)
     if warehouse is not None:  # before the Parquet commit: a restart finds this run again
-        summary["iceberg"] = warehouse.commit(committed_uris(output, marker), run_id,
+        summary["iceberg"] = warehouse.commit(run_folder.committed_uris(output, marker), run_id,
                                               {"model_version": meta.model_version})
     storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), summary)
     # Catalog properties can hold credentials: the written config names the table only.
-    cfg = cfg.model_copy(update={"iceberg_catalog": REDACTED if cfg.iceberg_catalog else None})
-    cfg.save(storage.join(folder, "_config.yaml"))
+    saved = cfg.model_copy(update={"iceberg_catalog": REDACTED if cfg.iceberg_catalog else None})
+    saved.save(storage.join(folder, "_config.yaml"))
+    report = drift.render_drift_html(summary["drift"])
     # "_" keeps it out of Parquet readers that read the whole run folder.
-    storage.write_text(storage.join(folder, "_" + DRIFT_FILE),
-                       drift.render_drift_html(summary["drift"]))
+    storage.write_text(storage.join(folder, "_" + DRIFT_FILE), report)
     run_folder.publish(output, marker, key)
-    cfg.save(storage.join(output, "config.yaml"))
+    saved.save(storage.join(output, "config.yaml"))
     storage.write_json(storage.join(output, run_folder.SUMMARY_FILE), summary)
-    storage.write_text(storage.join(output, DRIFT_FILE), drift.render_drift_html(summary["drift"]))
+    storage.write_text(storage.join(output, DRIFT_FILE), report)
     # Per-operator wall/CPU time and memory from Ray Data: where this run's time went.
     storage.write_text(storage.join(output, STATS_FILE), ray_stats)
     return summary
-
-
-def committed_uris(output: str, marker: dict[str, Any]) -> list[str]:
-    return [storage.join(output, *f.split("/")) for f in marker["files"]]
 
 
 def summarize(cfg: RecategorizeConfig, manifest: Manifest, meta, place: engine.Placement,

@@ -8,7 +8,6 @@ from its finished chunks and commits the same rows a clean run commits.
 """
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -18,14 +17,13 @@ import sys
 import threading
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
 from pipeline.config import RecategorizeConfig
 from pipeline.recategorize import run
-from tests.conftest import summary_json, write_manifest
+from tests.conftest import committed_table, summary_json, write_manifest
 
 COMPARED = ["product_id", "image_uri", "status", "error_type", "predicted_category",
             "current_category", "category_changed", "needs_review", "model_version"]
@@ -54,11 +52,6 @@ def repeated_catalog(root, sample_images, copies: int):
     rows.append({"product_id": "sku-missing", "image_uri": "images/missing.jpg",
                  "current_category": None})
     return write_manifest(root / "catalog" / "manifest.parquet", rows), len(rows)
-
-
-def committed(out) -> "pq.Table":
-    marker = json.loads((out / "_SUCCESS").read_text())
-    return pq.ParquetDataset([str(out / f) for f in marker["files"]]).read().sort_by("product_id")
 
 
 def _title(pid: int) -> str:
@@ -138,7 +131,7 @@ def test_killed_workers_are_replaced_and_no_row_is_lost_or_doubled(
     assert bool(killer.preprocess_pid) == (decode_in == "tasks")
     assert killer.killed_pid and killer.killed_while_running
     assert killer.replacement_pid and killer.replacement_pid != killer.killed_pid
-    table = committed(out)
+    table = committed_table(out)
     ids = table.column("product_id").to_pylist()
     assert summary["rows"] == n == len(ids) == len(set(ids))
     assert summary["errors_by_type"] == {"fetch_not_found": 1}
@@ -232,7 +225,7 @@ def test_killed_driver_resumes_and_matches_a_clean_run(ray_local, tmp_path, samp
     clean_out = tmp_path / "clean"
     run(RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(clean_out),
                            batch_size=16))  # one chunk: rows must not depend on chunking
-    got, want = committed(out), committed(clean_out)
+    got, want = committed_table(out), committed_table(clean_out)
     assert got.num_rows == want.num_rows == n
     assert len(set(got.column("product_id").to_pylist())) == n
     for column in COMPARED:

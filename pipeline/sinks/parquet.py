@@ -25,6 +25,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -135,30 +136,37 @@ class ChunkSink(Datasink):
         return self.rows_per_write
 
 
-def chunk_files(folder: str) -> dict[int, list[tuple[str, int]]]:
-    """Scored files in a run folder by chunk: {chunk: [(name, rows), ...]}."""
-    found: dict[int, list[tuple[str, int]]] = {}
-    for uri in storage.list_files(folder, suffix=".parquet"):
-        match = CHUNK_FILE.match(uri.rsplit("/", 1)[-1])
-        if match:
-            found.setdefault(int(match.group(1)), []).append((match.group(0), int(match.group(3))))
-    return found
+@dataclass
+class Listing:
+    """A run folder's Parquet files, from one listing: scored files by chunk
+    ({chunk: [(name, rows), ...]}) and carried files ([(name, rows), ...])."""
+
+    chunks: dict[int, list[tuple[str, int]]]
+    carried: list[tuple[str, int]]
+
+    @property
+    def names(self) -> list[str]:
+        scored = sorted(n for files in self.chunks.values() for n, _ in files)
+        return scored + [n for n, _ in self.carried]
 
 
-def carried_files(folder: str) -> list[tuple[str, int]]:
-    out = []
+def list_run(folder: str) -> Listing:
+    listing = Listing({}, [])
     for uri in storage.list_files(folder, suffix=".parquet"):
-        match = CARRIED_FILE.match(uri.rsplit("/", 1)[-1])
-        if match:
-            out.append((match.group(0), int(match.group(2))))
-    return sorted(out)
+        name = uri.rsplit("/", 1)[-1]
+        if match := CHUNK_FILE.match(name):
+            listing.chunks.setdefault(int(match.group(1)), []).append((name, int(match.group(3))))
+        elif match := CARRIED_FILE.match(name):
+            listing.carried.append((name, int(match.group(2))))
+    listing.carried.sort()
+    return listing
 
 
 def finished_chunks(folder: str, sizes: list[int]) -> set[int]:
     """Chunks whose files hold all their rows. The files of a chunk a killed run left half
     written are removed, so it is scored again from scratch."""
     done = set()
-    for chunk, files in chunk_files(folder).items():
+    for chunk, files in list_run(folder).chunks.items():
         rows = sum(r for _, r in files)
         if chunk < len(sizes) and rows == sizes[chunk]:
             done.add(chunk)
@@ -168,12 +176,11 @@ def finished_chunks(folder: str, sizes: list[int]) -> set[int]:
     return done
 
 
-def run_stats(folder: str, written: list[dict[str, Any]]) -> dict[str, Any]:
-    """Statistics of every file in the folder: from this attempt's writes, and from the footers
-    of files an earlier attempt wrote."""
+def run_stats(folder: str, listing: Listing, written: list[dict[str, Any]]) -> dict[str, Any]:
+    """Statistics of every listed file: from this attempt's writes, and from the footers of
+    files an earlier attempt (or the night's plan) wrote."""
     known = {w["file"]: w["stats"] for w in written}
-    names = [n for files in chunk_files(folder).values() for n, _ in files]
-    names += [n for n, _ in carried_files(folder)]
+    names = listing.names
     missing = [n for n in names if n not in known]
     with ThreadPoolExecutor(FOOTER_THREADS) as pool:
         found = pool.map(lambda n: file_stats(storage.join(folder, n)), missing)
@@ -184,27 +191,24 @@ def run_stats(folder: str, written: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def commit(output: str, run_id: str, sizes: list[int], carried_rows: int, expected_rows: int,
-           info: dict[str, Any]) -> dict[str, Any]:
+def commit(output: str, run_id: str, listing: Listing, sizes: list[int], carried_rows: int,
+           expected_rows: int, info: dict[str, Any]) -> dict[str, Any]:
     """The marker of a finished run, after checking from the listing that every chunk holds
     exactly its rows and the run holds one row per manifest row."""
-    folder = run_uri(output, run_id)
-    by_chunk = chunk_files(folder)
     for chunk, size in enumerate(sizes):
-        rows = sum(r for _, r in by_chunk.get(chunk, []))
+        rows = sum(r for _, r in listing.chunks.get(chunk, []))
         if rows != size:
             raise OutputError(f"run {run_id}: chunk {chunk} holds {rows} rows for {size} "
                               "manifest rows; not committing")
-    carried = carried_files(folder)
+    carried = sum(r for _, r in listing.carried)
     scored_rows = sum(sizes)
-    rows = scored_rows + sum(r for _, r in carried)
-    if sum(r for _, r in carried) != carried_rows or rows != expected_rows:
+    rows = scored_rows + carried
+    if carried != carried_rows or rows != expected_rows:
         raise OutputError(f"run {run_id} holds {rows} rows for a manifest of {expected_rows}; "
                           "not committing")
-    names = sorted(n for files in by_chunk.values() for n, _ in files) + [n for n, _ in carried]
     return {**info, "run_id": run_id, "rows": rows, "rows_rescored": scored_rows,
             "rows_carried": carried_rows,
-            "files": [f"{RUNS_DIR}/{run_id}/{n}" for n in names]}
+            "files": [f"{RUNS_DIR}/{run_id}/{n}" for n in listing.names]}
 
 
 def previous_run(output: str) -> dict[str, Any] | None:
@@ -230,12 +234,17 @@ def publish(output: str, marker: dict[str, Any], staging_key: str) -> None:
     storage.remove(staging_uri(output, staging_key))
 
 
+def committed_uris(output: str, marker: dict[str, Any]) -> list[str]:
+    """URIs of the Parquet files a `_SUCCESS` marker lists."""
+    return [storage.join(output, *f.split("/")) for f in marker["files"]]
+
+
 def committed_files(output: str) -> list[str]:
     """URIs of the Parquet files of the completed run in `output` (what readers should read)."""
     marker = previous_run(output)
     if not marker:
         raise OutputError(f"output {output!r} holds no completed run (no {SUCCESS_FILE})")
-    return [storage.join(output, *f.split("/")) for f in marker["files"]]
+    return committed_uris(output, marker)
 
 
 def check_output(output: str, overwrite: bool) -> dict[str, Any] | None:
