@@ -24,6 +24,11 @@ EXAMPLES_DIR = REPO_ROOT / "examples"
 SAMPLE_MANIFEST = str(EXAMPLES_DIR / "sample-catalog" / "manifest.parquet")
 BUNDLED_MODEL = str(EXAMPLES_DIR / "model")
 GROCERY_DATASET = str(REPO_ROOT.parent / "shared" / "datasets" / "grocery-store")
+# Up to this many rows to score, a night without a Ray cluster scores in its own process: starting
+# a private Ray and an actor pool is fixed seconds that such a night would not earn back, and one
+# process on the same cores decodes and runs the model as fast. Beyond it, Ray's per-chunk fault
+# tolerance and back-pressure are worth their start-up.
+LOCAL_MAX_ROWS = 5_000
 
 
 class JobConfig(BaseModel):
@@ -199,6 +204,14 @@ class RecategorizeConfig(ImageAccessOptions, JobConfig):
         description="Rows per resumable chunk: the run writes each chunk's rows straight into its "
         "folder, so a killed run restarted with the same arguments redoes only the chunks in "
         "flight.",
+    )
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto",
+        description="Where images are scored: 'ray' (a Ray Data pass on an actor pool) or "
+        "'local' (in this process, no Ray: for a few thousand rows, where starting Ray and an "
+        "actor pool costs more than the scoring). 'auto': 'local' when no Ray cluster is given "
+        "(no --ray-address, no RAY_ADDRESS), --device is not cuda and the night has at most "
+        f"{LOCAL_MAX_ROWS:,} rows to score; else 'ray'.",
     )
     full: bool = Field(
         False,

@@ -40,6 +40,8 @@ CALLS_IN_FLIGHT = 2
 # Change-signal probes (HEAD / stat) per task and in flight per task: latency-bound requests.
 PROBE_BATCH_ROWS = 1024
 REMOTE_PROBE_THREADS = 16
+# In one process (no Ray), the probe's requests all come from here: more of them in flight.
+LOCAL_PROBE_THREADS = 64
 # Plain Ray remote args for retries; Ray 2.60 warns that they move to named options in 2.64.
 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated",
                         category=DeprecationWarning)
@@ -235,6 +237,29 @@ def scored(ds, images: ImageSettings, place: Placement, predictor: type,
         **inference_placement(place), **retry_args(place, actor=True))
 
 
+def numpy_batch(batch: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
+    """Rows as the column -> ndarray batch Ray Data hands a `batch_format="numpy"` callable
+    (strings as object arrays, nulls as None)."""
+    return {name: col.to_numpy(zero_copy_only=False)
+            for name, col in zip(batch.column_names, batch.columns, strict=True)}
+
+
+def in_process_scorer(images: ImageSettings, place: Placement, predictor: type,
+                      predictor_kwargs: dict[str, Any]):
+    """`scored` without Ray: the same ScoringActor, built once in this process, fetching,
+    decoding and running the model on all this process's cores. Returns table -> list of the
+    predictor's per-batch outputs. For runs too small to repay starting Ray and an actor pool."""
+    cores = cpu_count()
+    actor = ScoringActor(predictor,
+                         {**predictor_kwargs, "num_threads": place.inference_threads or cores},
+                         images.preprocessor(threads=cores))
+
+    def score(rows: pa.Table) -> list[Any]:
+        return [actor(numpy_batch(b)) for b in rows.to_batches(max_chunksize=place.batch_size)]
+
+    return score
+
+
 class SignalProbe:
     """Ray Data callable: rows with image_uri -> the same rows with `image_version`, the
     store's change signal of each image (no image is read; `fetch.image_signal`)."""
@@ -252,6 +277,32 @@ class SignalProbe:
         with ThreadPoolExecutor(self.threads) as pool:  # HEAD requests are latency-bound
             versions = list(pool.map(one, batch["image_uri"]))
         return {"product_id": batch["product_id"], "image_version": np.array(versions, dtype=object)}
+
+
+def probe_signals_local(candidates_uri: str, out_uri: str, images: ImageSettings) -> None:
+    """`probe_signals` in this process: the same SignalProbe over the candidates in batches,
+    LOCAL_PROBE_THREADS requests in flight, streamed into one Parquet file under out_uri."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_filesystem(candidates_uri)
+    probe = SignalProbe(images, LOCAL_PROBE_THREADS)
+    out_fs, out_path = storage.arrow_filesystem(out_uri)
+    out_fs.create_dir(out_path, recursive=True)
+    writer = None
+    try:
+        for batch in pads.dataset(path, filesystem=fs, format="parquet").to_batches(
+                columns=["product_id", "image_uri"], batch_size=PROBE_BATCH_ROWS):
+            table = pa.table(probe(numpy_batch(batch)))
+            table = table.cast(pa.schema([("product_id", batch.schema.field("product_id").type),
+                                          ("image_version", pa.string())]))
+            if writer is None:
+                writer = pq.ParquetWriter(f"{out_path}/probed.parquet", table.schema,
+                                          filesystem=out_fs)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def probe_signals(candidates_uri: str, out_uri: str, images: ImageSettings,

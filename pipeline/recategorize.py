@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -29,7 +31,7 @@ from pipeline import drift, engine, storage
 from pipeline.artifact import load_artifact, load_metadata
 from pipeline.catalog import Manifest, validate_manifest
 from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
-from pipeline.config import RecategorizeConfig
+from pipeline.config import LOCAL_MAX_ROWS, RecategorizeConfig
 from pipeline.errors import ConfigError
 from pipeline.incremental import NightPlan, load_or_plan, options_key, plan_night
 from pipeline.security import safe_name
@@ -107,6 +109,14 @@ def source_columns(uri: str, chunks: list[Chunk]) -> list[str]:
                                            if c in names]
 
 
+def inference_kwargs(cfg: RecategorizeConfig, place: engine.Placement, run_id: str) -> dict:
+    """What each scorer (actor or in-process) builds its InferenceActor with."""
+    return {"model_uri": storage.normalize(cfg.model), "device": place.device, "top_k": cfg.top_k,
+            "precision": cfg.precision, "compile": cfg.compile,
+            "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
+            "review_threshold": cfg.review_threshold, "tta": cfg.tta}
+
+
 def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
                  images: engine.ImageSettings, place: engine.Placement, run_id: str,
                  folder: str) -> tuple[list[dict], str]:
@@ -120,15 +130,52 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
     ds = ds.map_batches(ChunkReader(source, source_columns(source, chunks)), batch_size=1,
                         batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                         **engine.retry_args(place, actor=False))
-    ds = engine.scored(ds, images, place, InferenceActor, {
-        "model_uri": storage.normalize(cfg.model), "device": place.device, "top_k": cfg.top_k,
-        "precision": cfg.precision, "compile": cfg.compile,
-        "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
-        "review_threshold": cfg.review_threshold, "tta": cfg.tta})
+    ds = engine.scored(ds, images, place, InferenceActor, inference_kwargs(cfg, place, run_id))
     sink = run_folder.ChunkSink(folder, min(WRITE_BLOCK_ROWS, cfg.rows_per_file, cfg.chunk_rows))
     with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
         ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     return sink.written, ds.stats()
+
+
+def score_local(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
+                images: engine.ImageSettings, place: engine.Placement, run_id: str,
+                folder: str) -> list[dict]:
+    """The same pass in this process, chunk by chunk into the same run folder files (so resume
+    and commit do not know which executor ran). Returns what was written."""
+    from pipeline.cluster import InferenceActor
+
+    score = engine.in_process_scorer(images, place, InferenceActor, inference_kwargs(
+        cfg, place, run_id))
+    reader = ChunkReader(source, source_columns(source, chunks))
+    sink = run_folder.ChunkSink(folder, cfg.rows_per_file)
+    written: list[dict] = []
+    for chunk in chunks:
+        written += sink.write(score(reader.read(chunk)), None)
+    return written
+
+
+def on_cluster(cfg: RecategorizeConfig) -> bool:
+    """A Ray cluster was given (`ray job submit` sets RAY_ADDRESS for its driver)."""
+    return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def choose_executor(cfg: RecategorizeConfig, rows_to_score: int) -> tuple[str, str]:
+    """('ray' | 'local', why): --executor, else local for a small night without a cluster."""
+    if cfg.executor != "auto":
+        return cfg.executor, f"--executor {cfg.executor}"
+    if on_cluster(cfg):
+        return "ray", "a Ray cluster was given"
+    if cfg.device == "cuda":
+        return "ray", "--device cuda"
+    if rows_to_score > LOCAL_MAX_ROWS:
+        return "ray", f"{rows_to_score:,} rows to score (local up to {LOCAL_MAX_ROWS:,})"
+    return "local", f"{rows_to_score:,} rows to score (local up to {LOCAL_MAX_ROWS:,})"
+
+
+def local_device(cfg: RecategorizeConfig) -> str:
+    import torch
+
+    return "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu"
 
 
 def previous_stats(output: str, previous: dict[str, Any] | None) -> dict | None:
@@ -139,12 +186,31 @@ def previous_stats(output: str, previous: dict[str, Any] | None) -> dict | None:
     return storage.read_json(uri).get("stats") if storage.exists(uri) else None
 
 
+class Phases:
+    """Wall seconds of each step of the night, in order, for the summary: where a night's
+    fixed cost goes (start-up, plan, scoring, commit, report)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        """The time since the previous mark is `name`'s."""
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+
 def run(cfg: RecategorizeConfig) -> dict:
+    start = time.perf_counter()
+    phases = Phases()
     from pipeline.cluster import init_ray, resolve_inference_device
 
-    start = time.perf_counter()
+    phases.mark("import")
     manifest = validate_manifest(cfg.manifest)
+    phases.mark("validate manifest")
     meta = load_artifact_checked(cfg.model)
+    phases.mark("check model")
     output = storage.normalize(cfg.output)
     # The nightly job records each scored image's change signal for the next night's plan.
     images = dataclasses.replace(
@@ -160,19 +226,37 @@ def run(cfg: RecategorizeConfig) -> dict:
     staging = run_folder.staging_uri(output, key)
     run_id = staged_run_id(output, key, cfg.run_id)
     folder = run_folder.run_uri(output, run_id)
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    place = engine.Placement.from_config(cfg, resolve_inference_device(cfg))
+    phases.mark("check output")
+
+    @functools.cache
+    def on_ray() -> engine.Placement:
+        """Start (or join) Ray once, when the night first needs it."""
+        init_ray(cfg.ray_address, cfg.num_cpus)
+        return engine.Placement.from_config(cfg, resolve_inference_device(cfg))
+
     plan = load_or_plan(staging, lambda: plan_night(
         manifest, previous, output, model_version=meta.model_version, opts_key=opts,
         full=cfg.full, run_id=run_id, staging=staging, rows_per_file=cfg.rows_per_file,
-        probe=lambda src, out: engine.probe_signals(src, out, images, place)))
+        probe=lambda src, out: (engine.probe_signals(src, out, images, on_ray())
+                                if on_cluster(cfg) or cfg.executor == "ray"
+                                else engine.probe_signals_local(src, out, images))))
 
     chunks = plan_chunks(plan.source, cfg.chunk_rows)
     sizes = [c.rows for c in chunks]
     done = run_folder.finished_chunks(folder, sizes)
     todo = [c for c in chunks if c.index not in done]
-    written, ray_stats = score_chunks(cfg, plan.source, todo, images, place, run_id,
-                                      folder) if todo else ([], "")
+    executor, executor_reason = choose_executor(cfg, sum(c.rows for c in todo))
+    phases.mark("plan")
+    if executor == "local":
+        place = engine.Placement.from_config(cfg, local_device(cfg))
+        written, ray_stats = score_local(cfg, plan.source, todo, images, place, run_id,
+                                         folder) if todo else [], ""
+    else:
+        place = on_ray()
+        phases.mark("start ray")
+        written, ray_stats = score_chunks(cfg, plan.source, todo, images, place, run_id,
+                                          folder) if todo else ([], "")
+    phases.mark("score")
     listing = run_folder.list_run(folder)
     stats = run_folder.run_stats(folder, listing, written)
     marker = run_folder.commit(output, run_id, listing, sizes, plan.rows_carried,
@@ -181,24 +265,31 @@ def run(cfg: RecategorizeConfig) -> dict:
                                                    "options_key": opts})
     summary = summarize(cfg, manifest, meta, place, plan, marker, stats, len(chunks),
                         len(done), time.perf_counter() - start)
+    summary["executor"], summary["executor_reason"] = executor, executor_reason
     summary["drift"] = drift.drift(previous_stats(output, previous), stats,
                                    plan.new_products, plan.removed_products)
+    phases.mark("commit")
     if warehouse is not None:  # before the Parquet commit: a restart finds this run again
         summary["iceberg"] = warehouse.commit(run_folder.committed_uris(output, marker), run_id,
                                               {"model_version": meta.model_version})
+        phases.mark("iceberg commit")
     storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), summary)
     # Catalog properties can hold credentials: the written config names the table only.
     saved = cfg.model_copy(update={"iceberg_catalog": REDACTED if cfg.iceberg_catalog else None})
     saved.save(storage.join(folder, "_config.yaml"))
     report = drift.render_drift_html(summary["drift"])
+    phases.mark("drift report")
     # "_" keeps it out of Parquet readers that read the whole run folder.
     storage.write_text(storage.join(folder, "_" + DRIFT_FILE), report)
     run_folder.publish(output, marker, key)
     saved.save(storage.join(output, "config.yaml"))
-    storage.write_json(storage.join(output, run_folder.SUMMARY_FILE), summary)
     storage.write_text(storage.join(output, DRIFT_FILE), report)
     # Per-operator wall/CPU time and memory from Ray Data: where this run's time went.
-    storage.write_text(storage.join(output, STATS_FILE), ray_stats)
+    storage.write_text(storage.join(output, STATS_FILE),
+                       ray_stats or f"No Ray Data pass: {executor} executor ({executor_reason}).\n")
+    phases.mark("publish")
+    summary["phases_s"] = phases.seconds
+    storage.write_json(storage.join(output, run_folder.SUMMARY_FILE), summary)
     return summary
 
 

@@ -124,7 +124,7 @@ def test_killed_workers_are_replaced_and_no_row_is_lost_or_doubled(
     try:
         summary = run(RecategorizeConfig(manifest=str(manifest), model=bundled_model,
                                          output=str(out), batch_size=8, preprocess_batch_size=8,
-                                         decode_in=decode_in))
+                                         decode_in=decode_in, executor="ray"))
     finally:
         done.set()
         killer.join(timeout=30)
@@ -140,7 +140,7 @@ def test_killed_workers_are_replaced_and_no_row_is_lost_or_doubled(
 def _job(manifest, model, out, *extra):
     return [sys.executable, "-m", "jobs.recategorize", "--manifest", str(manifest), "--model", model,
             "--output", str(out), "--num-cpus", "2", "--chunk-rows", "100",
-            "--batch-size", "16", *extra]
+            "--batch-size", "16", "--executor", "ray", *extra]
 
 
 def descendants(pid: int) -> list[int]:

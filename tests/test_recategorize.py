@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifact import load_metadata
-from pipeline.config import RecategorizeConfig
+from pipeline.config import LOCAL_MAX_ROWS, RecategorizeConfig
 from pipeline.preprocess import Preprocessor
-from pipeline.recategorize import run
+from pipeline.recategorize import choose_executor, run
 from pipeline.sinks.rows import OUTPUT_SCHEMA
 
 
@@ -26,13 +26,27 @@ def test_preprocessor_keeps_every_row(small_catalog):
     assert ok.sum() == n - 3 and out["image"][ok].reshape(n - 3, -1).std(axis=1).min() > 5
 
 
+def test_auto_executor_scores_small_nights_in_process_and_clusters_on_ray(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = RecategorizeConfig()
+    assert choose_executor(cfg, LOCAL_MAX_ROWS)[0] == "local"
+    assert choose_executor(cfg, 0)[0] == "local"
+    assert choose_executor(cfg, LOCAL_MAX_ROWS + 1)[0] == "ray"
+    assert choose_executor(cfg.model_copy(update={"device": "cuda"}), 1)[0] == "ray"
+    assert choose_executor(cfg.model_copy(update={"ray_address": "auto"}), 1)[0] == "ray"
+    assert choose_executor(cfg.model_copy(update={"executor": "local"}), 10**7)[0] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what `ray job submit` gives a driver
+    assert choose_executor(cfg, 1) == ("ray", "a Ray cluster was given")
+
+
 @pytest.mark.slow
 def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
     manifest, n, expected = small_catalog
     out = tmp_path / "out"
     cfg = RecategorizeConfig(manifest=str(manifest), model=bundled_model, output=str(out),
-                             batch_size=8, preprocess_batch_size=4, top_k=3)
+                             batch_size=8, preprocess_batch_size=4, top_k=3, executor="ray")
     summary = run(cfg)
+    assert summary["executor"] == "ray"
 
     table = pq.read_table(out / "predictions")
     assert table.num_rows == n == summary["rows"]
@@ -78,22 +92,26 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
 
 
 @pytest.mark.slow
-def test_decoding_in_tasks_and_in_the_actor_give_the_same_rows(ray_local, small_catalog, tmp_path,
-                                                              tiny_model):
+def test_decode_tasks_in_actor_decoding_and_the_local_executor_give_the_same_rows(
+        ray_local, small_catalog, tmp_path, tiny_model):
     manifest, n, expected = small_catalog
     tables = {}
-    for decode_in in ("tasks", "actor"):
-        out = tmp_path / decode_in
-        run(RecategorizeConfig(manifest=str(manifest), model=tiny_model, output=str(out),
-                               batch_size=8, decode_in=decode_in))
-        tables[decode_in] = pq.read_table(out / "predictions").sort_by("product_id")
-    tasks, actor = tables["tasks"], tables["actor"]
-    assert tasks.num_rows == actor.num_rows == n
-    for column in ("product_id", "status", "error_type", "predicted_category", "needs_review"):
-        assert tasks.column(column).to_pylist() == actor.column(column).to_pylist(), column
-    confidence = [np.array(t.column("confidence").to_pylist(), dtype=float) for t in (tasks, actor)]
-    np.testing.assert_allclose(*confidence, atol=1e-5)
-    assert sum(s == "error" for s in actor.column("status").to_pylist()) == len(expected)
+    for executor, decode_in in (("ray", "tasks"), ("ray", "actor"), ("local", "auto")):
+        out = tmp_path / f"{executor}-{decode_in}"
+        summary = run(RecategorizeConfig(manifest=str(manifest), model=tiny_model, output=str(out),
+                                         batch_size=8, decode_in=decode_in, executor=executor))
+        assert summary["executor"] == executor
+        tables[executor, decode_in] = pq.read_table(out / "predictions").sort_by("product_id")
+    tasks = tables["ray", "tasks"]
+    for other in (tables["ray", "actor"], tables["local", "auto"]):
+        assert tasks.num_rows == other.num_rows == n
+        for column in ("product_id", "status", "error_type", "error_message",
+                       "predicted_category", "needs_review", "image_version"):
+            assert tasks.column(column).to_pylist() == other.column(column).to_pylist(), column
+        confidence = [np.array(t.column("confidence").to_pylist(), dtype=float)
+                      for t in (tasks, other)]
+        np.testing.assert_allclose(*confidence, atol=1e-5)
+        assert sum(s == "error" for s in other.column("status").to_pylist()) == len(expected)
 
 
 @pytest.mark.slow

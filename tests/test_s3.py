@@ -80,7 +80,7 @@ def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, t
         shutil.copytree(tmp_path / "catalog", catalog)
     output = storage.join(location, "out")
     args = ["--manifest", storage.join(catalog, "manifest.parquet"), "--model", tiny_model,
-            "--output", output, "--batch-size", "16"]
+            "--output", output, "--batch-size", "16", "--executor", "ray"]  # workers on S3
 
     assert run_job(recategorize_main, args) == 0
     first = summary_json(capsys.readouterr().out)
