@@ -6,12 +6,16 @@ from __future__ import annotations
 import sys
 
 from jobs._main import run_job
-from pipeline.benchmark import run_benchmark
 from pipeline.config import BenchmarkConfig, parse_args
+
+PROG = "python -m jobs.benchmark"
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(BenchmarkConfig, argv, __doc__)
+    cfg = parse_args(BenchmarkConfig, argv, __doc__, PROG)
+    # torch and Ray load only once the arguments are good: --help answers at once
+    from pipeline.benchmark import run_benchmark
+
     print(run_benchmark(cfg))
 
 

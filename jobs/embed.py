@@ -8,11 +8,15 @@ import sys
 
 from jobs._main import run_job
 from pipeline.config import EmbedConfig, parse_args
-from pipeline.embeddings import run
+
+PROG = "python -m jobs.embed"
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(EmbedConfig, argv, __doc__)
+    cfg = parse_args(EmbedConfig, argv, __doc__, PROG)
+    # torch and Ray load only once the arguments are good: --help answers at once
+    from pipeline.embeddings import run
+
     summary = run(cfg)
     summary.pop("config", None)
     print(json.dumps(summary, indent=2))

@@ -8,11 +8,15 @@ import sys
 
 from jobs._main import run_job
 from pipeline.config import EvaluateConfig, parse_args
-from pipeline.evaluate import run
+
+PROG = "python -m jobs.evaluate"
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(EvaluateConfig, argv, __doc__)
+    cfg = parse_args(EvaluateConfig, argv, __doc__, PROG)
+    # torch and Ray load only once the arguments are good: --help answers at once
+    from pipeline.evaluate import run
+
     metrics = run(cfg)
     keys = ("rows", "scored_rows", "error_rows", "accuracy", "top5_accuracy", "coarse_accuracy",
             "macro_f1", "ece", "auto_accept")

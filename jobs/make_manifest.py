@@ -6,11 +6,15 @@ import sys
 
 from jobs._main import run_job
 from pipeline.config import MakeManifestConfig, parse_args
-from pipeline.importers import holdout_uri, make_manifest
+
+PROG = "python -m jobs.make_manifest"
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(MakeManifestConfig, argv, __doc__)
+    cfg = parse_args(MakeManifestConfig, argv, __doc__, PROG)
+    # torch and Ray load only once the arguments are good: --help answers at once
+    from pipeline.importers import holdout_uri, make_manifest
+
     splits = tuple(s.strip() for s in cfg.splits.split(",") if s.strip())
     rows, held = make_manifest(cfg.source, cfg.output, cfg.layout, splits, cfg.holdout_categories,
                                cfg.holdout_seed)

@@ -9,11 +9,15 @@ import sys
 
 from jobs._main import run_job
 from pipeline.config import RecategorizeConfig, parse_args
-from pipeline.recategorize import format_summary, run
+
+PROG = "python -m jobs.recategorize"
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(RecategorizeConfig, argv, __doc__)
+    cfg = parse_args(RecategorizeConfig, argv, __doc__, PROG)
+    # torch and Ray load only once the arguments are good: --help answers at once
+    from pipeline.recategorize import format_summary, run
+
     print(format_summary(run(cfg)))
 
 

@@ -7,11 +7,15 @@ import sys
 
 from jobs._main import run_job
 from pipeline.config import TrainConfig, parse_args
-from pipeline.train import run
+
+PROG = "python -m jobs.train"
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(TrainConfig, argv, __doc__)
+    cfg = parse_args(TrainConfig, argv, __doc__, PROG)
+    # torch and Ray load only once the arguments are good: --help answers at once
+    from pipeline.train import run
+
     summary = run(cfg)
     summary.pop("history", None)
     summary.pop("config", None)

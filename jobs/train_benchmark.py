@@ -7,11 +7,15 @@ import sys
 
 from jobs._main import run_job
 from pipeline.config import TrainBenchmarkConfig, parse_args
-from pipeline.train_benchmark import run_train_benchmark
+
+PROG = "python -m jobs.train_benchmark"
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(TrainBenchmarkConfig, argv, __doc__)
+    cfg = parse_args(TrainBenchmarkConfig, argv, __doc__, PROG)
+    # torch and Ray load only once the arguments are good: --help answers at once
+    from pipeline.train_benchmark import run_train_benchmark
+
     policies = [p.strip() for p in cfg.policies.split(",") if p.strip()]
     sizes = [int(s) for s in cfg.sizes.split(",") if s.strip()]
     print(run_train_benchmark(cfg.model_name, policies, sizes, cfg.batch_size, cfg.steps, cfg.device))

@@ -32,6 +32,11 @@ GPU_POLL_S = 5.0
 ACTOR_ERROR_LINE = re.compile(r"^pipeline\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
+# Ray 2.60 turns token authentication on for a new local cluster and logs a warning saying so
+# (with how to opt out). The private in-process Ray of a job keeps that secure default; the
+# warning is all we drop.
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
 # Ray's workers (reads, repartitions, writes) allocate many small Arrow buffers; Arrow's default
 # jemalloc pool kept their high-water mark, so peak memory grew with the catalog (BENCHMARKS.md,
 # "Memory"). cluster.yaml sets the same variable on every node.
@@ -47,8 +52,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # "local" always starts a private Ray: a bare ray.init() would attach to any cluster a
         # `ray start` left running on this machine.
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
-                 include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+                 include_dashboard=False,
+                 runtime_env={"env_vars": WORKER_ENV,
+                              "worker_process_setup_hook": "pipeline.worker_setup.quiet_local_worker"})
 
 
 def cluster_gpus() -> float:
@@ -73,6 +81,16 @@ def wait_for_gpus(needed: float, timeout_s: float) -> float:
     finally:
         request_resources(bundles=[])
     return gpus
+
+
+def resolve_device(requested: str) -> str:
+    """'cuda' or 'cpu' for a job's `--device` (auto, cpu, cuda), decided on the driver from the
+    cluster's resources: every job reads 'auto' the same way, cuda when the cluster has GPUs."""
+    gpus = cluster_gpus()
+    if requested == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda was requested but the Ray cluster has no GPUs; use "
+                          "--device auto (cuda only when there are GPUs) or --device cpu")
+    return "cuda" if requested == "cuda" or (requested == "auto" and gpus > 0) else "cpu"
 
 
 def resolve_inference_device(cfg: RecategorizeConfig) -> str:

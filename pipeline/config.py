@@ -3,11 +3,19 @@
 Each job has one pydantic model. `parse_args` builds an argparse parser from the model's fields
 (every field has a default and a description, which becomes its --help), so a flag, a YAML key and
 a Python attribute are the same name. The effective config is written next to the job's outputs.
+
+This module is what a job imports before its arguments are parsed, so it imports nothing heavy
+(no torch, Ray or pyarrow): `--help` and a bad option answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
+import re
+import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -15,8 +23,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
-from pipeline import storage
 from pipeline.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +37,11 @@ GROCERY_DATASET = str(REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"
 # process on the same cores decodes and runs the model as fast. Beyond it, Ray's per-chunk fault
 # tolerance and back-pressure are worth their start-up.
 LOCAL_MAX_ROWS = 5_000
+
+# Every job that runs a model takes --device with the same choices and the same default.
+Device = Literal["auto", "cpu", "cuda"]
+DEFAULT_DEVICE = "auto"
+DEVICE_HELP = "{what}. 'auto': cuda when the Ray cluster has GPUs, else cpu."
 
 
 class JobConfig(BaseModel):
@@ -47,6 +60,8 @@ class JobConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def save(self, uri: str) -> None:
+        from pipeline import storage
+
         storage.write_text(uri, self.to_yaml())
 
 
@@ -374,7 +389,7 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
     )
     seed: int = Field(0, description="Seed for splits, init and augmentation.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas).")
-    use_gpu: bool = Field(False, description="One GPU per training worker.")
+    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Training device"))
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per training worker.")
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per worker. Default: the node's CPU count."
@@ -388,6 +403,15 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         description="How Ray places the training workers: PACK fills a node first (fast "
         "gradient sync); SPREAD / STRICT_SPREAD put them on different nodes.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _use_gpu_is_device(cls, values: Any) -> Any:
+        """A config.yaml written before --device replaced --use-gpu still loads."""
+        if isinstance(values, dict) and "use_gpu" in values:
+            values = dict(values)
+            values.setdefault("device", "cuda" if values.pop("use_gpu") else "cpu")
+        return values
 
 
 class EvaluateConfig(LabelledImagesOptions, JobConfig):
@@ -411,7 +435,7 @@ class EvaluateConfig(LabelledImagesOptions, JobConfig):
     ece_bins: int = Field(15, ge=2, le=100, description="Confidence bins for ECE and the diagram.")
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
     num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="Inference device.")
+    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Inference device"))
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     tta: Literal["none", "flip"] = Field(
         "none", description="Test-time augmentation, as the nightly job's --tta.")
@@ -453,6 +477,7 @@ class EmbedConfig(LabelledImagesOptions, JobConfig):
     max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
     num_actors: int = Field(1, ge=1, description="Embedding actor pool size.")
+    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Embedding device"))
 
 
 class BenchmarkConfig(JobConfig):
@@ -470,7 +495,8 @@ class BenchmarkConfig(JobConfig):
         "--tta flip), decode, ours, baseline, torch_loop.",
     )
     batch_size: int = Field(64, ge=1, description="Inference batch size for ours and the loop.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device.")
+    device: Device = Field(
+        DEFAULT_DEVICE, description="Inference device. 'auto': cuda when this machine has one, else cpu.")
 
 
 class TrainBenchmarkConfig(BaseModel):
@@ -485,7 +511,8 @@ class TrainBenchmarkConfig(BaseModel):
     sizes: str = Field("160,192,224", description="Comma-separated square input sizes.")
     batch_size: int = Field(32, ge=1, description="Images per optimizer step.")
     steps: int = Field(3, ge=1, description="Timed steps per cell (the fastest counts).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    device: Device = Field(
+        DEFAULT_DEVICE, description="Training device. 'auto': cuda when this machine has one, else cpu.")
 
     @model_validator(mode="after")
     def _check_lists(self) -> TrainBenchmarkConfig:
@@ -524,6 +551,18 @@ class MakeManifestConfig(BaseModel):
 
 C = TypeVar("C", bound=BaseModel)
 
+CHECKOUT = "<checkout>"  # how --help names this checkout when run from another folder
+# argparse's own messages, reworded to name the option, the problem and the fix
+_ARGPARSE_BAD_VALUE = re.compile(r"^argument (\S+): invalid (\w+) value: (.+)$")
+_ARGPARSE_CHOICE = re.compile(r"^argument (\S+): invalid choice: (.+) \(choose from (.+)\)$")
+_ARGPARSE_NO_VALUE = re.compile(r"^argument (\S+): expected one argument$")
+_ARGPARSE_ARGUMENT = re.compile(r"^argument (\S+): (.+)$")
+_KIND_NAMES = {"int": "a whole number", "float": "a number", "str": "text"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
 
 def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None]:
     """argparse type and choices for a field annotation (scalars, Optional[...] and Literal)."""
@@ -537,58 +576,199 @@ def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None]:
     return annotation, None
 
 
-def build_parser(cls: type[BaseModel], description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def display_path(value: str) -> str:
+    """A default path as the user would type it: relative to the current folder when it lies
+    below it (or when the current folder is this checkout), else `<checkout>/...`; never an
+    absolute path into the checkout."""
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    cwd = Path.cwd().resolve()
+    if path.is_relative_to(cwd) or cwd == REPO_ROOT:
+        return os.path.relpath(path, cwd)
+    if path.is_relative_to(REPO_ROOT.parent):
+        return f"{CHECKOUT}/{os.path.relpath(path, REPO_ROOT)}"
+    return value
+
+
+def shown_default(field: FieldInfo) -> str | None:
+    """The default as `--help` shows it, or None when the description already states it."""
+    if "Default" in (field.description or ""):
+        return None
+    value = field.default
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        return display_path(value) if value else "empty"
+    return str(value)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help at spaces only, so a path or flag such as examples/sample-catalog stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _JobArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigErrors worded like every other bad-option message (the
+    job prints one line and exits 2), not a usage block of every option."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{_reword_argparse(message)} ({self.prog} --help lists every option)")
+
+
+def _reword_argparse(message: str) -> str:
+    if match := _ARGPARSE_BAD_VALUE.match(message):
+        flag, kind, value = match.groups()
+        kind_name = _KIND_NAMES.get(kind, kind)
+        return f"{flag} {value} is not {kind_name}: give {kind_name}"
+    if match := _ARGPARSE_CHOICE.match(message):
+        flag, value, choices = match.groups()
+        return f"{flag} {value} is not a choice: give one of {choices.replace(chr(39), '')}"
+    if match := _ARGPARSE_NO_VALUE.match(message):
+        return f"{match.group(1)} is missing its value: give {match.group(1)} VALUE"
+    if match := _ARGPARSE_ARGUMENT.match(message):
+        return f"{match.group(1)}: {match.group(2)}"
+    return message
+
+
+def build_parser(cls: type[BaseModel], description: str, prog: str | None = None
+                 ) -> argparse.ArgumentParser:
+    parser = _JobArgumentParser(prog=prog, description=description,
+                                usage="%(prog)s [--option VALUE ...]",
+                                formatter_class=_HelpFormatter)
     parser.add_argument(
-        "--config", default=None, help="YAML file setting any option below; flags override it."
+        "--config", default=None, metavar="YAML",
+        help="YAML file setting any option below (keys: option names with underscores); flags "
+        "override it.",
     )
     for name, field in cls.model_fields.items():
-        flag = "--" + name.replace("_", "-")
         kind, choices = _flag_type(field.annotation)
-        help_text = field.description or ""
+        help_text = (field.description or "").replace("%", "%%")
+        if (default := shown_default(field)) is not None:
+            help_text += f" (default: {default.replace('%', '%%')})"
         if kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{help_text} (default: {field.default})")
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=kind, choices=choices,
+            parser.add_argument(_flag(name), dest=name, type=kind, choices=choices,
                                 default=argparse.SUPPRESS, metavar=None if choices else name.upper(),
-                                help=f"{help_text} (default: {field.default})")
+                                help=help_text)
     return parser
 
 
-def parse_args(cls: type[C], argv: list[str] | None, description: str) -> C:
-    """Defaults, then --config YAML, then flags; raise ConfigError naming the bad option."""
-    args = vars(build_parser(cls, description).parse_args(argv))
+def _unknown_arguments(argv: list[str], extra: list[str], parser: argparse.ArgumentParser) -> str:
+    """What is wrong with each argument argparse could not place, and what to type instead."""
+    actions = parser._option_string_actions
+    flags = [f for f in actions if f.startswith("--")]
+    problems = []
+    for i, arg in enumerate(extra):
+        if not arg.startswith("-"):
+            if i and extra[i - 1].startswith("--") and "=" not in extra[i - 1]:
+                continue  # the value of the unknown option before it
+            before = argv[argv.index(arg) - 1] if argv.index(arg) else ""
+            if isinstance(actions.get(before), argparse.BooleanOptionalAction):
+                on = before.removeprefix("--no-").removeprefix("--")
+                problems.append(f"{before} takes no value ({arg!r}): give --{on} or --no-{on}")
+                continue
+            problems.append(f"unexpected argument {arg!r}: every option is a --flag followed by "
+                            "its value")
+            continue
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, flags, n=1)
+        problems.append(f"unknown option {flag}" + (f": did you mean {close[0]}?" if close else ""))
+    return "; ".join(problems)
+
+
+def parse_args(cls: type[C], argv: list[str] | None, description: str,
+               prog: str | None = None) -> C:
+    """Defaults, then --config YAML, then flags; raise ConfigError naming the bad option.
+
+    Imports nothing heavy, so a job can parse before it imports torch or Ray."""
+    parser = build_parser(cls, description, prog)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    namespace, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(_unknown_arguments(argv, extra, parser))
+    args = vars(namespace)
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
+    file_keys: set[str] = set()
     if config_file:
+        from pipeline import storage
+
         try:
             loaded = yaml.safe_load(storage.read_bytes(config_file)) or {}
         except FileNotFoundError as exc:
-            raise ConfigError(f"config file {config_file!r} not found") from exc
+            raise ConfigError(f"--config {config_file}: file not found") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {config_file!r} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"--config {config_file}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {config_file!r} must hold a mapping of option: value")
+            raise ConfigError(f"--config {config_file}: must hold a mapping of option: value "
+                              "(e.g. top_k: 3)")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        file_keys = set(values) - set(args)
     values.update(args)
-    return validate(cls, values, source=config_file)
+    return validate(cls, values, source=config_file, file_keys=file_keys)
 
 
-def validate(cls: type[C], values: dict[str, Any], source: str | None = None) -> C:
+def _bounds(field: FieldInfo) -> dict[str, Any]:
+    """The numeric limits of a field (ge, gt, le, lt) from its constraints."""
+    found: dict[str, Any] = {}
+    for item in field.metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(item, key, None) is not None:
+                found[key] = getattr(item, key)
+    return found
+
+
+def _allowed_range(field: FieldInfo, kind: str) -> str:
+    """'a whole number from 1 to 100', 'a number above 0', ... from the field's limits."""
+    b = _bounds(field)
+    low = (f"at least {b['ge']}" if "ge" in b else f"above {b['gt']}" if "gt" in b else None)
+    high = (f"at most {b['le']}" if "le" in b else f"below {b['lt']}" if "lt" in b else None)
+    if "ge" in b and "le" in b:
+        return f"{kind} from {b['ge']} to {b['le']}"
+    return " ".join(p for p in (kind, low, "and" if low and high else None, high) if p)
+
+
+def _problem(cls: type[BaseModel], err: Any, source: str | None, file_keys: set[str]) -> str:
+    """One pydantic error as: the option and the value, what is wrong, what to give instead."""
+    if not err["loc"]:  # a check across options (model validator): its message says it all
+        return str(err["msg"]).removeprefix("Value error, ")
+    name = str(err["loc"][0])
+    where = f" (key {name!r} in {source})" if source and name in file_keys else ""
+    flag = _flag(name)
+    got = err.get("input")
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "option names are the flags with underscores"
+        return f"unknown option {name!r}" + (f" in {source}" if source else "") + f": {hint}"
+    field = cls.model_fields.get(name)
+    if field is None:
+        return f"{flag}: {err['msg']}"
+    kind, choices = _flag_type(field.annotation)
+    kind_name = {int: "a whole number", float: "a number", bool: "true or false",
+                 str: "text"}.get(kind, str(kind))
+    if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{flag} {got}{where} is out of range: give {_allowed_range(field, kind_name)}"
+    if err["type"] == "literal_error" and choices:
+        return f"{flag} {got!r}{where} is not a choice: give one of {', '.join(map(str, choices))}"
+    if err["type"].endswith(("_parsing", "_type", "_from_float")):
+        return f"{flag} {got!r}{where} is not {kind_name}: give {kind_name}"
+    return f"{flag} {got!r}{where}: {err['msg']}"
+
+
+def validate(cls: type[C], values: dict[str, Any], source: str | None = None,
+             file_keys: set[str] | None = None) -> C:
+    """The config from `values`, or a ConfigError naming each bad option, what is wrong and
+    what to give instead (`file_keys`: the keys that came from the YAML file `source`)."""
     try:
         return cls(**values)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "(config)"
-            flag = "--" + name.replace("_", "-")
-            if err["type"] == "extra_forbidden":
-                valid = ", ".join(cls.model_fields)
-                problems.append(f"unknown option {name!r} (valid: {valid})")
-            else:
-                problems.append(f"{flag}: {err['msg']} (got {err.get('input')!r})")
-        where = f" in {source}" if source else ""
-        raise ConfigError(f"invalid {cls.__name__}{where}: " + "; ".join(problems)) from exc
+        keys = set(values) if file_keys is None else file_keys
+        problems = [_problem(cls, err, source, keys) for err in exc.errors()]
+        raise ConfigError("; ".join(problems)) from exc

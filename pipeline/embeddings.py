@@ -57,21 +57,22 @@ def backbone_provenance(cfg: EmbedConfig) -> dict:
 class Embedder:
     """Ray Data callable: uint8 NHWC images -> the pooled features the head would see."""
 
-    def __init__(self, cfg: dict, num_threads: int = 1):
+    def __init__(self, cfg: dict, num_threads: int = 1, device: str = "cpu"):
         torch.set_num_threads(num_threads)
         self.cfg = EmbedConfig(**cfg)
+        self.device = torch.device(device)
         model, arch, _, mean, std = load_backbone(self.cfg)
         _set_identity_head(model, arch)
-        self.model = model.eval()
-        self.mean, self.std = norm_tensors(mean, std, "cpu")
+        self.model = model.eval().to(self.device)
+        self.mean, self.std = norm_tensors(mean, std, self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
         ok = np.asarray(batch["status"]) == "ok"
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(images[ok]))
-            found = self.model(to_model_input(x, self.mean, self.std)).float().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.device)
+            found = self.model(to_model_input(x, self.mean, self.std)).float().cpu().numpy()
             features = np.zeros((len(images), found.shape[1]), dtype=np.float32)
             features[ok] = found
         else:
@@ -92,12 +93,13 @@ def _set_identity_head(model: nn.Module, arch: str) -> None:
 def embed(cfg: EmbedConfig, table: pa.Table, base_uri: str, input_size: int) -> dict[str, np.ndarray]:
     """Features, labels and split of every readable row (unreadable rows are counted)."""
     from pipeline import engine
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, resolve_device
 
     init_ray(cfg.ray_address, cfg.num_cpus)
+    device = resolve_device(cfg.device)
     images = engine.ImageSettings.from_config(cfg, input_size, base_uri)
-    ds = engine.scored(engine.table_dataset(table), images, engine.Placement.from_config(cfg, "cpu"),
-                       Embedder, {"cfg": cfg.model_dump()})
+    ds = engine.scored(engine.table_dataset(table), images, engine.Placement.from_config(cfg, device),
+                       Embedder, {"cfg": cfg.model_dump(), "device": device})
     parts = list(ds.select_columns(["label", "is_val", "status", "features"])
                  .iter_batches(batch_format="numpy", batch_size=None))
     ok = np.concatenate([p["status"] for p in parts]) == "ok"

@@ -68,15 +68,16 @@ def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str
     """Score the rows with the scoring engine (the nightly job's URI policy, fetch limits and
     placement); collect top-k on the driver."""
     from pipeline import engine
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, resolve_device
     from pipeline.predict import Classifier
 
     init_ray(cfg.ray_address, cfg.num_cpus)
+    device = resolve_device(cfg.device)
     meta = load_metadata(cfg.model)
     images = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri)
     ds = engine.scored(engine.table_dataset(table), images,
-                       engine.Placement.from_config(cfg, cfg.device), Classifier,
-                       {"model_uri": storage.normalize(cfg.model), "device": cfg.device,
+                       engine.Placement.from_config(cfg, device), Classifier,
+                       {"model_uri": storage.normalize(cfg.model), "device": device,
                         "top_k": TOP_K, "tta": cfg.tta})
     columns = ["product_id", "image_uri", "category", "status", "top_k_index", "top_k_scores",
                "unfamiliarity"]

@@ -7,6 +7,7 @@ AWS_ENDPOINT_URL for S3-compatible servers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -121,6 +122,14 @@ def remove(uri: str, recursive: bool = True) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def remove_if_empty(uri: str) -> None:
+    """Remove a local folder that holds nothing (object stores have no empty folders). A
+    folder another run has just written into stays: rmdir refuses a non-empty folder."""
+    if is_local(uri):
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            os.rmdir(local_path(uri))
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

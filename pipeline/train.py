@@ -593,7 +593,7 @@ def run(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, resolve_device
 
     start = time.perf_counter()
     spec = get_spec(cfg.model_name)
@@ -610,12 +610,15 @@ def run(cfg: TrainConfig) -> dict:
     storage.check_writable(output)
     cfg.save(storage.join(output, "config.yaml"))
     init_ray(cfg.ray_address, cfg.num_cpus)
+    device = resolve_device(cfg.device)
 
     decode_size = round(cfg.input_size * DECODE_MARGIN)
     train_ds, train_bad = decoded_dataset(cfg, data.train, decode_size, data.base_uri)
     val_ds, val_bad = decoded_dataset(cfg, data.val, cfg.input_size, data.base_uri)
+    val_classes = len(pc.unique(data.val.column("label")))
     print(f"data: {data.train.num_rows} train rows ({train_bad} unreadable), {data.val.num_rows} "
-          f"val rows ({val_bad} unreadable), {len(data.classes)} classes", flush=True)
+          f"val rows ({val_bad} unreadable), {len(data.classes)} classes ({val_classes} of them "
+          "in val)", flush=True)
     counts = np.bincount(data.train.column("label").to_numpy(), minlength=len(data.classes))
 
     ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt_root)
@@ -625,7 +628,7 @@ def run(cfg: TrainConfig) -> dict:
                            "fine_to_coarse": fine_to_coarse, "num_coarse": len(coarse_names),
                            "class_counts": counts.tolist(),
                            "train_rows": data.train.num_rows - train_bad},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=device == "cuda",
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
@@ -666,7 +669,7 @@ def run(cfg: TrainConfig) -> dict:
         "val_macro_f1": final["val_macro_f1"], "val_ece": final["val_ece"],
         "val_ece_uncalibrated": final["val_ece_uncalibrated"], "temperature": temperature,
         "start": start_info, "checkpoints": storage.join(ckpt_root, RUN_NAME),
-        "wall_time_s": round(wall, 1), "device": "cuda" if cfg.use_gpu else "cpu",
+        "wall_time_s": round(wall, 1), "device": device,
         "num_workers": cfg.num_workers, "config": cfg.model_dump(mode="json"),
         "history": [{k: v for k, v in row.items() if isinstance(v, int | float | str)}
                     for row in history],

@@ -81,7 +81,7 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
     marker = json.loads((out / "_SUCCESS").read_text())
     assert marker["rows"] == n and all((out / f).exists() for f in marker["files"])
     assert json.loads((out / "summary.json").read_text())["rows"] == n
-    assert (out / "config.yaml").exists() and not (out / "_staging" / summary["run_id"]).exists()
+    assert (out / "config.yaml").exists() and not (out / "_staging").exists()  # removed on commit
 
     # Readable by an ordinary warehouse engine.
     con = duckdb.connect()
@@ -133,3 +133,21 @@ def test_rerun_commits_a_new_run_and_a_new_manifest_is_the_normal_case(ray_local
     third = run(cfg.model_copy(update={"manifest": str(other)}))
     assert third["rows"] == 3 and third["removed_products"] == n - 3
     assert pq.read_table(out / "predictions").num_rows == 3
+
+
+def test_publish_removes_the_staging_folder_unless_another_run_stages(tmp_path):
+    from pipeline.sinks.parquet import publish
+
+    out = tmp_path / "out"
+    (out / "runs" / "night1").mkdir(parents=True)
+    for key in ("mine", "other"):
+        (out / "_staging" / key).mkdir(parents=True)
+        (out / "_staging" / key / "plan.json").write_text("{}")
+    publish(str(out), {"run_id": "night1", "files": []}, "mine")
+    assert not (out / "_staging" / "mine").exists()
+    assert (out / "_staging" / "other" / "plan.json").exists()  # another run's staging stays
+
+    (out / "runs" / "night2").mkdir()
+    publish(str(out), {"run_id": "night2", "files": []}, "other")
+    assert not (out / "_staging").exists()  # nothing left in it: no empty folder behind
+    assert json.loads((out / "_SUCCESS").read_text())["run_id"] == "night2"

@@ -218,7 +218,8 @@ def previous_run(output: str) -> dict[str, Any] | None:
 
 def publish(output: str, marker: dict[str, Any], staging_key: str) -> None:
     """The commit point: write `_SUCCESS` (atomic), then point the local link, then tidy up:
-    runs other than this night's and the previous one, and this run's staging."""
+    runs other than this night's and the previous one, and this run's staging (and `_staging/`
+    itself when no other run's staging is left in it)."""
     marker = {**marker, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     try:
         previous = previous_run(output)
@@ -232,6 +233,7 @@ def publish(output: str, marker: dict[str, Any], staging_key: str) -> None:
         if old not in keep:
             storage.remove(storage.join(output, RUNS_DIR, old))
     storage.remove(staging_uri(output, staging_key))
+    storage.remove_if_empty(storage.join(output, STAGING_DIR))  # kept while another run stages
 
 
 def committed_uris(output: str, marker: dict[str, Any]) -> list[str]:
