@@ -49,6 +49,12 @@ from pipeline.models import (
 from pipeline.transforms import EvalPreset, TrainPreset, norm_tensors, resize_batch, to_model_input
 
 DECODE_MARGIN = 1.15  # training images are decoded this much larger than the crop size
+# Ray Train settings the driver passes on to the controller and workers (Ray Train reads them
+# from the driver's environment). The print patch sends every print of a worker to its logger
+# and, as Ray wraps the worker's stdout, to stdout as well: each epoch line came out twice. The
+# preemption watcher guards cloud nodes that can be taken away; a private local Ray has none.
+TRAIN_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @dataclass
@@ -609,6 +615,9 @@ def run(cfg: TrainConfig) -> dict:
     check_resume(cfg, ckpt_root)
     storage.check_writable(output)
     cfg.save(storage.join(output, "config.yaml"))
+    on_cluster = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    for name, value in (TRAIN_ENV if on_cluster else TRAIN_ENV | LOCAL_TRAIN_ENV).items():
+        os.environ.setdefault(name, value)  # a value the user set wins
     init_ray(cfg.ray_address, cfg.num_cpus)
     device = resolve_device(cfg.device)
 
