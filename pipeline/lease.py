@@ -7,8 +7,9 @@ a random token), when it was taken and when it expires. It is
   link fails when the name exists, and a reader never sees a half-written lease); on S3 a PUT
   with `If-None-Match: *`, which only one of any number of concurrent writers wins;
 - renewed by a heartbeat thread, each renewal conditional on the lease still being the one this
-  holder last wrote (S3: `If-Match` its ETag; locally: its content, compared and replaced under
-  an advisory lock), so a holder never overwrites a lease someone else has taken over;
+  holder last wrote (S3: `If-Match` its ETag; locally: its content, compared under an
+  advisory lock on the file, then replaced by a rename), so a holder never overwrites a lease
+  someone else has taken over;
 - taken over once it has expired (the holder crashed or stalled for a whole TTL), with the same
   conditional write, so of two takers exactly one wins;
 - deleted, conditionally again, when the run ends, successfully or not.
@@ -39,9 +40,6 @@ from pipeline.errors import OutputBusyError, OutputError
 log = logging.getLogger(__name__)
 
 LEASE_FILE = "_LEASE.json"  # "_": Parquet readers of the output folder skip it
-# Local only: the advisory lock that makes compare-and-replace of the lease atomic. Never
-# removed, because a lock on a file that is unlinked and re-created no longer excludes anyone.
-LOCK_FILE = "_LEASE.lock"
 # How long a lease outlives its last renewal: the longest a crashed run keeps the output locked.
 LEASE_TTL_S = 300.0
 # How often the holder renews: a few renewals can fail (a slow or throttled store) before the
@@ -126,7 +124,6 @@ class LocalLeaseStore:
     def __init__(self, uri: str):
         self.uri = uri
         self.path = storage.local_path(uri)
-        self.lock_path = os.path.join(os.path.dirname(self.path), LOCK_FILE)
 
     @staticmethod
     def _version(data: bytes) -> str:
@@ -158,25 +155,33 @@ class LocalLeaseStore:
         return data, self._version(data)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+    def _locked(self, version: str) -> Iterator[None]:
+        """Hold an exclusive lock on the lease file, if it is still at `version` (else
+        LeaseConflict). Every write is a rename of a new file over the name, so the lock is on
+        one version's inode: a waiter that gets it after the name moved on sees the change."""
+        with contextlib.ExitStack() as stack:
+            try:  # write mode: NFS emulates flock with write locks
+                f = stack.enter_context(open(self.path, "rb+"))
+            except FileNotFoundError:
+                raise LeaseConflict(self.uri) from None
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+            try:
+                now = os.stat(self.path)
+            except FileNotFoundError:
+                raise LeaseConflict(self.uri) from None
+            held = os.fstat(f.fileno())
+            if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino) or \
+                    self._version(f.read()) != version:
+                raise LeaseConflict(self.uri)
             yield
 
-    def _check(self, version: str) -> None:
-        current = self.read()
-        if current is None or current[1] != version:
-            raise LeaseConflict(self.uri)
-
     def replace(self, data: bytes, version: str) -> str:
-        with self._locked():
-            self._check(version)
+        with self._locked(version):
             os.replace(self._temp(data), self.path)
         return self._version(data)
 
     def delete(self, version: str) -> None:
-        with self._locked():
-            self._check(version)
+        with self._locked(version):
             os.unlink(self.path)
 
 

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from jobs._main import run_job
+from jobs.recategorize import main as recategorize_main
 from pipeline import storage
 from pipeline.errors import OutputBusyError, OutputError
 from pipeline.lease import LEASE_FILE, OutputLease
@@ -135,6 +137,19 @@ def test_a_foreign_lease_file_is_named(tmp_path):
     (output / LEASE_FILE).write_text("locked by hand")
     with pytest.raises(OutputError, match="not a lease this job wrote"):
         OutputLease(str(output), "night").acquire()
+
+
+def test_the_job_stops_before_writing_when_the_output_is_held(output, tmp_path, sample_images,
+                                                              tiny_model, capsys):
+    """In this process: refused at the lease, so Ray never starts and nothing is written."""
+    manifest, _ = make_catalog(tmp_path / "catalog", sample_images, good=2)
+    with OutputLease(output, "night-a").hold():
+        code = run_job(recategorize_main, ["--manifest", str(manifest), "--model", tiny_model,
+                                           "--output", output])
+        err = capsys.readouterr().err
+        assert code == 8 and "run night-a" in err and "remove the lease file" in err
+        assert lease_record(output)["run_id"] == "night-a"
+    assert not storage.list_files(output)  # no staging, no run folder, no lease left
 
 
 @pytest.mark.slow
