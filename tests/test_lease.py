@@ -164,7 +164,10 @@ def test_two_nightly_runs_at_once_give_one_commit_and_one_refusal(tmp_path, samp
             return subprocess.Popen(
                 [sys.executable, "-m", "jobs.recategorize", "--manifest", str(manifest),
                  "--model", tiny_model, "--output", str(out), "--batch-size", "16",
-                 "--run-id", run_id], env=env, stdout=stdout, stderr=stderr)
+                 # On Ray, as a nightly catalog runs: the winner holds the lease through Ray's
+                 # start-up, so the other run meets it whichever imports faster.
+                 "--executor", "ray", "--run-id", run_id], env=env, stdout=stdout,
+                stderr=stderr)
 
     procs = {run_id: start(run_id) for run_id in ("night-a", "night-b")}
     results = {}
