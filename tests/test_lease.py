@@ -5,6 +5,7 @@ The S3 tests depend on the server honouring `If-None-Match: *` and `If-Match` on
 DELETE, as S3 does; moto 5 does (its server checks the condition, then writes).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
 from pipeline import storage
 from pipeline.errors import OutputBusyError, OutputError
-from pipeline.lease import LEASE_FILE, OutputLease
+from pipeline.lease import LEASE_FILE, OutputLease, lease_store
 from tests.conftest import make_catalog, summary_json
 
 TAKERS = 4
@@ -35,8 +36,9 @@ def output(request, tmp_path):
 
 
 def lease_record(output: str) -> dict | None:
-    uri = storage.join(output, LEASE_FILE)
-    return storage.read_json(uri) if storage.exists(uri) else None
+    """The lease file's content, read in one request (a renewal may replace it at any time)."""
+    found = lease_store(output).read()
+    return json.loads(found[0]) if found else None
 
 
 def race(output: str, names: list[str]) -> tuple[list[str], list[str]]:
