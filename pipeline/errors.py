@@ -39,6 +39,13 @@ class OutputError(PipelineError):
     exit_code = 5
 
 
+class OutputBusyError(PipelineError):
+    """Another run holds the output's lease (one writer per output), or took it over from this
+    run while it stalled; this run commits nothing."""
+
+    exit_code = 8
+
+
 class TrainingError(PipelineError):
     """Training could not produce a model (no usable rows, failed workers)."""
 

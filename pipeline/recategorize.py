@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -34,6 +35,7 @@ from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
 from pipeline.config import LOCAL_MAX_ROWS, RecategorizeConfig
 from pipeline.errors import ConfigError
 from pipeline.incremental import NightPlan, load_or_plan, options_key, plan_night
+from pipeline.lease import OutputLease
 from pipeline.security import safe_name
 from pipeline.sinks import parquet as run_folder
 from pipeline.sinks.rows import OUTPUT_SCHEMA
@@ -202,6 +204,13 @@ class Phases:
 
 
 def run(cfg: RecategorizeConfig) -> dict:
+    """The nightly job. The output's lease, taken once the arguments are checked, is released
+    however the night ends."""
+    with contextlib.ExitStack() as held:
+        return run_night(cfg, held)
+
+
+def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     start = time.perf_counter()
     phases = Phases()
     from pipeline.cluster import init_ray, resolve_inference_device
@@ -220,11 +229,14 @@ def run(cfg: RecategorizeConfig) -> dict:
         safe_name(cfg.run_id, "--run-id")
     previous = run_folder.check_output(output, cfg.overwrite)
     warehouse = iceberg_sink(cfg)
+    # One writer per output: a second run stops here (exit 8) before it writes anything.
+    lease = held.enter_context(OutputLease(output, cfg.run_id).hold())
 
     opts = options_key(cfg)
     key = staging_key(cfg, manifest.uri, meta.model_version, opts, previous)
     staging = run_folder.staging_uri(output, key)
     run_id = staged_run_id(output, key, cfg.run_id)
+    lease.renew(run_id)  # the lease names the run from here on
     folder = run_folder.run_uri(output, run_id)
     phases.mark("check output")
 
@@ -269,6 +281,7 @@ def run(cfg: RecategorizeConfig) -> dict:
     summary["drift"] = drift.drift(previous_stats(output, previous), stats,
                                    plan.new_products, plan.removed_products)
     phases.mark("commit")
+    lease.renew()  # a run that stalled past its lease and lost it must not commit
     if warehouse is not None:  # before the Parquet commit: a restart finds this run again
         summary["iceberg"] = warehouse.commit(run_folder.committed_uris(output, marker), run_id,
                                               {"model_version": meta.model_version})

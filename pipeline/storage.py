@@ -173,7 +173,8 @@ def list_dirs(uri: str) -> list[str]:
 
 def check_writable(uri: str) -> None:
     """Fail early, before any work, when the output location cannot be written."""
-    probe = join(uri, ".write-probe")
+    # A name of its own: two runs probing one output at once must not remove each other's probe.
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
         makedirs(uri)
         write_bytes(probe, b"ok")
