@@ -8,6 +8,7 @@ a Python attribute are the same name. The effective config is written next to th
 from __future__ import annotations
 
 import argparse
+import os
 import types
 import typing
 from pathlib import Path
@@ -545,6 +546,37 @@ def build_parser(cls: type[BaseModel], description: str) -> argparse.ArgumentPar
     return parser
 
 
+# Options naming local files or folders: made absolute when the job's arguments are parsed, so
+# that nothing later depends on the job's current folder (which Ray may delete under a job
+# submitted with --working-dir; README, "Guarantees and failure modes").
+PATH_FIELDS = ("manifest", "model", "output", "review_threshold_from", "dataset_root",
+               "checkpoint_path", "source")
+# Options that take a path or a name (imagenet, a weights name): made absolute only when a
+# local file or folder of that name exists.
+PATH_OR_NAME_FIELDS = ("weights", "backbone")
+PATH_LIST_FIELDS = ("allowed_uri_prefixes",)
+
+
+def _absolute(value: str) -> str:
+    """A relative local path made absolute; URIs and absolute paths unchanged."""
+    return value if storage.has_scheme(value) or os.path.isabs(value) else os.path.abspath(value)
+
+
+def absolute_paths(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every local path option of `cls` (given or defaulted) made absolute."""
+    out = dict(values)
+    for name, field in cls.model_fields.items():
+        value = values.get(name, field.default)
+        if not isinstance(value, str) or not value:
+            continue
+        if name in PATH_FIELDS or (name in PATH_OR_NAME_FIELDS and os.path.exists(value)):
+            out[name] = _absolute(value)
+        elif name in PATH_LIST_FIELDS:
+            out[name] = ",".join(_absolute(p.strip()) if p.strip() else p
+                                 for p in value.split(","))
+    return out
+
+
 def parse_args(cls: type[C], argv: list[str] | None, description: str) -> C:
     """Defaults, then --config YAML, then flags; raise ConfigError naming the bad option."""
     args = vars(build_parser(cls, description).parse_args(argv))
@@ -561,7 +593,7 @@ def parse_args(cls: type[C], argv: list[str] | None, description: str) -> C:
             raise ConfigError(f"config file {config_file!r} must hold a mapping of option: value")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update(args)
-    return validate(cls, values, source=config_file)
+    return validate(cls, absolute_paths(cls, values), source=config_file)
 
 
 def validate(cls: type[C], values: dict[str, Any], source: str | None = None) -> C:

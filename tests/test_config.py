@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import yaml
 
@@ -9,7 +11,7 @@ def test_yaml_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"top_k": 3, "batch_size": 8, "output": "from-yaml"}))
     cfg = parse_args(RecategorizeConfig, ["--config", str(path), "--top-k", "2"], "")
-    assert (cfg.top_k, cfg.batch_size, cfg.output) == (2, 8, "from-yaml")
+    assert (cfg.top_k, cfg.batch_size, cfg.output) == (2, 8, os.path.abspath("from-yaml"))
 
 
 def test_defaults_and_roundtrip(tmp_path):
@@ -35,3 +37,17 @@ def test_unknown_yaml_key_lists_valid(tmp_path):
 def test_bad_choice_is_rejected_by_the_parser():
     with pytest.raises(SystemExit):
         parse_args(RecategorizeConfig, ["--device", "tpu"], "")
+
+
+def test_local_paths_are_absolute_after_parsing(tmp_path, monkeypatch):
+    """A job must not depend on its current folder after start-up: Ray can delete the folder a
+    job submitted with --working-dir starts in (tests/test_multinode.py)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_args(RecategorizeConfig, ["--manifest", "m/manifest.parquet", "--output",
+                                          "s3://bucket/out", "--allowed-uri-prefixes",
+                                          "images,s3://vendor/,/mnt/x"], "")
+    assert cfg.manifest == str(tmp_path / "m" / "manifest.parquet")
+    assert cfg.output == "s3://bucket/out"
+    assert cfg.allowed_uri_prefixes == f"{tmp_path / 'images'},s3://vendor/,/mnt/x"
+    assert cfg.model == os.path.abspath(cfg.model) and cfg.output.startswith("s3://")
+    assert parse_args(RecategorizeConfig, [], "").output == str(tmp_path / "outputs" / "recategorize")
