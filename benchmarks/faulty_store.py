@@ -83,7 +83,8 @@ def main() -> None:
             start = time.perf_counter()
             committed, tries, last_error = None, 0, ""
             try:
-                for tries in range(1, opts.reruns + 2):
+                while committed is None and tries <= opts.reruns:
+                    tries += 1
                     ray_tmp = tempfile.mkdtemp(prefix="rfr-", dir="/tmp")
                     try:
                         code, out, err = run_job(args, proxy.url, ray_tmp)
@@ -91,7 +92,7 @@ def main() -> None:
                         shutil.rmtree(ray_tmp, ignore_errors=True)
                     if code == 0:
                         committed = summary_json(out)["rows"]
-                        break
+                        continue
                     last_error = (err.strip().splitlines() or ["?"])[-1][:160]
             finally:
                 proxy.close()

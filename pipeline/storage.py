@@ -38,7 +38,7 @@ S3_CONNECT_TIMEOUT_S = 10.0
 S3_READ_TIMEOUT_S = 60.0  # per socket read, not per object
 S3_OPTIONS: dict[str, Any] = {
     "config_kwargs": {
-        "retries": {"mode": S3_RETRY_MODE, "max_attempts": S3_MAX_ATTEMPTS},
+        "retries": {"mode": S3_RETRY_MODE, "total_max_attempts": S3_MAX_ATTEMPTS},
         "connect_timeout": S3_CONNECT_TIMEOUT_S,
         "read_timeout": S3_READ_TIMEOUT_S,
     },
@@ -124,8 +124,9 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
         return
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    # One PUT call (retried as a whole), not a file object whose failed close is tried again
+    # when the object is collected.
+    fs.pipe_file(path, data)
 
 
 def write_text(uri: str, text: str) -> None:
