@@ -73,15 +73,15 @@ def main() -> None:
         upload_tree(Path(BUNDLED_MODEL), f"s3://{BUCKET}/model")
         print(f"{rows} rows ({opts.images} photos, 3 bad), chunks of {CHUNK_ROWS}, "
               f"manifest, images, model and output in S3")
-        print("| fault share | completed | tries | rows | requests | faults | wall s |")
-        print("|---|---|---|---|---|---|---|")
+        print("| fault share | completed | tries | rows | error rows | requests | faults | wall s |")
+        print("|---|---|---|---|---|---|---|---|")
         for share in (float(s) for s in opts.shares.split(",")):
             args = ["--manifest", f"s3://{BUCKET}/catalog/manifest.parquet", "--model",
                     f"s3://{BUCKET}/model", "--output", f"s3://{BUCKET}/out-{share}",
                     "--chunk-rows", str(CHUNK_ROWS), "--num-cpus", "2"]
             proxy = FaultProxy(f"http://127.0.0.1:{S3_PORT}", share, seed=opts.seed)
             start = time.perf_counter()
-            committed, tries, last_error = None, 0, ""
+            committed, errors, tries, last_error = None, None, 0, ""
             try:
                 while committed is None and tries <= opts.reruns:
                     tries += 1
@@ -91,7 +91,8 @@ def main() -> None:
                     finally:
                         shutil.rmtree(ray_tmp, ignore_errors=True)
                     if code == 0:
-                        committed = summary_json(out)["rows"]
+                        summary = summary_json(out)
+                        committed, errors = summary["rows"], summary["errors"]
                         continue
                     last_error = (err.strip().splitlines() or ["?"])[-1][:160]
             finally:
@@ -99,7 +100,8 @@ def main() -> None:
             wall = time.perf_counter() - start
             faults = sum(proxy.stats.faults.values())
             print(f"| {share:.0%} | {'yes' if committed is not None else 'no'} | {tries} | "
-                  f"{committed if committed is not None else '-'} | {proxy.stats.requests} | "
+                  f"{committed if committed is not None else '-'} | "
+                  f"{errors if errors is not None else '-'} | {proxy.stats.requests} | "
                   f"{faults} | {wall:.0f} |", flush=True)
             if committed is None:
                 print(f"  last error: {last_error}", flush=True)
