@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
+        leave_working_dir()
     else:
         # "local" always starts a private Ray: a bare ray.init() would attach to any cluster a
         # `ray start` left running on this machine.
@@ -57,6 +59,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  include_dashboard=False,
                  runtime_env={"env_vars": WORKER_ENV,
                               "worker_process_setup_hook": "pipeline.worker_setup.quiet_local_worker"})
+
+
+def leave_working_dir() -> None:
+    """Move a driver that runs in its job's unpacked --working-dir to a folder Ray leaves alone.
+
+    Ray unpacks a working_dir package into the session's runtime_resources folder and, when a
+    node's runtime-env agent does not have it cached, removes that folder and unpacks it again
+    (`download_and_unpack_package(..., overwrite=True)`). Two nodes on one machine share that
+    folder, so the second node's first worker replaces the folder the driver runs in: its
+    current directory is then deleted, and os.getcwd() (fsspec's local rm, relative paths)
+    raises FileNotFoundError. Paths are absolute from parsing on; this keeps the rest of the
+    process (libraries included) away from the deleted folder."""
+    if ray.get_runtime_context().runtime_env.working_dir():
+        os.chdir(tempfile.gettempdir())
 
 
 def cluster_gpus() -> float:

@@ -660,6 +660,38 @@ def build_parser(cls: type[BaseModel], description: str, prog: str | None = None
     return parser
 
 
+# Options naming local files or folders: made absolute when the job's arguments are parsed, so
+# that nothing later depends on the job's current folder (which Ray may delete under a job
+# submitted with --working-dir; README, "Guarantees and failure modes").
+PATH_FIELDS = ("manifest", "model", "output", "review_threshold_from", "dataset_root",
+               "checkpoint_path", "source")
+# Options that take a path or a name (imagenet, a weights name): made absolute only when a
+# local file or folder of that name exists.
+PATH_OR_NAME_FIELDS = ("weights", "backbone")
+PATH_LIST_FIELDS = ("allowed_uri_prefixes",)
+
+
+def _absolute(value: str) -> str:
+    """A relative local path made absolute; URIs and absolute paths unchanged."""
+    # "://" is storage.has_scheme, inlined: parsing imports nothing heavy.
+    return value if "://" in value or os.path.isabs(value) else os.path.abspath(value)
+
+
+def absolute_paths(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every local path option of `cls` (given or defaulted) made absolute."""
+    out = dict(values)
+    for name, field in cls.model_fields.items():
+        value = values.get(name, field.default)
+        if not isinstance(value, str) or not value:
+            continue
+        if name in PATH_FIELDS or (name in PATH_OR_NAME_FIELDS and os.path.exists(value)):
+            out[name] = _absolute(value)
+        elif name in PATH_LIST_FIELDS:
+            out[name] = ",".join(_absolute(p.strip()) if p.strip() else p
+                                 for p in value.split(","))
+    return out
+
+
 def _unknown_arguments(argv: list[str], extra: list[str], parser: argparse.ArgumentParser) -> str:
     """What is wrong with each argument argparse could not place, and what to type instead."""
     actions = parser._option_string_actions
@@ -712,7 +744,7 @@ def parse_args(cls: type[C], argv: list[str] | None, description: str,
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
         file_keys = set(values) - set(args)
     values.update(args)
-    return validate(cls, values, source=config_file, file_keys=file_keys)
+    return validate(cls, absolute_paths(cls, values), source=config_file, file_keys=file_keys)
 
 
 def _bounds(field: FieldInfo) -> dict[str, Any]:

@@ -3,6 +3,13 @@
 Local paths, file://, s3://, gs:// and https:// differ only in the URI. S3 credentials and
 endpoint come from the standard AWS chain (environment, profile, instance role), including
 AWS_ENDPOINT_URL for S3-compatible servers.
+
+Every S3 call (manifest, images, model, output files, markers) is retried a bounded number of
+times with backoff, on two levels: botocore retries each request (S3_RETRY_MODE,
+S3_MAX_ATTEMPTS: jittered exponential backoff, throttling such as 503 SlowDown backed off
+harder), and s3fs repeats a whole call that still failed with throttling or a dropped
+connection (S3FS_RETRIES, its own backoff). One operation makes at most
+S3_MAX_ATTEMPTS x S3FS_RETRIES requests; then its error reaches the job.
 """
 
 from __future__ import annotations
@@ -20,6 +27,23 @@ import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
 from pipeline.errors import OutputError
+
+# botocore's "standard" retry mode: 500/502/503/504, throttling codes and connection errors are
+# retried with delay rand(0, 1) x min(scale x 2^attempt, 20 s), scale 1 for throttling and
+# 0.05 otherwise; its retry quota stops retrying when most requests of a client fail. Explicit
+# here because the default ("legacy", or AWS_RETRY_MODE/AWS_MAX_ATTEMPTS) varies by machine.
+S3_RETRY_MODE = "standard"
+S3_MAX_ATTEMPTS = 5  # per request, the first try included
+S3FS_RETRIES = 3  # tries of a whole s3fs call (after botocore's) on throttling or a lost connection
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_READ_TIMEOUT_S = 60.0  # per socket read, not per object
+S3_OPTIONS: dict[str, Any] = {
+    "config_kwargs": {
+        "retries": {"mode": S3_RETRY_MODE, "total_max_attempts": S3_MAX_ATTEMPTS},
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "read_timeout": S3_READ_TIMEOUT_S,
+    },
+}
 
 
 def has_scheme(uri: str) -> bool:
@@ -61,8 +85,12 @@ def resolve(uri: str, base: str) -> str:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and the path inside it for a URI."""
-    fs, path = url_to_fs(normalize(uri))
+    """The fsspec filesystem and the path inside it for a URI (S3 with S3_OPTIONS)."""
+    uri = normalize(uri)
+    if not uri.startswith(("s3://", "s3a://")):
+        return url_to_fs(uri)
+    fs, path = url_to_fs(uri, **S3_OPTIONS)
+    fs.retries = S3FS_RETRIES  # an attribute of the class, not an option of s3fs's constructor
     return fs, path
 
 
@@ -97,8 +125,9 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
         return
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    # One PUT call (retried as a whole), not a file object whose failed close is tried again
+    # when the object is collected.
+    fs.pipe_file(path, data)
 
 
 def write_text(uri: str, text: str) -> None:
@@ -119,6 +148,18 @@ def makedirs(uri: str) -> None:
 
 
 def remove(uri: str, recursive: bool = True) -> None:
+    if is_local(uri):
+        # Not fsspec's LocalFileSystem.rm: it compares every folder it removes with
+        # os.getcwd(), which raises once the process's current folder is deleted, as a Ray
+        # job's unpacked --working-dir can be under it (README, "Guarantees").
+        path = local_path(uri)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if not recursive:
+                raise IsADirectoryError(f"{path} is a folder; pass recursive=True")
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)

@@ -1,3 +1,4 @@
+import os
 import re
 
 import pytest
@@ -27,7 +28,7 @@ def test_yaml_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"top_k": 3, "batch_size": 8, "output": "from-yaml"}))
     cfg = parse_args(RecategorizeConfig, ["--config", str(path), "--top-k", "2"], "")
-    assert (cfg.top_k, cfg.batch_size, cfg.output) == (2, 8, "from-yaml")
+    assert (cfg.top_k, cfg.batch_size, cfg.output) == (2, 8, os.path.abspath("from-yaml"))
 
 
 def test_defaults_and_roundtrip(tmp_path):
@@ -96,3 +97,17 @@ def test_every_job_takes_the_same_device_default():
 
 def test_a_training_config_written_with_use_gpu_still_loads():
     assert TrainConfig(use_gpu=True).device == "cuda" and TrainConfig(use_gpu=False).device == "cpu"
+
+
+def test_local_paths_are_absolute_after_parsing(tmp_path, monkeypatch):
+    """A job must not depend on its current folder after start-up: Ray can delete the folder a
+    job submitted with --working-dir starts in (tests/test_multinode.py)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_args(RecategorizeConfig, ["--manifest", "m/manifest.parquet", "--output",
+                                          "s3://bucket/out", "--allowed-uri-prefixes",
+                                          "images,s3://vendor/,/mnt/x"], "")
+    assert cfg.manifest == str(tmp_path / "m" / "manifest.parquet")
+    assert cfg.output == "s3://bucket/out"
+    assert cfg.allowed_uri_prefixes == f"{tmp_path / 'images'},s3://vendor/,/mnt/x"
+    assert cfg.model == os.path.abspath(cfg.model) and cfg.output.startswith("s3://")
+    assert parse_args(RecategorizeConfig, [], "").output == str(tmp_path / "outputs" / "recategorize")

@@ -31,6 +31,7 @@ import pytest
 
 from pipeline.config import REPO_ROOT
 from pipeline.importers import make_manifest
+from tests.conftest import committed_table
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +84,14 @@ class LocalCluster:
             return []
         return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
-    def submit(self, submission_id: str, entrypoint: list[str]) -> subprocess.CompletedProcess:
-        """`ray job submit`, waiting for the end and streaming the job's logs, as a cron job does."""
+    def submit(self, submission_id: str, entrypoint: list[str],
+               options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """`ray job submit`, waiting for the end and streaming the job's logs, as a cron job does;
+        run from the checkout's root, as the README's commands are."""
         return subprocess.run(
             [RAY, "job", "submit", "--address", self.dashboard, "--submission-id", submission_id,
-             "--", *entrypoint],
-            env=self.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+             *options, "--", *entrypoint],
+            env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
     def job(self, submission_id: str) -> dict:
         status, body = self.api(f"/api/jobs/{submission_id}")
@@ -102,8 +105,9 @@ class LocalCluster:
         return [r for r in body["data"]["result"]["result"] if r.get("job_id") == job_id]
 
 
-def _processes_under(temp_dir: str) -> list[int]:
-    """Pids of every process whose command line names a temp dir of ours (raylet, workers, agents)."""
+def _processes_under(temp_dir: str, port: str = "") -> list[int]:
+    """Pids of every process whose command line names a temp dir of ours (raylet, workers, agents)
+    and, when given, one node's port."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -112,14 +116,18 @@ def _processes_under(temp_dir: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if temp_dir in cmdline:
+        # The raylet takes its node manager port as --node_manager_port=N, workers and agents
+        # as --node-manager-port=N.
+        if temp_dir in cmdline and (not port or any(
+                f"--node{sep}manager{sep}port={port}" in cmdline for sep in "_-")):
             pids.append(int(entry.name))
     return pids
 
 
-def _kill(procs: list[subprocess.Popen], temp_dir: str) -> None:
+def _kill(procs: list[subprocess.Popen], temp_dir: str, port: str = "") -> None:
     """Stop the `ray start --block` processes we started: SIGTERM (each shuts its node down),
-    then SIGKILL to their process groups and to anything still running from our temp dir."""
+    then SIGKILL to their process groups and to anything still running from our temp dir (of
+    one node only, when `port` names it)."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -131,7 +139,7 @@ def _kill(procs: list[subprocess.Popen], temp_dir: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    for pid in _processes_under(temp_dir):
+    for pid in _processes_under(temp_dir, port):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -151,8 +159,14 @@ def _node_args(head: bool, gcs_port: int) -> list[str]:
 
 def _start_node(cluster: LocalCluster, name: str, args: list[str], nodes: int, root: Path) -> list[dict]:
     """`ray start --block` for one node; wait until the cluster has `nodes` alive nodes. A node
-    that misses Ray's fixed 30 s registration window on a loaded machine is started again."""
-    temp_dir = os.path.join(cluster.temp_dir, name)
+    that misses Ray's fixed 30 s registration window on a loaded machine is started again.
+
+    Both nodes use one temp dir, as `ray start --address` does by default on one machine (it
+    takes the head's): their runtime-env agents then share one `runtime_resources` folder, the
+    case where a job's `--working-dir` is unpacked twice into the same place."""
+    temp_dir = cluster.temp_dir
+    # A failed start's leftovers are found by a port only this node's processes name.
+    marker = args[args.index("--node-manager-port") + 1]
     for attempt in range(1, START_ATTEMPTS + 1):
         log = root / f"{name}-{attempt}.log"
         proc = subprocess.Popen(
@@ -166,7 +180,7 @@ def _start_node(cluster: LocalCluster, name: str, args: list[str], nodes: int, r
                 cluster.nodes.append(proc)
                 return alive
             time.sleep(1)
-        _kill([proc], temp_dir)
+        _kill([proc], temp_dir, marker)
     pytest.fail(f"ray start ({name}) failed {START_ATTEMPTS} times:\n{log.read_text()[-3000:]}")
 
 
@@ -264,6 +278,35 @@ def test_recategorize_job_places_decode_on_cpu_node_and_inference_on_gpu_node(
     inference = [a for a in ray_cluster.placements("actors", job_id)
                  if "ScoringActor" in (a.get("repr_name") or a.get("name") or "")]
     assert inference and {a["node_id"] for a in inference} == {ray_cluster.gpu_node}
+
+
+def test_recategorize_submitted_with_working_dir_commits(ray_cluster, small_catalog, tiny_model,
+                                                        tmp_path):
+    """`ray job submit --working-dir .`, as the README says for code not yet released. The GPU
+    node's agent unpacks the package again into the folder the driver runs in (shared here, as
+    on any one machine), so the driver's current directory is gone by the commit."""
+    manifest, rows_in, expected_errors = small_catalog
+    out = tmp_path / "out"
+    done = ray_cluster.submit("recategorize-working-dir",
+                              _recategorize(manifest, tiny_model, out, "--allow-cpu-fallback"),
+                              options=("--working-dir", "."))
+
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    info = ray_cluster.job("recategorize-working-dir")
+    assert info["status"] == "SUCCEEDED", info["message"]
+    assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
+    table = committed_table(out)
+    assert sorted(table.column("product_id").to_pylist()) == sorted(
+        pq.read_table(manifest).column("product_id").to_pylist())
+    errors = {r["product_id"]: r["error_type"] for r in table.to_pylist() if r["status"] == "error"}
+    assert errors == expected_errors and table.num_rows == rows_in
+    assert json.loads((out / "summary.json").read_text())["rows"] == rows_in
+    assert not list(out.glob("_staging/*"))  # the run's staging is removed at publish
+    # The case this test is for happened: an agent removed the unpacked package to unpack it again.
+    package = info["runtime_env"]["working_dir"].removeprefix("gcs://").removesuffix(".zip")
+    agent_logs = "".join(p.read_text(errors="replace") for p in
+                         Path(ray_cluster.temp_dir).glob("session_*/logs/runtime_env*.log"))
+    assert f"Removing {Path(ray_cluster.temp_dir).resolve()}" in agent_logs and package in agent_logs
 
 
 def _small_training_manifest(grocery_root: Path, folder: Path) -> Path:
