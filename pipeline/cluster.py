@@ -23,6 +23,7 @@ import ray
 import torch
 
 from pipeline import errors
+from pipeline.budget import FailFast, known_error_flags
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.predict import Classifier
@@ -119,15 +120,21 @@ class InferenceActor(Classifier):
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
                  allow_cpu_fallback: bool = False, run_id: str = "", review_threshold: float = 0.5,
-                 tta: str = "none"):
+                 tta: str = "none", fail_fast_rows: int = 0):
         super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
                          precision, compile, tta)
         self.format = OutputFormatter(self.meta.classes, self.meta.architecture,
                                       self.meta.model_version, run_id, review_threshold,
                                       self.meta.open_set.get("threshold"))
+        # Raises FailFastError when this actor's first rows all fail the same way (0: never).
+        self.fail_fast = FailFast(fail_fast_rows) if fail_fast_rows else None
 
     def __call__(self, batch: dict) -> pa.Table:  # type: ignore[override]
-        return self.format(super().__call__(batch))
+        known = known_error_flags(batch)
+        table = self.format(super().__call__(batch))
+        if self.fail_fast is not None:
+            self.fail_fast.observe(table, known)
+        return table
 
 
 def _error_in_actor_text(text: str) -> PipelineError | None:

@@ -25,13 +25,19 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import drift, engine, storage
+from pipeline import budget, drift, engine, storage
 from pipeline.artifact import load_artifact, load_metadata
 from pipeline.catalog import Manifest, validate_manifest
 from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
 from pipeline.config import RecategorizeConfig
-from pipeline.errors import ConfigError
-from pipeline.incremental import NightPlan, load_or_plan, options_key, plan_night
+from pipeline.errors import ConfigError, ErrorBudgetError
+from pipeline.incremental import (
+    KNOWN_ERROR_COLUMN,
+    NightPlan,
+    load_or_plan,
+    options_key,
+    plan_night,
+)
 from pipeline.security import safe_name
 from pipeline.sinks import parquet as run_folder
 from pipeline.sinks.rows import OUTPUT_SCHEMA
@@ -103,8 +109,8 @@ def source_columns(uri: str, chunks: list[Chunk]) -> list[str]:
     fs, _ = storage.arrow_filesystem(uri)
     with fs.open_input_file(chunks[0].path) as f:
         names = pq.read_schema(f).names
-    return ["product_id", "image_uri"] + [c for c in ("current_category", "image_version")
-                                           if c in names]
+    return ["product_id", "image_uri"] + [c for c in ("current_category", "image_version",
+                                                      KNOWN_ERROR_COLUMN) if c in names]
 
 
 def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
@@ -124,7 +130,10 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
         "model_uri": storage.normalize(cfg.model), "device": place.device, "top_k": cfg.top_k,
         "precision": cfg.precision, "compile": cfg.compile,
         "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
-        "review_threshold": cfg.review_threshold, "tta": cfg.tta})
+        "review_threshold": cfg.review_threshold, "tta": cfg.tta,
+        "fail_fast_rows": budget.fail_fast_rows(sum(c.rows for c in chunks),
+                                                engine.actor_pool_bounds(place)[1])
+        if cfg.max_error_rate < 1 else 0})
     sink = run_folder.ChunkSink(folder, min(WRITE_BLOCK_ROWS, cfg.rows_per_file, cfg.chunk_rows))
     with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
         ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
@@ -171,8 +180,12 @@ def run(cfg: RecategorizeConfig) -> dict:
     sizes = [c.rows for c in chunks]
     done = run_folder.finished_chunks(folder, sizes)
     todo = [c for c in chunks if c.index not in done]
-    written, ray_stats = score_chunks(cfg, plan.source, todo, images, place, run_id,
-                                      folder) if todo else ([], "")
+    try:
+        written, ray_stats = score_chunks(cfg, plan.source, todo, images, place, run_id,
+                                          folder) if todo else ([], "")
+    except ErrorBudgetError:  # failed fast: this attempt's rows are not resumed (see below)
+        storage.remove(staging)
+        raise
     listing = run_folder.list_run(folder)
     stats = run_folder.run_stats(folder, listing, written)
     marker = run_folder.commit(output, run_id, listing, sizes, plan.rows_carried,
@@ -183,6 +196,7 @@ def run(cfg: RecategorizeConfig) -> dict:
                         len(done), time.perf_counter() - start)
     summary["drift"] = drift.drift(previous_stats(output, previous), stats,
                                    plan.new_products, plan.removed_products)
+    check_error_budget(cfg, output, folder, staging, listing, marker, previous, summary)
     if warehouse is not None:  # before the Parquet commit: a restart finds this run again
         summary["iceberg"] = warehouse.commit(run_folder.committed_uris(output, marker), run_id,
                                               {"model_version": meta.model_version})
@@ -200,6 +214,29 @@ def run(cfg: RecategorizeConfig) -> dict:
     # Per-operator wall/CPU time and memory from Ray Data: where this run's time went.
     storage.write_text(storage.join(output, STATS_FILE), ray_stats)
     return summary
+
+
+def check_error_budget(cfg: RecategorizeConfig, output: str, folder: str, staging: str,
+                       listing: run_folder.Listing, marker: dict, previous: dict[str, Any] | None,
+                       summary: dict[str, Any]) -> None:
+    """Before any commit: refuse a night whose new error rows exceed --max-error-rate of the
+    rows it scored. A refused night keeps its rows, `_summary.json` and an error sample in its
+    run folder, and drops its staging, so started again it scores afresh under a new run id
+    rather than resuming into the same refusal (or, once the cause is fixed, publishing the
+    failed rows)."""
+    scored = [storage.join(folder, n) for files in listing.chunks.values() for n, _ in files]
+    found = budget.night_errors(scored, run_folder.committed_uris(output, previous)
+                                if previous else None) if summary["errors"] else budget.NightErrors()
+    check = budget.check_budget(marker["rows_rescored"], summary["errors"], found,
+                                cfg.max_error_rate)
+    summary["error_budget"] = check.to_json()
+    if not check.over:
+        return
+    summary["error_budget"]["new_errors_by_type"] = found.new_by_type
+    storage.write_json(storage.join(folder, budget.ERROR_SAMPLE_FILE), found.sample)
+    storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), summary)
+    storage.remove(staging)
+    raise ErrorBudgetError(budget.refusal(check, found, folder))
 
 
 def summarize(cfg: RecategorizeConfig, manifest: Manifest, meta, place: engine.Placement,
