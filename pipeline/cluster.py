@@ -138,8 +138,9 @@ class InferenceActor(Classifier):
 
 
 def _error_in_actor_text(text: str) -> PipelineError | None:
-    """A dead actor keeps its creation-task exception only as traceback text; its last line
-    `pipeline.errors.<Class>: <message>` names one of our errors."""
+    """A dead actor keeps its creation-task exception only as traceback text (so does a map
+    function's exception wrapped by Ray Data); its line `pipeline.errors.<Class>: <message>`
+    names one of our errors."""
     found = None
     for match in ACTOR_ERROR_LINE.finditer(text):
         cls = getattr(errors, match.group(1), None)
@@ -152,6 +153,7 @@ def job_error(exc: BaseException) -> PipelineError | None:
     """The PipelineError a Ray task or actor raised, dug out of Ray's wrappers, if any."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
+    texts: list[str] = []
     while todo:
         err = todo.pop()
         if err is None or id(err) in seen:
@@ -163,7 +165,14 @@ def job_error(exc: BaseException) -> PipelineError | None:
             found = _error_in_actor_text(err.error_msg)
             if found is not None:
                 return found
+        if isinstance(err, ray.exceptions.RayTaskError):
+            texts.append(str(err))
         todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]
+    # Ray Data wraps an exception raised by a map function in a UserCodeException, and the
+    # original (its __cause__ on the worker) reaches the driver only as traceback text.
+    for text in texts:
+        if (found := _error_in_actor_text(text)) is not None:
+            return found
     return None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import hashlib
 import json
 import time
@@ -30,7 +31,7 @@ from pipeline.artifact import load_artifact, load_metadata
 from pipeline.catalog import Manifest, validate_manifest
 from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
 from pipeline.config import RecategorizeConfig
-from pipeline.errors import ConfigError, ErrorBudgetError
+from pipeline.errors import ConfigError, ErrorBudgetError, FailFastError
 from pipeline.incremental import (
     KNOWN_ERROR_COLUMN,
     NightPlan,
@@ -135,8 +136,19 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
                                                 engine.actor_pool_bounds(place)[1])
         if cfg.max_error_rate < 1 else 0})
     sink = run_folder.ChunkSink(folder, min(WRITE_BLOCK_ROWS, cfg.rows_per_file, cfg.chunk_rows))
-    with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    stopped: FailFastError | None = None
+    try:
+        with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    except FailFastError as exc:
+        stopped = FailFastError(*exc.args)
+    if stopped is not None:
+        # Ray Data frees an aborted pass's actors by reference counting, and the Ray error's
+        # traceback holds them in reference cycles: a driver that runs again (a test, a
+        # notebook) would wait for their CPUs. Raised unchained, after collecting the cycles.
+        del ds
+        gc.collect()
+        raise stopped
     return sink.written, ds.stats()
 
 
