@@ -24,6 +24,7 @@ import ray
 import torch
 
 from pipeline import errors
+from pipeline.budget import FailFast, known_error_flags
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.predict import Classifier
@@ -153,20 +154,27 @@ class InferenceActor(Classifier):
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
                  allow_cpu_fallback: bool = False, run_id: str = "", review_threshold: float = 0.5,
-                 tta: str = "none"):
+                 tta: str = "none", fail_fast_rows: int = 0):
         super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
                          precision, compile, tta)
         self.format = OutputFormatter(self.meta.classes, self.meta.architecture,
                                       self.meta.model_version, run_id, review_threshold,
                                       self.meta.open_set.get("threshold"))
+        # Raises FailFastError when this actor's first rows all fail the same way (0: never).
+        self.fail_fast = FailFast(fail_fast_rows) if fail_fast_rows else None
 
     def __call__(self, batch: dict) -> pa.Table:  # type: ignore[override]
-        return self.format(super().__call__(batch))
+        known = known_error_flags(batch)
+        table = self.format(super().__call__(batch))
+        if self.fail_fast is not None:
+            self.fail_fast.observe(table, known)
+        return table
 
 
 def _error_in_actor_text(text: str) -> PipelineError | None:
-    """A dead actor keeps its creation-task exception only as traceback text; its last line
-    `pipeline.errors.<Class>: <message>` names one of our errors."""
+    """A dead actor keeps its creation-task exception only as traceback text (so does a map
+    function's exception wrapped by Ray Data); its line `pipeline.errors.<Class>: <message>`
+    names one of our errors."""
     found = None
     for match in ACTOR_ERROR_LINE.finditer(text):
         cls = getattr(errors, match.group(1), None)
@@ -179,6 +187,7 @@ def job_error(exc: BaseException) -> PipelineError | None:
     """The PipelineError a Ray task or actor raised, dug out of Ray's wrappers, if any."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
+    texts: list[str] = []
     while todo:
         err = todo.pop()
         if err is None or id(err) in seen:
@@ -190,7 +199,14 @@ def job_error(exc: BaseException) -> PipelineError | None:
             found = _error_in_actor_text(err.error_msg)
             if found is not None:
                 return found
+        if isinstance(err, ray.exceptions.RayTaskError):
+            texts.append(str(err))
         todo += [err.__cause__, err.__context__, getattr(err, "cause", None)]
+    # Ray Data wraps an exception raised by a map function in a UserCodeException, and the
+    # original (its __cause__ on the worker) reaches the driver only as traceback text.
+    for text in texts:
+        if (found := _error_in_actor_text(text)) is not None:
+            return found
     return None
 
 

@@ -166,6 +166,15 @@ class RecategorizeConfig(ImageAccessOptions, JobConfig):
     overwrite: bool = Field(
         False, description="Replace a completed run already in the output folder."
     )
+    max_error_rate: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Error budget: the largest share of the rows scored tonight that may be "
+        "error rows before the run is refused (exit code 7, nothing published, the previous run "
+        "stays current). Rows that were already errors in the committed run at the same "
+        "image_uri do not count. 0.05 sits well above the 1 in 100 broken images a real catalog "
+        "has (counted in full on a first night or a full re-score) and well below what an "
+        "outage, expired credentials or a URI-policy refusal produce. 1 turns the budget off.",
+    )
     allow_cpu_fallback: bool = Field(
         False,
         description="When an inference actor lands on a node that Ray says has a GPU but CUDA is "

@@ -52,6 +52,18 @@ class TrainingError(PipelineError):
     exit_code = 6
 
 
+class ErrorBudgetError(PipelineError):
+    """Too many of the night's scored rows are errors (`--max-error-rate`), or its first rows all
+    failed the same way: nothing is published and the previous run stays current."""
+
+    exit_code = 7
+
+
+class FailFastError(ErrorBudgetError):
+    """Raised inside an inference actor when its first rows are all errors of one type, so the
+    job stops before scoring the rest; the driver reports it as an ErrorBudgetError."""
+
+
 # Per-row error types that appear in the output's `error_type` column.
 ROW_ERROR_TYPES = (
     "fetch_not_found",

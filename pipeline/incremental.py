@@ -31,6 +31,10 @@ from pipeline.sinks import parquet as run_folder
 from pipeline.sinks.rows import OUTPUT_SCHEMA
 
 PLAN_FILE = "plan.json"
+# Column of the rows to re-score: the committed row was an error at the same image_uri (error
+# rows are never carried, so a catalog's broken images are re-tried every night). The error
+# budget (`pipeline.budget`) does not count them as the night's new errors.
+KNOWN_ERROR_COLUMN = "_known_error"
 RESCORE_FILE = "rescore.parquet"
 PROBED_DIR = "probed"
 # DuckDB's working memory for the join; beyond it, it spills to a temporary folder.
@@ -200,6 +204,8 @@ def plan_night(manifest: Manifest, previous: dict[str, Any] | None, output: str,
                                                if manifest.has(c)]
     if manifest.has("image_version"):
         keep.append("CAST(m.image_version AS VARCHAR) AS image_version")
+    keep.append(f"coalesce(p.status <> 'ok' AND p.image_uri = m.image_uri, false) "
+                f"AS {KNOWN_ERROR_COLUMN}")
     source = storage.join(staging, RESCORE_FILE)
     rescored = write_rows(con.sql(
         f"SELECT {', '.join(keep)} FROM {join} WHERE NOT {carry}"

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import gc
 import hashlib
 import json
 import os
@@ -28,13 +29,19 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import drift, engine, storage
+from pipeline import budget, drift, engine, storage
 from pipeline.artifact import load_artifact, load_metadata
 from pipeline.catalog import Manifest, validate_manifest
 from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
 from pipeline.config import LOCAL_MAX_ROWS, RecategorizeConfig
-from pipeline.errors import ConfigError
-from pipeline.incremental import NightPlan, load_or_plan, options_key, plan_night
+from pipeline.errors import ConfigError, ErrorBudgetError, FailFastError
+from pipeline.incremental import (
+    KNOWN_ERROR_COLUMN,
+    NightPlan,
+    load_or_plan,
+    options_key,
+    plan_night,
+)
 from pipeline.lease import OutputLease
 from pipeline.security import safe_name
 from pipeline.sinks import parquet as run_folder
@@ -107,16 +114,22 @@ def source_columns(uri: str, chunks: list[Chunk]) -> list[str]:
     fs, _ = storage.arrow_filesystem(uri)
     with fs.open_input_file(chunks[0].path) as f:
         names = pq.read_schema(f).names
-    return ["product_id", "image_uri"] + [c for c in ("current_category", "image_version")
-                                           if c in names]
+    return ["product_id", "image_uri"] + [c for c in ("current_category", "image_version",
+                                                      KNOWN_ERROR_COLUMN) if c in names]
 
 
-def inference_kwargs(cfg: RecategorizeConfig, place: engine.Placement, run_id: str) -> dict:
-    """What each scorer (actor or in-process) builds its InferenceActor with."""
+def inference_kwargs(cfg: RecategorizeConfig, place: engine.Placement, run_id: str,
+                     rows: int, scorers: int | None = None) -> dict:
+    """What each scorer (an actor of the pool, or this process) builds its InferenceActor with;
+    `rows` to score in all, over `scorers` (default: the largest actor pool) for the fail-fast
+    watch."""
+    scorers = scorers or engine.actor_pool_bounds(place)[1]
     return {"model_uri": storage.normalize(cfg.model), "device": place.device, "top_k": cfg.top_k,
             "precision": cfg.precision, "compile": cfg.compile,
             "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
-            "review_threshold": cfg.review_threshold, "tta": cfg.tta}
+            "review_threshold": cfg.review_threshold, "tta": cfg.tta,
+            "fail_fast_rows": budget.fail_fast_rows(rows, scorers) if cfg.max_error_rate < 1
+            else 0}
 
 
 def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
@@ -132,10 +145,22 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
     ds = ds.map_batches(ChunkReader(source, source_columns(source, chunks)), batch_size=1,
                         batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                         **engine.retry_args(place, actor=False))
-    ds = engine.scored(ds, images, place, InferenceActor, inference_kwargs(cfg, place, run_id))
+    ds = engine.scored(ds, images, place, InferenceActor, inference_kwargs(
+        cfg, place, run_id, sum(c.rows for c in chunks)))
     sink = run_folder.ChunkSink(folder, min(WRITE_BLOCK_ROWS, cfg.rows_per_file, cfg.chunk_rows))
-    with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    stopped: FailFastError | None = None
+    try:
+        with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    except FailFastError as exc:
+        stopped = FailFastError(*exc.args)
+    if stopped is not None:
+        # Ray Data frees an aborted pass's actors by reference counting, and the Ray error's
+        # traceback holds them in reference cycles: a driver that runs again (a test, a
+        # notebook) would wait for their CPUs. Raised unchained, after collecting the cycles.
+        del ds
+        gc.collect()
+        raise stopped
     return sink.written, ds.stats()
 
 
@@ -147,7 +172,7 @@ def score_local(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
     from pipeline.cluster import InferenceActor
 
     score = engine.in_process_scorer(images, place, InferenceActor, inference_kwargs(
-        cfg, place, run_id))
+        cfg, place, run_id, sum(c.rows for c in chunks), scorers=1))
     reader = ChunkReader(source, source_columns(source, chunks))
     sink = run_folder.ChunkSink(folder, cfg.rows_per_file)
     written: list[dict] = []
@@ -259,15 +284,19 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     todo = [c for c in chunks if c.index not in done]
     executor, executor_reason = choose_executor(cfg, sum(c.rows for c in todo))
     phases.mark("plan")
-    if executor == "local":
-        place = engine.Placement.from_config(cfg, local_device(cfg))
-        written, ray_stats = score_local(cfg, plan.source, todo, images, place, run_id,
-                                         folder) if todo else [], ""
-    else:
-        place = on_ray()
-        phases.mark("start ray")
-        written, ray_stats = score_chunks(cfg, plan.source, todo, images, place, run_id,
-                                          folder) if todo else ([], "")
+    try:
+        if executor == "local":
+            place = engine.Placement.from_config(cfg, local_device(cfg))
+            written, ray_stats = score_local(cfg, plan.source, todo, images, place, run_id,
+                                             folder) if todo else [], ""
+        else:
+            place = on_ray()
+            phases.mark("start ray")
+            written, ray_stats = score_chunks(cfg, plan.source, todo, images, place, run_id,
+                                              folder) if todo else ([], "")
+    except ErrorBudgetError:  # failed fast: this attempt's rows are not resumed (see below)
+        storage.remove(staging)
+        raise
     phases.mark("score")
     listing = run_folder.list_run(folder)
     stats = run_folder.run_stats(folder, listing, written)
@@ -282,6 +311,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
                                    plan.new_products, plan.removed_products)
     phases.mark("commit")
     lease.renew()  # a run that stalled past its lease and lost it must not commit
+    check_error_budget(cfg, output, folder, staging, listing, marker, previous, summary)
     if warehouse is not None:  # before the Parquet commit: a restart finds this run again
         summary["iceberg"] = warehouse.commit(run_folder.committed_uris(output, marker), run_id,
                                               {"model_version": meta.model_version})
@@ -304,6 +334,29 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     summary["phases_s"] = phases.seconds
     storage.write_json(storage.join(output, run_folder.SUMMARY_FILE), summary)
     return summary
+
+
+def check_error_budget(cfg: RecategorizeConfig, output: str, folder: str, staging: str,
+                       listing: run_folder.Listing, marker: dict, previous: dict[str, Any] | None,
+                       summary: dict[str, Any]) -> None:
+    """Before any commit: refuse a night whose new error rows exceed --max-error-rate of the
+    rows it scored. A refused night keeps its rows, `_summary.json` and an error sample in its
+    run folder, and drops its staging, so started again it scores afresh under a new run id
+    rather than resuming into the same refusal (or, once the cause is fixed, publishing the
+    failed rows)."""
+    scored = [storage.join(folder, n) for files in listing.chunks.values() for n, _ in files]
+    found = budget.night_errors(scored, run_folder.committed_uris(output, previous)
+                                if previous else None) if summary["errors"] else budget.NightErrors()
+    check = budget.check_budget(marker["rows_rescored"], summary["errors"], found,
+                                cfg.max_error_rate)
+    summary["error_budget"] = check.to_json()
+    if not check.over:
+        return
+    summary["error_budget"]["new_errors_by_type"] = found.new_by_type
+    storage.write_json(storage.join(folder, budget.ERROR_SAMPLE_FILE), found.sample)
+    storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), summary)
+    storage.remove(staging)
+    raise ErrorBudgetError(budget.refusal(check, found, folder))
 
 
 def summarize(cfg: RecategorizeConfig, manifest: Manifest, meta, place: engine.Placement,
