@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -139,6 +141,24 @@ def test_all_refused_fails_fast_and_leaves_last_night_current(ray_local, small_c
     summary = summary_json(stdout)
     assert summary["rows"] == n and summary["error_budget"]["over_budget"] is False
     assert published(out)[0] != before[0] and committed_table(out).num_rows == n
+
+
+@pytest.mark.slow
+def test_fail_fast_stops_a_night_on_ray(small_catalog, tmp_path, tiny_model):
+    """The same stop from inside Ray Data's actor pool, in its own process as a night runs."""
+    manifest, _, _ = small_catalog
+    moved = write_manifest(tmp_path / "manifests" / "tonight.parquet", [
+        {**r, "image_uri": str(manifest.parent / r["image_uri"])}
+        for r in pq.read_table(manifest).to_pylist()])
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.recategorize", "--manifest", str(moved), "--model", tiny_model,
+         "--output", str(out), "--executor", "ray", "--num-cpus", "2"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 7, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert REFUSED in line and "--allowed-uri-prefixes" in line
+    assert not (out / "_SUCCESS").exists() and not (out / "_LEASE.json").exists()
 
 
 @pytest.mark.slow
