@@ -10,8 +10,10 @@ a random token), when it was taken and when it expires. It is
   holder last wrote (S3: `If-Match` its ETag; locally: its content, compared under an
   advisory lock on the file, then replaced by a rename), so a holder never overwrites a lease
   someone else has taken over;
-- taken over once it has expired (the holder crashed or stalled for a whole TTL), with the same
-  conditional write, so of two takers exactly one wins;
+- taken over once it has expired (the holder crashed or stalled for a whole TTL), or at once
+  when its holder ran on this host and its process is gone (a killed night restarted on the same
+  machine, as cron or the head node of a cluster does it), with the same conditional write, so
+  of two takers exactly one wins;
 - deleted, conditionally again, when the run ends, successfully or not.
 
 Expiry is judged on the reader's clock against the time the holder wrote, so hosts' clocks must
@@ -83,6 +85,19 @@ class LeaseRecord:
 
     def expired(self, now: dt.datetime | None = None) -> bool:
         return (now or _now()) >= dt.datetime.fromisoformat(self.expires_at)
+
+    def holder_gone(self) -> bool:
+        """The holder ran on this host and its process no longer exists. (A reused pid reads
+        as alive: the lease then waits for its expiry, never the other way round.)"""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def to_bytes(self) -> bytes:
         return (json.dumps(asdict(self), indent=2) + "\n").encode()
@@ -325,7 +340,7 @@ class OutputLease:
                 if self._mine(current):
                     return self
                 holder = LeaseRecord.from_bytes(current[0], self.store.uri)
-                if not holder.expired():
+                if not holder.expired() and not holder.holder_gone():
                     raise OutputBusyError(busy_message(self.output, self.store.uri, holder))
                 try:  # expired: take it over, if it is still the lease just read
                     self.version = self.store.replace(self._stamped(acquired_at=now), current[1])

@@ -48,7 +48,9 @@ def job_process(args: list[str], endpoint: str, ray_tmp: str) -> subprocess.Comp
     (logs under `ray_tmp`)."""
     env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "jobs.recategorize", *args], env=env,
+    # On Ray: its workers read and write the store too, not only this process.
+    return subprocess.run([sys.executable, "-m", "jobs.recategorize", "--executor", "ray", *args],
+                          env=env,
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 

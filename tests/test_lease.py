@@ -5,6 +5,7 @@ The S3 tests depend on the server honouring `If-None-Match: *` and `If-Match` on
 DELETE, as S3 does; moto 5 does (its server checks the condition, then writes).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -100,6 +101,20 @@ def test_expired_lease_is_taken_over_by_exactly_one_taker(output):
         crashed.renew()
     crashed.release()
     assert lease_record(output)["run_id"] == won[0]
+
+
+def test_a_lease_whose_process_is_gone_from_this_host_is_taken_over_at_once(tmp_path):
+    output = str(tmp_path / "out")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists, as a killed night's
+    killed = OutputLease(output, "killed")
+    killed.record = dataclasses.replace(killed.record, pid=gone.pid)
+    killed.acquire()
+    OutputLease(output, "restarted").acquire()  # long before the killed run's lease expires
+    assert lease_record(output)["run_id"] == "restarted"
+
+    with pytest.raises(OutputBusyError, match="restarted"):  # a live holder still refuses
+        OutputLease(output, "third").acquire()
 
 
 def test_renewal_keeps_the_lease_and_records_the_run_id(output):

@@ -329,7 +329,10 @@ def test_training_spreads_workers_over_both_nodes(ray_cluster, grocery_root, tmp
         sys.executable, "-m", "jobs.train", "--manifest", str(manifest),
         "--output", str(shared / "train"), "--num-workers", "2", "--placement-strategy",
         "STRICT_SPREAD", "--epochs", "1", "--max-train-rows", "64", "--input-size", "64",
-        "--batch-size", "16"])
+        "--batch-size", "16",
+        # The "GPU" node advertises a GPU without CUDA: --device auto would ask Ray Train for a
+        # GPU per worker, and two workers cannot have the cluster's one.
+        "--device", "cpu"])
 
     assert done.returncode == 0, done.stdout[-3000:]
     info = ray_cluster.job("train-smoke")
