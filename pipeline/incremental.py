@@ -72,9 +72,6 @@ def _dataset(uris: str | list[str]) -> pads.Dataset:
     if isinstance(uris, str):
         fs, path = storage.arrow_filesystem(uris)
         return pads.dataset(path, filesystem=fs, format="parquet")
-    # The files may have been written by other processes (Ray's write tasks) after this process
-    # listed their folder: s3fs would answer from that stale listing that they do not exist.
-    storage.filesystem(uris[0])[0].invalidate_cache()
     fs, _ = storage.arrow_filesystem(uris[0])
     return pads.dataset([storage.filesystem(u)[1] for u in uris], filesystem=fs, format="parquet")
 

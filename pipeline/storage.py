@@ -37,7 +37,10 @@ S3_MAX_ATTEMPTS = 5  # per request, the first try included
 S3FS_RETRIES = 3  # tries of a whole s3fs call (after botocore's) on throttling or a lost connection
 S3_CONNECT_TIMEOUT_S = 10.0
 S3_READ_TIMEOUT_S = 60.0  # per socket read, not per object
+# Listings are never cached: the run folder is written by other processes (Ray's write tasks),
+# and a listing cached before they wrote would say their files do not exist.
 S3_OPTIONS: dict[str, Any] = {
+    "use_listings_cache": False,
     "config_kwargs": {
         "retries": {"mode": S3_RETRY_MODE, "total_max_attempts": S3_MAX_ATTEMPTS},
         "connect_timeout": S3_CONNECT_TIMEOUT_S,
