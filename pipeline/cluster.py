@@ -44,6 +44,15 @@ TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 # "Memory"). cluster.yaml sets the same variable on every node.
 WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
 
+# Ray keeps a task's return value in its owner's (the driver's) own heap when it is smaller than
+# `max_direct_call_object_size` (100 KiB by default). Ray Data's scored blocks are that small at
+# the usual batch sizes, so each one passed through the driver's heap and its native memory grew
+# with the catalog (BENCHMARKS.md, "Catalog scale"). Below this bound only block metadata and
+# write results stay inline; blocks go to the object store. NODE_ENV sets the same on a cluster.
+INLINE_OBJECT_MAX_BYTES = 8 * 1024
+# What every node of a cluster gets before `ray start` (cluster.yaml, deploy/rayjob.yaml).
+NODE_ENV = {**WORKER_ENV, "RAY_max_direct_call_object_size": str(INLINE_OBJECT_MAX_BYTES)}
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
@@ -58,6 +67,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
                  include_dashboard=False,
+                 _system_config={"max_direct_call_object_size": INLINE_OBJECT_MAX_BYTES},
                  runtime_env={"env_vars": WORKER_ENV,
                               "worker_process_setup_hook": "pipeline.worker_setup.quiet_local_worker"})
 

@@ -21,6 +21,9 @@ SAMPLE_DIR = EXAMPLES_DIR / "sample-catalog"
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # Slow tests first: with the suite spread over workers (pytest-xdist), a long test that
+    # starts last would keep one worker busy after the others ran out of work.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

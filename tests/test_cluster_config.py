@@ -10,7 +10,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipeline.cluster import WORKER_ENV, actor_device, job_error
+from pipeline.cluster import NODE_ENV, actor_device, job_error
 from pipeline.config import REPO_ROOT, RecategorizeConfig, parse_args, validate
 from pipeline.engine import (
     DECODE_RESOURCE_PER_TASK,
@@ -68,10 +68,10 @@ def test_cluster_yaml_installs_the_pinned_release_and_keeps_auth_on(cluster_conf
     assert re.search(rf'"catalog-recategorizer @ git\+https://\S+@v{re.escape(PROJECT_VERSION)}"', setup)
     # Every node gets the token from the secret before Ray starts on it ...
     assert re.search(r"secretsmanager get-secret-value .*> ~/\.ray/auth_token", setup.replace("\n", " "))
-    # ... and every `ray start` runs with token auth and the workers' environment of a local run.
+    # ... and every `ray start` runs with token auth and the node environment of a local run.
     starts = [c for c in cluster_config["head_start_ray_commands"] + cluster_config[
         "worker_start_ray_commands"] if "ray start" in c]
-    env = " ".join(f"{k}={v}" for k, v in WORKER_ENV.items())
+    env = " ".join(f"{k}={v}" for k, v in NODE_ENV.items())
     assert len(starts) == 2 and all(c.startswith(f"RAY_AUTH_MODE=token {env} ray start")
                                     for c in starts)
     assert "disabled" not in yaml.safe_dump(cluster_config)
@@ -152,6 +152,8 @@ def test_rayjob_pools_and_token(rayjob):
     secrets = set()
     for name, env in env_of.items():
         assert env["RAY_AUTH_MODE"]["value"] == "token", name
+        if name != "submitter":  # every Ray node gets the environment a local run's Ray gets
+            assert {k: env[k]["value"] for k in NODE_ENV if k in env} == NODE_ENV, name
         secrets.add(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"])
     assert len(secrets) == 1 and {"head", "submitter", "cpu-decode", "gpu-inference"} <= set(env_of)
     assert "disabled" not in yaml.safe_dump(rayjob)
