@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The suite mostly waits (process and Ray start-ups, jobs in subprocesses), so one worker more
+# than this machine's two cores keeps both busy.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test lint install
 install: $(VENV)/.installed
@@ -19,4 +22,4 @@ demo: install
 
 test: install
 	$(PY) -m ruff check pipeline jobs tests examples
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)

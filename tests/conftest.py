@@ -36,7 +36,8 @@ def pytest_collection_modifyitems(config, items):
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    if not ray.is_initialized():  # a job an earlier test ran in this process may have started it
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
