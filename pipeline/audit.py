@@ -292,7 +292,7 @@ def find_label_issues(data: Embedded, cfg: AuditConfig) -> pa.Table:
         labels = np.array([index[g] for g in data.given[judged]], dtype=np.int64)
         probs = out_of_fold_probabilities(data.features[judged], labels, cfg.label_folds, cfg.seed)
         score[judged] = 1.0 - get_label_quality_scores(labels, probs)
-        flagged[judged] = cleanlab_issues(labels, probs, n_jobs=1)
+        flagged[judged] = cleanlab_issues(labels, probs, filter_by=cfg.label_filter, n_jobs=1)
         suggested[judged] = np.array(classes, dtype=object)[probs.argmax(1)]
     else:
         for i in np.flatnonzero(judged):

@@ -554,6 +554,14 @@ class AuditConfig(LabelledImagesOptions, ExecutorOptions, JobConfig):
         "probabilities the label check (cleanlab) judges. Categories with fewer rows are not "
         "judged.",
     )
+    label_filter: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                          "predicted_neq_given", "low_self_confidence", "low_normalized_margin"] = Field(
+        "prune_by_noise_rate",
+        description="cleanlab's rule for flagging a label (find_label_issues filter_by): the "
+        "confident-learning rules flag what the estimated noise rates account for; "
+        "predicted_neq_given flags every row whose suggested category differs (more found, more "
+        "false alarms). The score and its ranking do not depend on it.",
+    )
     outlier_neighbours: int = Field(
         AUDIT_OUTLIER_NEIGHBOURS, ge=1,
         description="Outliers: the score is the mean cosine distance to this many nearest "
