@@ -55,6 +55,10 @@ PHASH_BITS = 64
 NEIGHBOUR_BLOCK_ROWS = 4096
 # A median absolute deviation of zero (every score equal) would flag any difference at all.
 MIN_MAD = 1e-6
+# An all-zero embedding (possible after ReLU) has no direction: normalized against this instead.
+MIN_NORM = 1e-12
+# Hamming distances are whole bits: half a bit more makes the radius search include the limit.
+HALF_BIT = 0.5
 # The label check's classifier: the feature route's own logistic regression settings.
 LABEL_MODEL_C = EmbedConfig.model_fields["C"].default
 LABEL_MODEL_MAX_ITER = EmbedConfig.model_fields["max_iter"].default
@@ -177,7 +181,7 @@ def collect(batches: list[dict[str, np.ndarray]]) -> Embedded:
                     given=cat("given_category")[ok][order],
                     content_hash=cat("content_hash")[ok][order],
                     phash=cat("phash")[ok][order].astype(np.uint64),
-                    features=(feats / np.maximum(norms, MIN_MAD))[order], errors=errors)
+                    features=(feats / np.maximum(norms, MIN_NORM))[order], errors=errors)
 
 
 # ---- duplicates ------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def near_pairs(bits: np.ndarray, features: np.ndarray, candidates: np.ndarray, m
 
     if len(candidates) < 2:
         return []
-    index = NearestNeighbors(radius=(max_distance + 0.5) / PHASH_BITS, metric="hamming")
+    index = NearestNeighbors(radius=(max_distance + HALF_BIT) / PHASH_BITS, metric="hamming")
     index.fit(bits[candidates])
     pairs = []
     for start in range(0, len(candidates), NEIGHBOUR_BLOCK_ROWS):
@@ -352,6 +356,7 @@ th{background:#f3f3f3}.counts td:nth-child(2){text-align:right}img{display:block
 
 
 def _thumb(uri: str, base_uri: str, thumbs: dict[str, str]) -> str:
+    """An <img> of one product image, made once per URI (or a note when it cannot be read)."""
     if uri not in thumbs:
         jpeg = report.thumbnail_jpeg(uri, base_uri)
         thumbs[uri] = (report._img(jpeg, uri, "image/jpeg") if jpeg
@@ -404,6 +409,7 @@ def report_page(summary: dict, data: Embedded, base_uri: str, duplicates: pa.Tab
 # ---- the job ---------------------------------------------------------------------------------
 
 def write_table(uri: str, table: pa.Table) -> None:
+    """One Parquet file at uri (local or object storage), written in one request."""
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(uri, buf.getvalue())

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.audit import phash_bits, phash_value, run
+from pipeline.audit import PHASH_BITS, phash_bits, phash_value, run
 from pipeline.config import AuditConfig, TrainConfig
 from pipeline.decode import decode_image
 from pipeline.findings import (
@@ -39,6 +39,8 @@ REENCODE_QUALITY = 70
 FLIPS = {"Banana": "Cantaloupe", "Cantaloupe": "Garant-Ecological-Medium-Fat-Milk",
          "Granny-Smith": "Banana"}
 PLACEHOLDER_GREY = 235
+PHOTO_PX = 348  # the Grocery Store photos' size
+MODEL_INPUT_PX = 224  # the bundled model's input size, at which the audit hashes pixels
 
 
 def _jpeg(im: Image.Image) -> bytes:
@@ -67,7 +69,7 @@ def build_audit_catalog(root: Path) -> dict:
     (images / "copy.jpg").write_bytes((images / f"{original}.jpg").read_bytes())
     (images / "resized.jpg").write_bytes(reencode(images / f"{resized}.jpg", size=RESIZED_PX,
                                                   quality=REENCODE_QUALITY))
-    (images / "blank.jpg").write_bytes(_jpeg(Image.new("RGB", (348, 348), (PLACEHOLDER_GREY,) * 3)))
+    (images / "blank.jpg").write_bytes(_jpeg(Image.new("RGB", (PHOTO_PX, PHOTO_PX), (PLACEHOLDER_GREY,) * 3)))
     rows += [
         {"product_id": "copy", "image_uri": "images/copy.jpg", "category": chosen[0], "split": "train"},
         {"product_id": "resized", "image_uri": "images/resized.jpg", "category": chosen[1],
@@ -119,11 +121,12 @@ def test_distinct_products_are_not_duplicates(audited):
     assert {(a, b) for a, b in found if truth[a] != truth[b]} == set()
     ids = sorted(audited["truth"])
     hashes = phash_bits(np.array([phash_value(decode_image(
-        (audited["manifest"].parent / "images" / f"{pid}.jpg").read_bytes(), 224)) for pid in ids],
+        (audited["manifest"].parent / "images" / f"{pid}.jpg").read_bytes(), MODEL_INPUT_PX))
+        for pid in ids],
         dtype=np.uint64))
     distance = (hashes[:, None, :] != hashes[None, :, :]).sum(-1)
     other = np.array([[truth[a] != truth[b] for b in ids] for a in ids])
-    i, j = np.unravel_index(np.where(other, distance, 999).argmin(), distance.shape)
+    i, j = np.unravel_index(np.where(other, distance, PHASH_BITS + 1).argmin(), distance.shape)
     assert tuple(sorted((ids[i], ids[j]))) not in _pairs(audited[DUPLICATES_FILE])
 
 
@@ -185,8 +188,9 @@ def test_train_exclude_leaves_out_flagged_training_rows(audited):
 
 def test_perceptual_hash_is_close_for_a_reencode_and_far_for_another_photo():
     photos = photos_by_category()["Banana"]
-    a, b = (decode_image(p.read_bytes(), 224) for p in photos[:2])
-    again = decode_image(reencode(photos[0], size=RESIZED_PX, quality=REENCODE_QUALITY), 224)
+    a, b = (decode_image(p.read_bytes(), MODEL_INPUT_PX) for p in photos[:2])
+    again = decode_image(reencode(photos[0], size=RESIZED_PX, quality=REENCODE_QUALITY),
+                         MODEL_INPUT_PX)
     bits = phash_bits(np.array([phash_value(x) for x in (a, again, b)], dtype=np.uint64))
     assert (bits[0] != bits[1]).sum() <= AuditConfig().phash_max_distance
     assert (bits[0] != bits[2]).sum() > AuditConfig().phash_max_distance
