@@ -351,7 +351,8 @@ def find_outliers(data: Embedded, roots: np.ndarray, cfg: AuditConfig) -> pa.Tab
 
 REPORT_CSS = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;
 margin:8px 0 24px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}.counts td:nth-child(2){text-align:right}img{display:block}
+th{background:#f3f3f3}.counts td:nth-child(2){text-align:right}
+img{display:block;border:1px solid #bbb}
 .pair{display:flex;gap:8px}.muted{color:#777}code{font-size:90%}"""
 
 
@@ -382,8 +383,10 @@ def report_page(summary: dict, data: Embedded, base_uri: str, duplicates: pa.Tab
              f"labels from <code>{e(summary['label_column'] or 'none')}</code>.</p>",
              report._table(["finding", "rows"], [[e(a), e(b)] for a, b in counts], "counts")]
     dup = duplicates.sort_by([("similarity", "ascending")]).slice(0, items).to_pylist()
-    parts.append(f"<h2>Duplicates ({duplicates.num_rows})</h2><p>Each product beside the one it "
-                 "duplicates; least similar first, where a mistake is likeliest.</p>")
+    parts.append(f"<h2>Duplicates ({duplicates.num_rows})</h2><p>Each product beside its group's "
+                 "representative; least similar first, where a mistake is likeliest. A product "
+                 "linked through another member of the group can be less similar to the "
+                 "representative than the confirmation threshold.</p>")
     parts.append(report._table(["product", "duplicate of", "kind", "similarity"], [[
         f"{_thumb(uri[d['product_id']], base_uri, thumbs)}<code>{e(d['product_id'])}</code>",
         f"{_thumb(uri[d['duplicate_of']], base_uri, thumbs)}<code>{e(d['duplicate_of'])}</code>",
