@@ -111,7 +111,21 @@ class LabelledImagesOptions(ImageAccessOptions):
     )
 
 
-class RecategorizeConfig(ImageAccessOptions, JobConfig):
+class ExecutorOptions(BaseModel):
+    """Where a job that scores images runs the scoring engine: a Ray Data pass or its own
+    process (`engine.choose_executor`)."""
+
+    executor: Literal["auto", "ray", "local"] = Field(
+        "auto",
+        description="Where images are scored: 'ray' (a Ray Data pass on an actor pool) or "
+        "'local' (in this process, no Ray: for a few thousand rows, where starting Ray and an "
+        "actor pool costs more than the scoring). 'auto': 'local' when no Ray cluster is given "
+        "(no --ray-address, no RAY_ADDRESS), --device is not cuda and the run has at most "
+        f"{LOCAL_MAX_ROWS:,} rows to score; else 'ray'.",
+    )
+
+
+class RecategorizeConfig(ImageAccessOptions, ExecutorOptions, JobConfig):
     manifest: str = Field(
         SAMPLE_MANIFEST,
         description="Catalog manifest: Parquet file or folder, local path or URI (s3://...).",
@@ -228,14 +242,6 @@ class RecategorizeConfig(ImageAccessOptions, JobConfig):
         description="Rows per resumable chunk: the run writes each chunk's rows straight into its "
         "folder, so a killed run restarted with the same arguments redoes only the chunks in "
         "flight.",
-    )
-    executor: Literal["auto", "ray", "local"] = Field(
-        "auto",
-        description="Where images are scored: 'ray' (a Ray Data pass on an actor pool) or "
-        "'local' (in this process, no Ray: for a few thousand rows, where starting Ray and an "
-        "actor pool costs more than the scoring). 'auto': 'local' when no Ray cluster is given "
-        "(no --ray-address, no RAY_ADDRESS), --device is not cuda and the night has at most "
-        f"{LOCAL_MAX_ROWS:,} rows to score; else 'ray'.",
     )
     full: bool = Field(
         False,
@@ -407,6 +413,12 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
     max_train_rows: int | None = Field(
         None, ge=1, description="Use at most this many training rows (for smoke runs)."
     )
+    exclude: str | None = Field(
+        None,
+        description="Output folder of a `python -m jobs.audit` run on this manifest: its "
+        "flagged training rows (every duplicate but one per group, suspected labels, outliers) "
+        "are left out. Rows of the val split are kept. Default: train on every row.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
         description="How Ray places the training workers: PACK fills a node first (fast "
@@ -484,6 +496,86 @@ class EmbedConfig(LabelledImagesOptions, JobConfig):
     )
     seed: int = Field(0, description="Seed of the validation split.")
     max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
+    num_actors: int = Field(1, ge=1, description="Embedding actor pool size.")
+    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Embedding device"))
+
+
+# The audit's decision rules (README, "Data audit"). Defaults for its options, named once here.
+# Perceptual hashes (64 bits) of a resized or re-encoded copy differ in a few bits, a lightly
+# cropped one in more; some distinct photos of one product come as close, so the hash only
+# proposes candidates.
+AUDIT_PHASH_MAX_DISTANCE = 12
+# Embedding cosine that confirms a candidate. Not close to 1: a downscaled copy is blurred, and
+# the model's embedding moves with blur; two photos that merely share a layout fall well below.
+AUDIT_NEAR_MIN_COSINE = 0.8
+AUDIT_LABEL_FOLDS = 5
+AUDIT_OUTLIER_NEIGHBOURS = 5
+# Robust z-score (in MADs above the median k-NN distance) from which an image is an outlier.
+AUDIT_OUTLIER_MADS = 5.0
+AUDIT_REPORT_ITEMS = 24
+
+
+class AuditConfig(LabelledImagesOptions, ExecutorOptions, JobConfig):
+    manifest: str = Field(
+        SAMPLE_MANIFEST,
+        description="Manifest to audit: a catalog (product_id, image_uri, optional "
+        "current_category) or a training manifest (with category); Parquet file or folder, local "
+        "path or URI.",
+    )
+    model: str = Field(
+        BUNDLED_MODEL,
+        description="Model artifact folder (local path or URI) whose penultimate layer embeds the "
+        "images.",
+    )
+    output: str = Field(
+        "outputs/audit",
+        description="Output folder (local path or URI): duplicates.parquet, label_issues.parquet, "
+        "outliers.parquet, errors.parquet, report.html, audit_summary.json, config.yaml.",
+    )
+    label_column: str | None = Field(
+        None,
+        description="Column holding each row's given category, for the label check. Default: "
+        "category when the manifest has it, else current_category, else no label check.",
+    )
+    phash_max_distance: int = Field(
+        AUDIT_PHASH_MAX_DISTANCE, ge=0, le=64,
+        description="Near duplicates: largest Hamming distance between two images' 64-bit "
+        "perceptual hashes that makes them candidates.",
+    )
+    near_min_cosine: float = Field(
+        AUDIT_NEAR_MIN_COSINE, gt=0, le=1,
+        description="Near duplicates: smallest embedding cosine similarity that confirms a "
+        "candidate pair.",
+    )
+    label_folds: int = Field(
+        AUDIT_LABEL_FOLDS, ge=2, le=20,
+        description="Folds of the cross-validated logistic regression whose out-of-fold "
+        "probabilities the label check (cleanlab) judges. Categories with fewer rows are not "
+        "judged.",
+    )
+    label_filter: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                          "predicted_neq_given", "low_self_confidence", "low_normalized_margin"] = Field(
+        "prune_by_noise_rate",
+        description="cleanlab's rule for flagging a label (find_label_issues filter_by): the "
+        "confident-learning rules flag what the estimated noise rates account for; "
+        "predicted_neq_given flags every row whose suggested category differs (more found, more "
+        "false alarms). The score and its ranking do not depend on it.",
+    )
+    outlier_neighbours: int = Field(
+        AUDIT_OUTLIER_NEIGHBOURS, ge=1,
+        description="Outliers: the score is the mean cosine distance to this many nearest "
+        "distinct images.",
+    )
+    outlier_mads: float = Field(
+        AUDIT_OUTLIER_MADS, gt=0,
+        description="Outliers: flagged when the score is this many median absolute deviations "
+        "above the median score.",
+    )
+    report_items: int = Field(
+        AUDIT_REPORT_ITEMS, ge=1, description="Most items of each kind shown in report.html."
+    )
+    seed: int = Field(0, description="Seed of the cross-validation folds.")
     batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
     num_actors: int = Field(1, ge=1, description="Embedding actor pool size.")
     device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Embedding device"))
@@ -672,7 +764,7 @@ def build_parser(cls: type[BaseModel], description: str, prog: str | None = None
 # Options naming local files or folders: made absolute when the job's arguments are parsed, so
 # that nothing later depends on the job's current folder (which Ray may delete under a job
 # submitted with --working-dir; README, "Guarantees and failure modes").
-PATH_FIELDS = ("manifest", "model", "output", "review_threshold_from", "dataset_root",
+PATH_FIELDS = ("manifest", "model", "output", "review_threshold_from", "dataset_root", "exclude",
                "checkpoint_path", "source")
 # Options that take a path or a name (imagenet, a weights name): made absolute only when a
 # local file or folder of that name exists.

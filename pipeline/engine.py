@@ -12,6 +12,7 @@ Settings are two small frozen dataclasses built from any job config that has the
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.cluster import cpu_count
+from pipeline.config import LOCAL_MAX_ROWS
 from pipeline.fetch import image_signal
 from pipeline.preprocess import Preprocessor
 from pipeline.security import UriPolicy
@@ -60,6 +62,7 @@ class ImageSettings:
     fetch_timeout_s: float = 20.0
     fetch_retries: int = 3
     record_signal: bool = False  # add each image's change signal (the nightly job's plan uses it)
+    record_digest: bool = False  # add each image's content_hash (the audit's exact duplicates)
 
     @classmethod
     def from_config(cls, cfg: Any, input_size: int, base_uri: str) -> ImageSettings:
@@ -73,7 +76,7 @@ class ImageSettings:
     def preprocessor(self, threads: int = 1) -> Preprocessor:
         return Preprocessor(self.input_size, self.base_uri, self.max_bytes, self.max_pixels,
                             self.policy, self.fetch_timeout_s, self.fetch_retries, threads=threads,
-                            record_signal=self.record_signal)
+                            record_signal=self.record_signal, record_digest=self.record_digest)
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,32 @@ def in_process_scorer(images: ImageSettings, place: Placement, predictor: type,
         return [actor(numpy_batch(b)) for b in rows.to_batches(max_chunksize=place.batch_size)]
 
     return score
+
+
+def on_cluster(cfg: Any) -> bool:
+    """A Ray cluster was given (`ray job submit` sets RAY_ADDRESS for its driver)."""
+    return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def choose_executor(cfg: Any, rows_to_score: int) -> tuple[str, str]:
+    """('ray' | 'local', why) for a job config with `executor`, `device` and `ray_address`
+    (`config.ExecutorOptions`): --executor, else local for a small run without a cluster."""
+    if cfg.executor != "auto":
+        return cfg.executor, f"--executor {cfg.executor}"
+    if on_cluster(cfg):
+        return "ray", "a Ray cluster was given"
+    if cfg.device == "cuda":
+        return "ray", "--device cuda"
+    if rows_to_score > LOCAL_MAX_ROWS:
+        return "ray", f"{rows_to_score:,} rows to score (local up to {LOCAL_MAX_ROWS:,})"
+    return "local", f"{rows_to_score:,} rows to score (local up to {LOCAL_MAX_ROWS:,})"
+
+
+def local_device(cfg: Any) -> str:
+    """The device of the in-process executor: cuda only when asked for by 'auto' and present."""
+    import torch
+
+    return "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu"
 
 
 class SignalProbe:

@@ -22,7 +22,6 @@ import functools
 import gc
 import hashlib
 import json
-import os
 import time
 import uuid
 from typing import Any
@@ -33,7 +32,8 @@ from pipeline import budget, drift, engine, storage
 from pipeline.artifact import load_artifact, load_metadata
 from pipeline.catalog import Manifest, validate_manifest
 from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
-from pipeline.config import LOCAL_MAX_ROWS, RecategorizeConfig
+from pipeline.config import RecategorizeConfig
+from pipeline.engine import choose_executor, local_device, on_cluster
 from pipeline.errors import ConfigError, ErrorBudgetError, FailFastError
 from pipeline.incremental import (
     KNOWN_ERROR_COLUMN,
@@ -179,30 +179,6 @@ def score_local(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
     for chunk in chunks:
         written += sink.write(score(reader.read(chunk)), None)
     return written
-
-
-def on_cluster(cfg: RecategorizeConfig) -> bool:
-    """A Ray cluster was given (`ray job submit` sets RAY_ADDRESS for its driver)."""
-    return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-
-
-def choose_executor(cfg: RecategorizeConfig, rows_to_score: int) -> tuple[str, str]:
-    """('ray' | 'local', why): --executor, else local for a small night without a cluster."""
-    if cfg.executor != "auto":
-        return cfg.executor, f"--executor {cfg.executor}"
-    if on_cluster(cfg):
-        return "ray", "a Ray cluster was given"
-    if cfg.device == "cuda":
-        return "ray", "--device cuda"
-    if rows_to_score > LOCAL_MAX_ROWS:
-        return "ray", f"{rows_to_score:,} rows to score (local up to {LOCAL_MAX_ROWS:,})"
-    return "local", f"{rows_to_score:,} rows to score (local up to {LOCAL_MAX_ROWS:,})"
-
-
-def local_device(cfg: RecategorizeConfig) -> str:
-    import torch
-
-    return "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu"
 
 
 def previous_stats(output: str, previous: dict[str, Any] | None) -> dict | None:

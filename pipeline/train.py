@@ -64,6 +64,7 @@ class LabelledData:
     classes: list[str]
     coarse_classes: dict[str, str]
     base_uri: str
+    excluded: dict[str, int] | None = None  # training rows left out per audit finding (--exclude)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -85,6 +86,9 @@ def load_data(cfg: TrainConfig) -> LabelledData:
     cols = ["product_id", "image_uri", "category"] + [
         c for c in ("coarse_category", "split") if manifest.has(c)]
     table = open_dataset(manifest.uri).to_table(columns=cols)
+    excluded = None
+    if cfg.exclude:
+        table, excluded = exclude_flagged(table, cfg.exclude)
     classes = sorted(set(table.column("category").to_pylist()))
     index = {c: i for i, c in enumerate(classes)}
     coarse_classes: dict[str, str] = {}
@@ -98,12 +102,12 @@ def load_data(cfg: TrainConfig) -> LabelledData:
     coarse_index = {c: i for i, c in enumerate(coarse_names)}
     coarse_labels = np.array([coarse_index.get(coarse_classes.get(c), -1)
                               for c in table.column("category").to_pylist()], dtype=np.int64)
+    split_column = table.column("split") if manifest.has("split") else None
     table = table.select(["product_id", "image_uri"]).append_column(
         "label", pa.array(labels)).append_column("coarse_label", pa.array(coarse_labels))
 
     if manifest.has("split"):
-        split = open_dataset(manifest.uri).to_table(columns=["split"]).column("split")
-        split = np.asarray(pc.fill_null(split, "train").to_pylist(), dtype=object)
+        split = np.asarray(pc.fill_null(split_column, "train").to_pylist(), dtype=object)
     else:
         split = np.full(table.num_rows, "train", dtype=object)
     is_train, is_val = split == "train", split == "val"
@@ -121,7 +125,27 @@ def load_data(cfg: TrainConfig) -> LabelledData:
         raise TrainingError(
             f"manifest {manifest.uri!r} gives {train.num_rows} training and {val.num_rows} "
             "validation rows; both must be non-empty")
-    return LabelledData(train, val, classes, coarse_classes, manifest.base_uri)
+    return LabelledData(train, val, classes, coarse_classes, manifest.base_uri, excluded)
+
+
+def exclude_flagged(table: pa.Table, audit_dir: str) -> tuple[pa.Table, dict[str, int]]:
+    """The manifest rows without the training rows an audit flagged (`jobs.audit`), and how many
+    each finding removed. Validation rows stay, so accuracy is measured on the same rows with
+    and without the cleaning."""
+    from pipeline.findings import flagged_products
+
+    flagged = flagged_products(audit_dir)
+    ids = table.column("product_id").to_pylist()
+    train = (np.asarray(pc.fill_null(table.column("split"), "train").to_pylist()) == "train"
+             if "split" in table.column_names else np.ones(len(ids), dtype=bool))
+    drop = np.zeros(len(ids), dtype=bool)
+    counts = {}
+    for finding, products in flagged.items():
+        hit = train & np.array([p in products for p in ids], dtype=bool)
+        counts[finding] = int(hit.sum())
+        drop |= hit
+    counts["rows"] = int(drop.sum())
+    return table.filter(pa.array(~drop)), counts
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -668,6 +692,7 @@ def run(cfg: TrainConfig) -> dict:
     summary = {
         "manifest": storage.normalize(cfg.manifest), "train_rows": data.train.num_rows - train_bad,
         "val_rows": data.val.num_rows - val_bad, "unreadable_rows": train_bad + val_bad,
+        "excluded_rows": data.excluded,
         "epochs": cfg.epochs, "epochs_run": int(last.get("epoch", -1)) + 1,
         "early_stopped": bool(last.get("early_stopped", False)),
         "best_epoch": int(best_metrics["epoch"]) + 1,

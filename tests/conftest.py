@@ -50,11 +50,15 @@ def grocery_root() -> Path:
     return root
 
 
+def photos_by_category() -> dict[str, list[Path]]:
+    """The bundled sample catalog's real product photos: category -> its photos, sorted."""
+    return {d.name: sorted(d.iterdir()) for d in sorted((SAMPLE_DIR / "images").iterdir())}
+
+
 @pytest.fixture(scope="session")
 def sample_images() -> list[Path]:
     """Real product photos from the bundled sample catalog, one per category first."""
-    by_class = sorted((SAMPLE_DIR / "images").iterdir())
-    return [sorted(d.iterdir())[0] for d in by_class]
+    return [photos[0] for photos in photos_by_category().values()]
 
 
 @pytest.fixture(scope="session")

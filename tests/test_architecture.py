@@ -49,3 +49,24 @@ def test_pipeline_modules_import_no_cycle():
     graph = import_graph()
     assert {"config", "evaluate", "train", "models"} <= set(graph)
     assert cycles(graph) == []
+
+
+# The library module behind each job that reads images: each must build its plan with the
+# scoring engine (README, "Architecture"), so every job shares the URI policy and the limits.
+IMAGE_JOBS = {"recategorize": "recategorize", "evaluate": "evaluate", "embed": "embeddings",
+              "audit": "audit"}
+
+
+def test_every_job_that_reads_images_scores_through_the_engine():
+    graph = import_graph()
+    assert {module for module in IMAGE_JOBS.values() if "engine" not in graph[module]} == set()
+
+
+def test_every_job_that_reads_images_takes_the_uri_policy_options():
+    from pipeline import config
+
+    configs = {"recategorize": config.RecategorizeConfig, "evaluate": config.EvaluateConfig,
+               "embed": config.EmbedConfig, "audit": config.AuditConfig}
+    assert set(configs) == set(IMAGE_JOBS)
+    policy = set(config.ImageAccessOptions.model_fields)
+    assert {job for job, cls in configs.items() if not policy <= set(cls.model_fields)} == set()

@@ -39,14 +39,14 @@ def test_bad_option_and_missing_model(tmp_path):
 def test_every_option_has_help():
     for job, option in (("jobs.recategorize", "--top-k"), ("jobs.train", "--time-budget-min"),
                         ("jobs.make_manifest", "--output"), ("jobs.evaluate", "--target-accuracy"),
-                        ("jobs.embed", "--knn-k")):
+                        ("jobs.embed", "--knn-k"), ("jobs.audit", "--near-min-cosine")):
         proc = run_job(job, "--help", cwd=REPO_ROOT)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert option in proc.stdout and "(default:" in proc.stdout and "--config" in proc.stdout
         assert str(REPO_ROOT) not in proc.stdout  # defaults as typed in the checkout
 
 
-JOBS = ("recategorize", "train", "evaluate", "embed", "make_manifest", "benchmark",
+JOBS = ("recategorize", "train", "evaluate", "embed", "audit", "make_manifest", "benchmark",
         "train_benchmark")
 HEAVY = ("torch", "torchvision", "ray", "pyarrow")
 # A value out of range for an option each job has: the config's validation runs, then fails.

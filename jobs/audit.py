@@ -1,0 +1,24 @@
+"""Audit a manifest before training or before trusting a night: duplicate products (exact and
+near), suspected wrong categories and outlier images, as Parquet tables and one HTML report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jobs._main import run_job
+from pipeline.config import AuditConfig, parse_args
+
+PROG = "python -m jobs.audit"
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(AuditConfig, argv, __doc__, PROG)
+    # torch, Ray, scikit-learn and cleanlab load only once the arguments are good
+    from pipeline.audit import run
+
+    print(json.dumps(run(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))
