@@ -36,6 +36,7 @@ from pipeline.artifact import (
     load_artifact,
     load_metadata,
 )
+from pipeline.config import ExportConfig
 from pipeline.decode import decode_image
 from pipeline.errors import ConfigError, ImageError, ModelError
 from pipeline.models import get_spec
@@ -125,7 +126,12 @@ def to_onnx(module: _Exported, input_size: int) -> bytes:
         module, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
         output_names=[LOGITS_OUTPUT, EMBEDDINGS_OUTPUT], dynamic_shapes={"images": {0: batch}},
         verbose=False)
-    return program.model_proto.SerializeToString()
+    proto = program.model_proto
+    # The exporter annotates each node with the Python stack that made it (file paths, line
+    # numbers): dropped, so the file, and model_version, depend on the graph alone.
+    for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
+        del node.metadata_props[:]
+    return proto.SerializeToString()
 
 
 def to_fp16(model: bytes) -> bytes:
@@ -239,6 +245,8 @@ def calibration_images(source: str, size: int, count: int, seed: int) -> tuple[n
 
 @dataclass
 class Parity:
+    """What the parity check measured and the tolerance it applied (model.json export.parity)."""
+
     images: int
     top1_agreement: float
     max_logit_error: float
@@ -247,6 +255,7 @@ class Parity:
 
 
 def reference_logits(module: _Exported, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The source torch model's logits, the parity check's reference."""
     with torch.inference_mode():
         return np.concatenate([module(torch.from_numpy(images[i:i + batch_size]))[0].numpy()
                                for i in range(0, len(images), batch_size)])
@@ -284,14 +293,16 @@ def check_parity(candidate: bytes, reference: np.ndarray, images: np.ndarray, fm
 
 
 def check_output(output: str, overwrite: bool) -> None:
+    """Refuse to replace an artifact in --output without --overwrite (before any work)."""
     if storage.exists(storage.join(output, METADATA_FILE)) and not overwrite:
         raise ConfigError(f"--output {output} already holds a model artifact; choose another "
                           "folder or pass --overwrite")
 
 
-def export(cfg) -> dict:
-    """Export `cfg.model` as `cfg.format` into `cfg.output` (an ExportConfig); returns the new
-    artifact's metadata as a dict (with its parity record)."""
+def export(cfg: ExportConfig) -> dict:
+    """Export `cfg.model` as `cfg.format` into `cfg.output`; returns the new artifact's
+    metadata as a dict (with its parity record). Nothing is written unless the export passes
+    its parity check."""
     from pipeline.predict import resolve_device
 
     check_output(cfg.output, cfg.overwrite)
@@ -319,7 +330,7 @@ def export(cfg) -> dict:
     return write_export(cfg, meta, graph, parity, len(images), skipped)
 
 
-def write_export(cfg, source: ModelMetadata, graph: bytes, parity: Parity, images: int,
+def write_export(cfg: ExportConfig, source: ModelMetadata, graph: bytes, parity: Parity, images: int,
                  skipped: int) -> dict:
     """The new artifact: model.onnx, the source's centroids and notice, model.json."""
     import onnxruntime

@@ -33,12 +33,14 @@ DEFAULT_THREADS = 0
 
 
 def available_providers() -> list[str]:
+    """The execution providers the installed onnxruntime build offers."""
     import onnxruntime as ort
 
     return ort.get_available_providers()
 
 
 def trt_cache_dir(model_version: str) -> str:
+    """The TensorRT engine cache folder of one model version (created)."""
     root = Path(os.environ.get(TRT_CACHE_ENV) or TRT_CACHE_DEFAULT)
     path = root / model_version
     path.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,7 @@ class OnnxBackend:
         self.session = ort.InferenceSession(model, sess_options=options, providers=self.providers)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, embeddings) of a uint8 NHWC batch."""
         logits, embeddings = self.session.run(
             [LOGITS_OUTPUT, EMBEDDINGS_OUTPUT], {INPUT_NAME: np.ascontiguousarray(images)})
         return logits.astype(np.float32, copy=False), embeddings.astype(np.float32, copy=False)

@@ -297,3 +297,11 @@ def test_model_level_export_code_imports_no_ray():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
+
+
+def test_export_is_reproducible(tiny_model, tiny_onnx, tmp_path):
+    """The same source and format give the same file and model_version (an incremental night
+    after a re-export carries its rows forward)."""
+    again = _export(tiny_model, tmp_path / "again", "onnx")
+    assert again["model_version"] == load_metadata(tiny_onnx).model_version
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (Path(tiny_onnx) / "model.onnx").read_bytes()
