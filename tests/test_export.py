@@ -37,6 +37,9 @@ TINY_CALIBRATION_IMAGES = 48
 # unnormalized activations quantize far worse than a trained network (the bundled model is held
 # to TOLERANCES; see test_bundled_model_int8_export), so its int8 export states a looser bound.
 TINY_INT8_TOLERANCE = {"min_top1_agreement": 0.9, "max_logit_error": 40.0}
+# Its logits are about 20 x a cosine, several times the bundled model's spread, so fp16 rounding
+# moves them further in absolute terms than TOLERANCES["onnx-fp16"] allows.
+TINY_FP16_TOLERANCE = {"max_logit_error": 0.5}
 
 
 def _export(source: str, output: Path, fmt: str, **options) -> dict:
@@ -305,3 +308,19 @@ def test_export_is_reproducible(tiny_model, tiny_onnx, tmp_path):
     again = _export(tiny_model, tmp_path / "again", "onnx")
     assert again["model_version"] == load_metadata(tiny_onnx).model_version
     assert (tmp_path / "again" / "model.onnx").read_bytes() == (Path(tiny_onnx) / "model.onnx").read_bytes()
+
+
+def test_fp16_export_stores_half_precision_and_runs_on_the_cpu_provider(tiny_model, tiny_onnx,
+                                                                         sample_images, tmp_path):
+    meta = _export(tiny_model, tmp_path / "fp16", "onnx-fp16", **TINY_FP16_TOLERANCE)
+    graph = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    weights = [t for t in graph.graph.initializer if len(t.dims) >= 2 and t.data_type in floats]
+    assert weights and {t.data_type for t in weights} == {onnx.TensorProto.FLOAT16}
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert meta["weights_dtype"] == "float16"
+    images = _batch(sample_images, meta["input_size"])["image"]
+    fp32 = Classifier(tiny_onnx, device="cpu").probabilities(images)
+    fp16 = Classifier(str(tmp_path / "fp16"), device="cpu").probabilities(images)
+    assert fp16.dtype == torch.float32
+    assert (fp32.argmax(1) == fp16.argmax(1)).float().mean() >= TOLERANCES["onnx-fp16"].min_top1_agreement
