@@ -1,8 +1,11 @@
-"""Model artifact: a folder with `model.safetensors` and `model.json`; loading never unpickles.
+"""Model artifact: a folder with `model.json` and the weights, `model.safetensors` (backend
+`torch`) or `model.onnx` (backend `onnxruntime`, written by pipeline.export); loading never
+unpickles (an ONNX file is a protobuf: data, not code).
 
-`model_version` is a content hash of the weights and of everything that changes predictions
-(architecture, classes, preprocessing, temperature), so two runs with the same version give the
-same answers, and a corrupted or edited artifact is detected at load time.
+`model_version` is a content hash of the weights (or ONNX file) and of everything that changes
+predictions (architecture, classes, preprocessing, temperature, backend and format), so two runs
+with the same version give the same answers, and a corrupted or edited artifact is detected at
+load time.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
 CENTROIDS_FILE = "open_set.safetensors"  # class centroids of the open-set score, when it uses them
 CENTROIDS_KEY = "centroids"
+ONNX_FILE = "model.onnx"  # the exported graph of an onnxruntime artifact
 FORMAT_VERSION = 1
+TORCH_BACKEND = "torch"
+ONNX_BACKEND = "onnxruntime"
+BACKENDS = (TORCH_BACKEND, ONNX_BACKEND)
 
 
 @dataclass
@@ -43,8 +50,21 @@ class ModelMetadata:
     weights_dtype: str = "float32"  # storage precision of the weight matrices
     # Open-set score kind and review threshold (pipeline.openset); empty: no open-set review.
     open_set: dict[str, Any] = field(default_factory=dict)
+    # What runs the artifact: torch (model.safetensors) or onnxruntime (model.onnx).
+    backend: str = TORCH_BACKEND
+    # An exported artifact's record (pipeline.export): format, source model_version, parity.
+    export: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def weights_file(self) -> str:
+        return ONNX_FILE if self.backend == ONNX_BACKEND else WEIGHTS_FILE
+
+    @property
+    def format(self) -> str:
+        """torch-<weights dtype> or the export format (onnx, onnx-int8, onnx-fp16)."""
+        return self.export.get("format") or f"{self.backend}-{self.weights_dtype}"
 
     def prediction_fields(self) -> dict[str, Any]:
         """What determines predictions; hashed into model_version."""
@@ -59,6 +79,9 @@ class ModelMetadata:
         }
         if self.open_set:  # it changes needs_review; older artifacts without it keep their hash
             fields["open_set"] = self.open_set
+        if self.backend != TORCH_BACKEND:  # torch artifacts keep their hash
+            fields["backend"] = self.backend
+            fields["format"] = self.format
         return fields
 
 
@@ -115,24 +138,52 @@ def load_metadata(uri: str) -> ModelMetadata:
         meta = ModelMetadata(**raw)
     except TypeError as exc:
         raise ModelError(f"{meta_uri!r} does not match the artifact format: {exc}") from exc
+    if meta.backend not in BACKENDS:
+        raise ModelError(f"{meta_uri!r}: unknown backend {meta.backend!r}; valid: {', '.join(BACKENDS)}")
     get_spec(meta.architecture)
     return meta
 
 
-def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMetadata]:
-    """The model in eval mode on `device` and its metadata; verifies the content hash."""
-    meta = load_metadata(uri)
-    weights_uri = storage.join(uri, WEIGHTS_FILE)
+def read_weights(uri: str, meta: ModelMetadata) -> bytes:
+    """The weights file's bytes (model.safetensors or model.onnx), checked against the
+    artifact's content hash."""
+    weights_uri = storage.join(uri, meta.weights_file)
     try:
         weights = storage.read_bytes(weights_uri)
     except FileNotFoundError as exc:
-        raise ModelError(f"model artifact {uri!r} has no {WEIGHTS_FILE}") from exc
+        raise ModelError(f"model artifact {uri!r} has no {meta.weights_file}") from exc
     extra = _centroid_bytes(uri, meta)
     if meta.model_version and content_hash(weights, meta, extra) != meta.model_version:
         raise ModelError(
             f"model artifact {uri!r} is corrupt or was edited: content hash "
             f"{content_hash(weights, meta, extra)} != model_version {meta.model_version}"
         )
+    return weights
+
+
+def verify_artifact(uri: str) -> ModelMetadata:
+    """The metadata of an artifact whose weights (or ONNX file) match its content hash and, for
+    torch, fit its architecture; whatever its backend."""
+    meta = load_metadata(uri)
+    if meta.backend == TORCH_BACKEND:
+        load_artifact(uri, "cpu")
+    else:
+        read_weights(uri, meta)
+    return meta
+
+
+def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMetadata]:
+    """The torch model in eval mode on `device` and its metadata; verifies the content hash.
+    An exported (onnxruntime) artifact has no torch weights: training and embedding need its
+    source artifact."""
+    meta = load_metadata(uri)
+    if meta.backend != TORCH_BACKEND:
+        raise ModelError(
+            f"model artifact {uri!r} is a {meta.format} export for ONNX Runtime: the scoring jobs "
+            "(recategorize, evaluate, benchmark) run it, but this step needs torch weights; give "
+            f"its source artifact (model_version {meta.export.get('source_model_version')})")
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    weights = read_weights(uri, meta)
     try:
         state = load_safetensors(weights)
     except Exception as exc:

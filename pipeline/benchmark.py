@@ -1,6 +1,8 @@
 """Side-by-side throughput benchmark: one run, same data, same cores, one table.
 
-Five ways to do (parts of) the nightly job, each timed on the same catalog:
+Five ways to do (parts of) the nightly job, each timed on the same catalog (with several model
+artifacts, e.g. a torch model and its ONNX exports, the model stages run once per artifact, side
+by side):
 - ceiling: the model alone on already-decoded uint8 tensors on the device;
 - decode: fetch + decode + resize/crop alone, one process, per core;
 - ours: `pipeline.recategorize.run`, manifest to committed Parquet;
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from pipeline import storage
 from pipeline.artifact import load_metadata
 from pipeline.cluster import cpu_count
 from pipeline.decode import decode_image
@@ -45,6 +48,7 @@ class Measurement:
     seconds: float
     peak_memory_bytes: int
     units: int  # cores (or GPUs) the throughput is divided by
+    model: str = ""  # label of the artifact it ran (its format), when several are compared
 
     @property
     def images_per_s(self) -> float:
@@ -92,12 +96,13 @@ class PeakMemory:
         return max(0, self.peak - self.base)
 
 
-def measure(name: str, units: int, fn: Callable[[], int]) -> Measurement:
+def measure(name: str, units: int, fn: Callable[[], int], model: str = "") -> Measurement:
     with PeakMemory() as memory:
         start = time.perf_counter()
         images = fn()
         seconds = time.perf_counter() - start
-    return Measurement(name, images, seconds, memory.delta, units)
+    return Measurement(name + (f" [{model}]" if model else ""), images, seconds, memory.delta,
+                       units, model)
 
 
 # ---------------------------------------------------------------- catalog
@@ -241,9 +246,10 @@ def torch_loop(manifest: Path, model_uri: str, output: Path, workers: int, batch
 # ---------------------------------------------------------------- report
 
 
-def format_table(rows: list[tuple[str, Measurement]], ceiling: float, baseline: dict[str, float],
-                 unit: str) -> str:
-    """Markdown table; ratios are to the model-only ceiling and to the same catalog's baseline."""
+def format_table(rows: list[tuple[str, Measurement]], ceiling: dict[str, float],
+                 baseline: dict[str, float], unit: str) -> str:
+    """Markdown table; ratios are to the same model's model-only ceiling and to the same
+    catalog's baseline."""
     lines = [f"| catalog | stage | images | seconds | images/s | images/s per {unit} | peak memory "
              "| vs ceiling | vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
     for catalog, m in rows:
@@ -251,7 +257,7 @@ def format_table(rows: list[tuple[str, Measurement]], ceiling: float, baseline: 
         lines.append(
             f"| {catalog} | {m.name} | {m.images} | {m.seconds:.1f} | {m.images_per_s:.0f} | "
             f"{m.per_unit:.0f} | {m.peak_memory_bytes / 2**20:.0f} MiB | "
-            f"{m.images_per_s / ceiling:.0%} | "
+            f"{m.images_per_s / ceiling[m.model]:.0%} | "
             + (f"{m.images_per_s / base:.2f}x |" if base else "- |"))
     return "\n".join(lines)
 
@@ -259,10 +265,28 @@ def format_table(rows: list[tuple[str, Measurement]], ceiling: float, baseline: 
 STAGES = ("ceiling", "ceiling_tta", "decode", "ours", "baseline", "torch_loop")
 
 
+def artifact_bytes(uri: str) -> int:
+    """Size on disk of a local model artifact folder (every file in it)."""
+    return sum(p.stat().st_size for p in Path(uri).rglob("*") if p.is_file())
+
+
+def model_labels(models: list[str]) -> dict[str, str]:
+    """Artifact -> its row label: its format (with its version where two share a format); no
+    label for a single artifact, whose rows keep their plain names."""
+    if len(models) == 1:
+        return {models[0]: ""}
+    metas = {m: load_metadata(m) for m in models}
+    formats = [meta.format for meta in metas.values()]
+    return {m: meta.format if formats.count(meta.format) == 1
+            else f"{meta.format} {meta.model_version[:8]}" for m, meta in metas.items()}
+
+
 def run_benchmark(cfg) -> str:
-    """Run the selected stages on each catalog variant; return the Markdown table."""
+    """Run the selected stages on each catalog variant (the model stages once per artifact,
+    --model then --compare-with); return the Markdown table."""
     import shutil
 
+    from pipeline.artifact import TORCH_BACKEND
     from pipeline.cluster import init_ray
     from pipeline.config import EXAMPLES_DIR
     from pipeline.errors import ConfigError
@@ -277,19 +301,31 @@ def run_benchmark(cfg) -> str:
         if v != "original" and not v.isdigit():
             raise ConfigError(f"--upload-sizes: {v!r} is neither 'original' nor a pixel size")
         variants.append(None if v == "original" else int(v))
+    models = [cfg.model] + [m.strip() for m in cfg.compare_with.split(",") if m.strip()]
+    metas = {m: load_metadata(m) for m in models}
+    if len({meta.input_size for meta in metas.values()}) > 1:
+        raise ConfigError("--compare-with: the artifacts compared side by side must share "
+                          "--model's input size")
+    torch_models = [m for m in models if metas[m].backend == TORCH_BACKEND]
+    if "baseline" in stages and not torch_models:
+        raise ConfigError("--stages baseline runs the Ray Data recipe on a torch model: give a "
+                          "torch artifact as --model or in --compare-with, or drop baseline from "
+                          "--stages")
+    labels = model_labels(models)
     device = resolve_device(cfg.device)
     cores = cpu_count()
     units = 1 if device.type == "cuda" else cores
     unit = "GPU" if device.type == "cuda" else "core"
-    meta = load_metadata(cfg.model)
+    meta = metas[models[0]]
     root = Path(cfg.output)
     sources = sorted((EXAMPLES_DIR / "sample-catalog" / "images").rglob("*.jpg"))
     init_ray(cfg.ray_address, cfg.num_cpus)
     options = {"batch_size": cfg.batch_size, "device": cfg.device}
 
     out = root / "out"
-    ceiling_m = measure("ceiling (model only)", units,
-                        lambda: model_ceiling(cfg.model, device.type, cfg.batch_size))
+    ceilings = {m: measure("ceiling (model only)", units,
+                           lambda m=m: model_ceiling(m, device.type, cfg.batch_size), labels[m])
+                for m in models}
     rows: list[tuple[str, Measurement]] = []
     baseline: dict[str, float] = {}
     for upload_px in variants:
@@ -302,24 +338,29 @@ def run_benchmark(cfg) -> str:
         if "baseline" in stages:
             shutil.rmtree(out, ignore_errors=True)
             m = measure("baseline (Ray Data docs recipe)", units, lambda m=manifest: ray_docs_baseline(
-                m, cfg.model, out / "baseline"))
+                m, torch_models[0], out / "baseline"), labels[torch_models[0]])
             baseline[catalog] = m.images_per_s
             rows.append((catalog, m))
-        if "torch_loop" in stages:
-            rows.append((catalog, measure(f"plain PyTorch loop ({cores} workers)", units,
-                                          lambda m=manifest: torch_loop(m, cfg.model, out / "loop",
-                                                                        cores, cfg.batch_size))))
-        if "ours" in stages:
-            rows.append((catalog, measure("ours (manifest -> committed Parquet)", units,
-                                          lambda m=manifest: ours(m, cfg.model, out / "ours",
-                                                                  **options))))
+        for model in models:
+            if "torch_loop" in stages:
+                rows.append((catalog, measure(
+                    f"plain PyTorch loop ({cores} workers)", units, lambda m=manifest, model=model:
+                    torch_loop(m, model, out / "loop", cores, cfg.batch_size), labels[model])))
+            if "ours" in stages:
+                rows.append((catalog, measure(
+                    "ours (manifest -> committed Parquet)", units, lambda m=manifest, model=model:
+                    ours(m, model, out / "ours", **options), labels[model])))
     if "ceiling_tta" in stages:
-        rows.insert(0, ("-", measure("ceiling, --tta flip (model only)", units, lambda: model_ceiling(
-            cfg.model, device.type, cfg.batch_size, tta="flip"))))
+        rows[:0] = [("-", measure("ceiling, --tta flip (model only)", units, lambda m=m: model_ceiling(
+            m, device.type, cfg.batch_size, tta="flip"), labels[m])) for m in models]
     if "ceiling" in stages:
-        rows.insert(0, ("-", ceiling_m))
+        rows[:0] = [("-", ceilings[m]) for m in models]
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{cores} cores"
+    described = "; ".join(
+        f"{metas[m].format} {metas[m].model_version} ({artifact_bytes(m) / 1e6:.1f} MB)"
+        if storage.is_local(m) else f"{metas[m].format} {metas[m].model_version}" for m in models)
     header = (f"device: {device.type} ({hardware}), "
               f"model: {meta.architecture} @ {meta.input_size}px, rows per catalog: {cfg.rows}, "
-              f"batch size: {cfg.batch_size}")
-    return header + "\n\n" + format_table(rows, ceiling_m.images_per_s, baseline, unit)
+              f"batch size: {cfg.batch_size}\nartifacts: {described}")
+    return header + "\n\n" + format_table(rows, {c.model: c.images_per_s for c in ceilings.values()},
+                                          baseline, unit)

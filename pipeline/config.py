@@ -589,6 +589,11 @@ class BenchmarkConfig(JobConfig):
         "and/or a shorter-side pixel size to re-encode them at (uploads are often ~1200 px).",
     )
     model: str = Field(BUNDLED_MODEL, description="Model artifact to benchmark.")
+    compare_with: str = Field(
+        "",
+        description="Further model artifacts, comma-separated, whose model stages (ceiling, ours, "
+        "torch_loop) run side by side with --model's on the same catalog, e.g. its jobs.export "
+        "formats. Rows name each artifact's format.")
     output: str = Field("outputs/benchmark", description="Scratch folder for catalogs and outputs.")
     stages: str = Field(
         "ceiling,decode,ours,baseline,torch_loop",
@@ -598,6 +603,60 @@ class BenchmarkConfig(JobConfig):
     batch_size: int = Field(64, ge=1, description="Inference batch size for ours and the loop.")
     device: Device = Field(
         DEFAULT_DEVICE, description="Inference device. 'auto': cuda when this machine has one, else cpu.")
+
+
+# jobs.export's formats (pipeline.export.FORMATS; kept here so parsing imports nothing heavy).
+ExportFormat = Literal["onnx", "onnx-int8", "onnx-fp16"]
+# Calibration sample of jobs.export: a few hundred images cover every category of a catalog of
+# ~100 categories a few times; more costs export time without changing the int8 ranges much.
+CALIBRATION_IMAGES = 300
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(BUNDLED_MODEL, description="Model artifact folder to export (a torch one).")
+    format: ExportFormat = Field(
+        "onnx",
+        description="onnx: fp32 ONNX graph; onnx-int8: static post-training int8 quantization "
+        "calibrated on --calibration-source (CPU nodes); onnx-fp16: fp16 weights and activations "
+        "(GPU nodes).")
+    output: str = Field(
+        "outputs/export",
+        description="Folder for the new model artifact (model.onnx, model.json, centroids).")
+    calibration_source: str = Field(
+        GROCERY_DATASET,
+        description="Training images to calibrate int8 ranges on and to check every format "
+        "against the source model: the Grocery Store dataset (its train split), a folder of class "
+        "folders, or a labelled .parquet manifest (rows with split 'train' where it has a split "
+        "column).")
+    calibration_images: int = Field(
+        CALIBRATION_IMAGES, ge=1,
+        description="How many calibration images (a seeded sample, round-robin over categories).")
+    calibration_seed: int = Field(0, description="Seed of the calibration sample.")
+    min_top1_agreement: float | None = Field(
+        None, ge=0, le=1,
+        description="Refuse the export when a smaller share of the calibration images keep the "
+        "source model's top-1 class. Default: per format, 1.0 onnx, 0.99 onnx-fp16, 0.97 "
+        "onnx-int8.")
+    max_logit_error: float | None = Field(
+        None, gt=0,
+        description="Refuse the export when any logit on the calibration images differs from "
+        "the source model's by more than this. Default: per format, 0.001 onnx, 0.1 onnx-fp16, "
+        "3.0 onnx-int8.")
+    batch_size: int = Field(32, ge=1, description="Images per batch while calibrating and checking.")
+    device: Device = Field(
+        DEFAULT_DEVICE, description="Where the export is checked. 'auto': cuda when this machine "
+        "has one, else cpu.")
+    overwrite: bool = Field(False, description="Replace a model artifact already in --output.")
+
+    @model_validator(mode="after")
+    def _calibration_source_exists(self) -> ExportConfig:
+        if not os.path.exists(self.calibration_source):
+            raise ValueError(f"--calibration-source {self.calibration_source}: not found; give "
+                             "the Grocery Store dataset folder, a folder of class folders or a "
+                             "labelled .parquet manifest")
+        return self
 
 
 class TrainBenchmarkConfig(BaseModel):
@@ -765,11 +824,11 @@ def build_parser(cls: type[BaseModel], description: str, prog: str | None = None
 # that nothing later depends on the job's current folder (which Ray may delete under a job
 # submitted with --working-dir; README, "Guarantees and failure modes").
 PATH_FIELDS = ("manifest", "model", "output", "review_threshold_from", "dataset_root", "exclude",
-               "checkpoint_path", "source")
+               "checkpoint_path", "source", "calibration_source")
 # Options that take a path or a name (imagenet, a weights name): made absolute only when a
 # local file or folder of that name exists.
 PATH_OR_NAME_FIELDS = ("weights", "backbone")
-PATH_LIST_FIELDS = ("allowed_uri_prefixes",)
+PATH_LIST_FIELDS = ("allowed_uri_prefixes", "compare_with")
 
 
 def _absolute(value: str) -> str:

@@ -6,8 +6,10 @@ only; torch.fx finds the pairs by data flow), which saves a pass over every acti
 
 Top-k leaves as class indices (numeric arrays travel zero-copy); the output stage names them.
 uint8 NHWC images go to the device as they are (4x less to copy than float32) and are normalized
-there. Rows that failed preprocessing pass through with null predictions. No Ray imports, so the
-same class runs in a Ray actor pool, a plain script or a GPU benchmark.
+there. Rows that failed preprocessing pass through with null predictions. An exported artifact
+(jobs.export) runs in ONNX Runtime instead (pipeline.onnx_backend); the artifact names its
+backend. No Ray imports, so the same class runs in a Ray actor pool, a plain script or a GPU
+benchmark.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import numpy as np
 import torch
 
 from pipeline import openset
-from pipeline.artifact import load_artifact, load_centroids
+from pipeline.artifact import (
+    ONNX_BACKEND,
+    TORCH_BACKEND,
+    ModelMetadata,
+    load_artifact,
+    load_centroids,
+    load_metadata,
+    read_weights,
+)
 from pipeline.errors import ConfigError
 from pipeline.models import get_spec
 from pipeline.transforms import norm_tensors, to_model_input
@@ -105,9 +115,84 @@ def _replace(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
 
 
+def check_backend_options(meta: ModelMetadata, precision: str = "auto", compile: bool = False) -> None:
+    """Refuse torch-only options for an exported artifact, whose precision was fixed at export
+    (the jobs call this before they write anything)."""
+    if meta.backend == TORCH_BACKEND:
+        return
+    if precision != "auto":
+        raise ConfigError(f"--precision {precision}: model {meta.model_version} is a {meta.format} "
+                          "export, whose precision was fixed at export; give --precision auto, or "
+                          "export another format (python -m jobs.export --format ...)")
+    if compile:
+        raise ConfigError(f"--compile: model {meta.model_version} is a {meta.format} export for "
+                          "ONNX Runtime, which optimizes the graph itself; drop --compile")
+
+
+class TorchBackend:
+    """The artifact's torch model, BatchNorm folded, channels_last: uint8 NHWC -> (logits,
+    embeddings or None)."""
+
+    def __init__(self, model_uri: str, device: torch.device, precision: str = "auto",
+                 compile: bool = False, embeddings: bool = False):
+        self.device = device
+        model, meta = load_artifact(model_uri, device)
+        self.model = fold_batch_norms(model).to(memory_format=torch.channels_last)
+        if compile:
+            self.model = torch.compile(self.model)
+        self.autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.pin = device.type == "cuda"
+        self.mean, self.std = norm_tensors(meta.mean, meta.std, device)
+        self._embeddings: list[torch.Tensor] = []
+        if embeddings:  # the head's input is the embedding
+            head = model.get_submodule(get_spec(meta.architecture).head)
+            head.register_forward_pre_hook(lambda _, args: self._embeddings.append(args[0].float()))
+
+    @torch.inference_mode()
+    def forward(self, images: np.ndarray, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.pin:  # page-locked source: the copy runs async, overlapping the previous batch
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        self._embeddings.clear()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            x = to_model_input(x, self.mean, self.std)
+            logits = self.model(x).float()
+            if tta == "flip":
+                logits = (logits + self.model(x.flip(3)).float()) / 2
+        embeddings = torch.stack(self._embeddings).mean(0) if self._embeddings else None
+        return logits, embeddings
+
+
+class OnnxRuntimeBackend:
+    """An exported artifact (pipeline.export) in ONNX Runtime: uint8 NHWC -> (logits,
+    embeddings), as torch tensors on the CPU."""
+
+    def __init__(self, model_uri: str, meta: ModelMetadata, device: torch.device,
+                 num_threads: int | None = None):
+        from pipeline.onnx_backend import OnnxBackend
+
+        self.device = torch.device("cpu")  # where the outputs land
+        self.session = OnnxBackend(read_weights(model_uri, meta), str(device), meta.model_version,
+                                   fp16=meta.weights_dtype == "float16", num_threads=num_threads)
+
+    def forward(self, images: np.ndarray, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, embeddings = self.session.run(images)
+        if tta == "flip":  # the mirror image: NHWC width axis
+            flipped_logits, flipped_embeddings = self.session.run(images[:, :, ::-1])
+            logits = (logits + flipped_logits) / 2
+            embeddings = (embeddings + flipped_embeddings) / 2
+        return torch.from_numpy(logits), torch.from_numpy(embeddings)
+
+
 class Classifier:
-    """precision 'auto' is bf16 autocast on CUDA (tensor cores) and fp32 on CPU, where bf16 is
-    slower on most cores without AMX. `compile` runs torch.compile (worth it on long GPU runs)."""
+    """Scores uint8 NHWC batches with the backend the artifact names (`backend` in model.json):
+    torch, or ONNX Runtime for an exported artifact (jobs.export).
+
+    torch: precision 'auto' is bf16 autocast on CUDA (tensor cores) and fp32 on CPU, where bf16 is
+    slower on most cores without AMX. `compile` runs torch.compile (worth it on long GPU runs).
+    ONNX Runtime: the precision is the export's; `num_threads` sets its intra-op threads as it
+    sets torch's."""
 
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
@@ -120,46 +205,31 @@ class Classifier:
             raise ValueError(f"unknown tta {tta!r}; valid: {', '.join(TTA_MODES)}")
         self.tta = tta
         self.device = resolve_device(device)
-        model, self.meta = load_artifact(model_uri, self.device)
-        self.model = fold_batch_norms(model).to(memory_format=torch.channels_last)
-        if compile:
-            self.model = torch.compile(self.model)
-        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.pin = self.device.type == "cuda"
+        self.meta = load_metadata(model_uri)
+        check_backend_options(self.meta, precision, compile)
+        self.open_set_kind = self.meta.open_set.get("score", openset.LOGIT_SCORE)
+        if self.meta.backend == ONNX_BACKEND:
+            self.backend: TorchBackend | OnnxRuntimeBackend = OnnxRuntimeBackend(
+                model_uri, self.meta, self.device, num_threads)
+        else:
+            self.backend = TorchBackend(model_uri, self.device, precision, compile,
+                                        embeddings=self.open_set_kind == "centroid")
         self.classes = np.array(self.meta.classes, dtype=object)
         self.top_k = min(top_k, len(self.classes))
-        self.mean, self.std = norm_tensors(self.meta.mean, self.meta.std, self.device)
-        self.open_set_kind = self.meta.open_set.get("score", openset.LOGIT_SCORE)
         self.centroids = load_centroids(model_uri, self.meta)
         if self.centroids is not None:
-            self.centroids = self.centroids.to(self.device)
-        self._embeddings: list[torch.Tensor] = []
-        if self.open_set_kind == "centroid":  # the head's input is the embedding
-            head = model.get_submodule(get_spec(self.meta.architecture).head)
-            head.register_forward_pre_hook(lambda _, args: self._embeddings.append(args[0].float()))
+            self.centroids = self.centroids.to(self.backend.device)
+        self._embeddings: torch.Tensor | None = None
 
-    @torch.inference_mode()
     def logits(self, images: np.ndarray) -> torch.Tensor:
         """Raw float32 logits for a uint8 NHWC batch (averaged with the mirror image's with
         tta='flip')."""
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        if self.pin:  # page-locked source: the copy runs async, overlapping the previous batch
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True)
-        self._embeddings.clear()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            x = to_model_input(x, self.mean, self.std)
-            logits = self.model(x).float()
-            if self.tta == "flip":
-                logits = (logits + self.model(x.flip(3)).float()) / 2
+        logits, self._embeddings = self.backend.forward(images, self.tta)
         return logits
 
     def embeddings(self) -> torch.Tensor | None:
-        """The embeddings of the last `logits` call (mean over its TTA views), when the
-        open-set score uses them."""
-        if not self._embeddings:
-            return None
-        return torch.stack(self._embeddings).mean(0)
+        """The embeddings of the last `logits` call (mean over its TTA views)."""
+        return self._embeddings
 
     def probabilities(self, images: np.ndarray) -> torch.Tensor:
         """Softmax (with the artifact's temperature) for a uint8 NHWC batch."""

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline import budget, drift, engine, storage
-from pipeline.artifact import load_artifact, load_metadata
+from pipeline.artifact import verify_artifact
 from pipeline.catalog import Manifest, validate_manifest
 from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
 from pipeline.config import RecategorizeConfig
@@ -90,11 +90,14 @@ def staged_run_id(output: str, key: str, requested: str | None) -> str:
     return run_id
 
 
-def load_artifact_checked(model: str):
+def load_artifact_checked(cfg: RecategorizeConfig):
     """Metadata of a model artifact whose weights were verified on the driver, so a missing or
-    corrupt artifact stops the job here rather than failing every inference actor."""
-    meta = load_metadata(model)
-    load_artifact(model, "cpu")
+    corrupt artifact, or an option its backend does not take, stops the job here rather than
+    failing every inference actor."""
+    from pipeline.predict import check_backend_options
+
+    meta = verify_artifact(cfg.model)
+    check_backend_options(meta, cfg.precision, cfg.compile)
     return meta
 
 
@@ -219,7 +222,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     phases.mark("import")
     manifest = validate_manifest(cfg.manifest)
     phases.mark("validate manifest")
-    meta = load_artifact_checked(cfg.model)
+    meta = load_artifact_checked(cfg)
     phases.mark("check model")
     output = storage.normalize(cfg.output)
     # The nightly job records each scored image's change signal for the next night's plan.

@@ -1,0 +1,30 @@
+"""Export a model artifact for ONNX Runtime (fp32, int8 or fp16) as a new model artifact that
+jobs.recategorize, jobs.evaluate and jobs.benchmark run as they run any other (--model DIR).
+The export is checked against the source model on calibration images and refused, with nothing
+written, when it disagrees beyond the tolerance."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jobs._main import run_job
+from pipeline.config import ExportConfig, parse_args
+
+PROG = "python -m jobs.export"
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(ExportConfig, argv, __doc__, PROG)
+    # torch and onnxruntime load only once the arguments are good: --help answers at once
+    from pipeline.export import export
+
+    meta = export(cfg)
+    print(json.dumps({"output": cfg.output, "format": meta["export"]["format"],
+                      "model_version": meta["model_version"],
+                      "source_model_version": meta["export"]["source_model_version"],
+                      "parity": meta["export"]["parity"]}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))
