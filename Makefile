@@ -22,4 +22,4 @@ demo: install
 
 test: install
 	$(PY) -m ruff check pipeline jobs tests examples
-	$(PY) -m pytest -n $(TEST_WORKERS) --durations=10
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=10

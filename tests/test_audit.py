@@ -30,6 +30,10 @@ from pipeline.findings import (
 from pipeline.train import load_data
 from tests.conftest import photos_by_category, reencode, upload_tree, write_manifest
 
+# One worker of a parallel run (--dist loadgroup) takes the module, so its module fixtures
+# (`audited`) are built once.
+pytestmark = pytest.mark.xdist_group("audit")
+
 PHOTOS_PER_CATEGORY = 6
 CATEGORIES = 7
 RESIZED_PX = 200  # the re-encoded copy's width (the photos are 348 px)

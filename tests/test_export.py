@@ -31,6 +31,10 @@ from pipeline.predict import Classifier
 from pipeline.preprocess import Preprocessor
 from tests.conftest import SAMPLE_DIR, write_manifest
 
+# One worker of a parallel run (--dist loadgroup) takes the module, so its module fixtures
+# (`tiny_onnx` and `tiny_int8`) are built once.
+pytestmark = pytest.mark.xdist_group("export")
+
 # The tiny model's calibration set: the sample catalog's photos (class folders), a few per class.
 TINY_CALIBRATION_IMAGES = 48
 # tiny_model is seeded random convolutions with an imprinted head: its near-tied logits and

@@ -33,7 +33,9 @@ from pipeline.config import REPO_ROOT
 from pipeline.importers import make_manifest
 from tests.conftest import committed_table
 
-pytestmark = pytest.mark.slow
+# One worker of a parallel run (pytest-xdist --dist loadgroup) takes the whole module: its
+# two-node cluster is a module fixture, built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 90
