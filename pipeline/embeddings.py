@@ -28,7 +28,7 @@ from pipeline.artifact import (
 from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.config import EmbedConfig, TrainConfig
 from pipeline.errors import TrainingError
-from pipeline.models import create_model, describe_weights, get_spec, replace_head
+from pipeline.models import create_model, describe_weights, get_spec, remove_head, replace_head
 from pipeline.transforms import norm_tensors, to_model_input
 
 NO_TRAINING_ROWS_BIAS = -30.0  # logit bias for a class without training rows: never predicted
@@ -62,7 +62,7 @@ class Embedder:
         self.cfg = EmbedConfig(**cfg)
         self.device = torch.device(device)
         model, arch, _, mean, std = load_backbone(self.cfg)
-        _set_identity_head(model, arch)
+        remove_head(model, arch)
         self.model = model.eval().to(self.device)
         self.mean, self.std = norm_tensors(mean, std, self.device)
 
@@ -78,16 +78,6 @@ class Embedder:
         else:
             features = np.zeros((len(images), 1), dtype=np.float32)
         return {**batch, "features": features}
-
-
-def _set_identity_head(model: nn.Module, arch: str) -> None:
-    path = get_spec(arch).head
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    if attr.isdigit():
-        parent[int(attr)] = nn.Identity()  # type: ignore[index]
-    else:
-        setattr(parent, attr, nn.Identity())
 
 
 def embed(cfg: EmbedConfig, table: pa.Table, base_uri: str, input_size: int) -> dict[str, np.ndarray]:

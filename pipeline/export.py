@@ -39,7 +39,7 @@ from pipeline.artifact import (
 from pipeline.config import ExportConfig
 from pipeline.decode import decode_image
 from pipeline.errors import ConfigError, ImageError, ModelError
-from pipeline.models import get_spec
+from pipeline.models import remove_head
 from pipeline.onnx_backend import EMBEDDINGS_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OnnxBackend
 from pipeline.predict import fold_batch_norms
 
@@ -91,16 +91,9 @@ class _Exported(nn.Module):
 
     def __init__(self, model: nn.Module, meta: ModelMetadata):
         super().__init__()
-        head_path = get_spec(meta.architecture).head
-        self.head = model.get_submodule(head_path)
-        parent_path, _, attr = head_path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        # The head is the model's last layer, so the body with an identity head ends in the
-        # embedding (the same cut as the torch backend's head hook and jobs.embed).
-        if attr.isdigit():
-            parent[int(attr)] = nn.Identity()  # type: ignore[index]
-        else:
-            setattr(parent, attr, nn.Identity())
+        # The head is the model's last layer, so the body without it ends in the embedding (the
+        # same cut as the torch backend's head hook and jobs.embed).
+        self.head = remove_head(model, meta.architecture)
         self.body = model
         shape = (1, 3, 1, 1)
         self.register_buffer("mean", torch.tensor(meta.mean).view(shape) * 255.0)

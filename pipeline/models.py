@@ -81,6 +81,15 @@ def _set_head(model: nn.Module, path: str, layer: nn.Module) -> None:
         setattr(parent, attr, layer)
 
 
+def remove_head(model: nn.Module, name: str) -> nn.Module:
+    """Replace the final Linear layer with an identity, so the model ends in its embedding (the
+    head's input); returns the removed head."""
+    path = get_spec(name).head
+    head = _get_head(model, path)
+    _set_head(model, path, nn.Identity())
+    return head
+
+
 def replace_head(model: nn.Module, name: str, num_classes: int) -> nn.Module:
     """Swap the final Linear layer for a new one with `num_classes` outputs (transfer learning)."""
     path = get_spec(name).head
