@@ -167,11 +167,15 @@ def test_bad_export_arguments_stop_before_writing(tiny_model, tiny_onnx, tmp_pat
     code, err = _job_exit(["--model", tiny_model, "--calibration-source", str(tmp_path / "none"),
                            "--output", str(out)], capsys)
     assert code == 2 and "--calibration-source" in err
-    code, err = _job_exit(["--model", tiny_model, "--output", tiny_onnx], capsys)
+    # A calibration source that exists (the bundled sample), so each call below is refused for
+    # its own bad argument, whether or not the Grocery Store dataset (the default) is present.
+    cal = ["--calibration-source", str(SAMPLE_DIR / "images")]
+    code, err = _job_exit(["--model", tiny_model, "--output", tiny_onnx, *cal], capsys)
     assert code == 2 and "--output" in err and "--overwrite" in err
-    code, err = _job_exit(["--model", tiny_onnx, "--output", str(out)], capsys)
+    code, err = _job_exit(["--model", tiny_onnx, "--output", str(out), *cal], capsys)
     assert code == 4 and "is an export already (onnx)" in err
-    code, err = _job_exit(["--model", str(tmp_path / "nomodel"), "--output", str(out)], capsys)
+    code, err = _job_exit(["--model", str(tmp_path / "nomodel"), "--output", str(out), *cal],
+                          capsys)
     assert code == 4 and "nomodel" in err
     assert not out.exists()
 
