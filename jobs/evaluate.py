@@ -1,5 +1,6 @@
 """Evaluate a model artifact on a labelled manifest: metrics JSON, CSV tables, plots and one HTML
-report, including the confidence threshold that reaches a target auto-accept accuracy."""
+report, including the confidence threshold that reaches a target auto-accept accuracy and, with
+--corruptions, accuracy under common image corruptions and an FGSM attack."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     metrics = run(cfg)
     keys = ("rows", "scored_rows", "error_rows", "accuracy", "top5_accuracy", "coarse_accuracy",
             "macro_f1", "ece", "auto_accept")
-    print(json.dumps({k: metrics.get(k) for k in keys} | {"output": cfg.output}, indent=2))
+    out = {k: metrics.get(k) for k in keys}
+    if "robustness" in metrics:
+        robust = metrics["robustness"]
+        out["robustness"] = {r["condition"]: r["accuracy"] for r in robust["conditions"]} | {
+            "mean_corruption_accuracy": robust["mean_corruption_accuracy"]}
+    print(json.dumps(out | {"output": cfg.output}, indent=2))
 
 
 if __name__ == "__main__":

@@ -275,6 +275,52 @@ class RecategorizeConfig(ImageAccessOptions, ExecutorOptions, JobConfig):
         return self
 
 
+# Common corruptions `jobs.evaluate --corruptions` measures (pipeline.robustness: ImageNet-C's
+# recipes), their severity scale, and the FGSM strengths measured with them (pixel levels of 255).
+CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "jpeg", "brightness", "contrast")
+MAX_SEVERITY = 5
+MAX_EPSILON = 64.0
+
+
+def _items(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_corruptions(value: str) -> list[str]:
+    """'all' or comma-separated names from CORRUPTIONS -> the names, in CORRUPTIONS' order."""
+    names = list(CORRUPTIONS) if value.strip() == "all" else _items(value)
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"--corruptions: unknown {', '.join(unknown)}; valid: all, "
+                         f"{', '.join(CORRUPTIONS)}")
+    return [c for c in CORRUPTIONS if c in names]
+
+
+def parse_severities(value: str) -> list[int]:
+    out = []
+    for item in _items(value):
+        if not item.isdigit() or not 1 <= int(item) <= MAX_SEVERITY:
+            raise ValueError(f"--severities: {item!r} is not a whole number from 1 to {MAX_SEVERITY}")
+        out.append(int(item))
+    if not out:
+        raise ValueError(f"--severities: give at least one of 1..{MAX_SEVERITY}, e.g. 1,3,5")
+    return sorted(set(out))
+
+
+def parse_attack_epsilons(value: str) -> list[float]:
+    out = []
+    for item in _items(value):
+        try:
+            eps = float(item)
+        except ValueError:
+            eps = -1.0
+        if not 0 < eps <= MAX_EPSILON:
+            raise ValueError(f"--attack-epsilons: {item!r} is not a pixel change in (0, "
+                             f"{MAX_EPSILON:g}] levels of 255, e.g. 1,2,4")
+        out.append(eps)
+    return sorted(set(out))
+
+
 class TrainConfig(LabelledImagesOptions, JobConfig):
     manifest: str = Field(
         "manifests/grocery.parquet",
@@ -419,6 +465,23 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         "flagged training rows (every duplicate but one per group, suspected labels, outliers) "
         "are left out. Rows of the val split are kept. Default: train on every row.",
     )
+    adversarial: Literal["none", "fgsm", "pgd"] = Field(
+        "none",
+        description="Adversarial training: every batch trains on its images and on adversarial "
+        "copies made against the current model within --adversarial-epsilon: fgsm (one "
+        "gradient-sign step; about 2x the compute per step) or pgd (--adversarial-steps steps "
+        "from a random start; about steps + 1 times).",
+    )
+    adversarial_epsilon: float = Field(
+        2.0, gt=0, le=MAX_EPSILON,
+        description="Largest change per pixel of an adversarial copy, in pixel levels of 255.",
+    )
+    adversarial_steps: int = Field(3, ge=1, description="PGD steps per batch (FGSM takes one).")
+    adversarial_weight: float = Field(
+        0.5, gt=0, le=1,
+        description="Share of the loss from the adversarial copies; the rest is the clean "
+        "images' loss.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
         description="How Ray places the training workers: PACK fills a node first (fast "
@@ -460,6 +523,28 @@ class EvaluateConfig(LabelledImagesOptions, JobConfig):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
     tta: Literal["none", "flip"] = Field(
         "none", description="Test-time augmentation, as the nightly job's --tta.")
+    corruptions: str = Field(
+        "",
+        description="Also measure accuracy under common image corruptions and an FGSM attack: "
+        "'all' or comma-separated names from " + ", ".join(CORRUPTIONS) + " (ImageNet-C's "
+        "recipes, on the decoded images). Writes robustness.csv and a report section. "
+        "Default: off.")
+    severities: str = Field(
+        "1,3,5", description="Corruption severities measured with --corruptions (1..5, "
+        "ImageNet-C's scale), comma-separated.")
+    attack_epsilons: str = Field(
+        "1,2,4",
+        description="FGSM attack strengths measured with --corruptions, in pixel levels of 255, "
+        "comma-separated ('' for none). Needs gradients: measured for torch artifacts, skipped "
+        "for ONNX exports.")
+
+    @model_validator(mode="after")
+    def _check_robustness(self) -> EvaluateConfig:
+        if self.corruptions:
+            parse_corruptions(self.corruptions)
+            parse_severities(self.severities)
+            parse_attack_epsilons(self.attack_epsilons)
+        return self
 
 
 class EmbedConfig(LabelledImagesOptions, JobConfig):

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import openset, report, storage
-from pipeline.artifact import ModelMetadata, load_metadata
+from pipeline.artifact import TORCH_BACKEND, ModelMetadata, load_metadata
 from pipeline.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 from pipeline.catalog import open_dataset, validate_manifest
 from pipeline.config import EvaluateConfig
@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError, ManifestError
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
+ROBUSTNESS_FILE = "robustness.csv"
 
 
 @dataclass
@@ -158,6 +159,34 @@ def named_pairs(pairs: list[dict], classes: list[str], product_id: np.ndarray, i
             for p in pairs]
 
 
+def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str) -> dict:
+    """Accuracy on the clean images, under each corruption and severity, and under FGSM at each
+    epsilon (pipeline.robustness), scored on the engine's actor pool like the main pass."""
+    from pipeline import engine, robustness
+    from pipeline.cluster import resolve_device
+    from pipeline.config import parse_attack_epsilons, parse_corruptions, parse_severities
+
+    device = resolve_device(cfg.device)
+    meta = load_metadata(cfg.model)
+    images = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri)
+    ds = engine.scored(engine.table_dataset(table), images,
+                       engine.Placement.from_config(cfg, device), robustness.RobustnessScorer,
+                       {"model_uri": storage.normalize(cfg.model), "device": device,
+                        "corruptions": cfg.corruptions, "severities": cfg.severities,
+                        "attack_epsilons": cfg.attack_epsilons})
+    correct = np.concatenate([p["robust_correct"] for p in ds.select_columns(["robust_correct"])
+                              .iter_batches(batch_format="numpy", batch_size=None)])
+    attackable = meta.backend == TORCH_BACKEND
+    epsilons = parse_attack_epsilons(cfg.attack_epsilons)
+    names = robustness.conditions(parse_corruptions(cfg.corruptions),
+                                  parse_severities(cfg.severities), epsilons if attackable else [])
+    out = robustness.summarize(names, correct)
+    if epsilons and not attackable:
+        out["attack_skipped"] = (f"FGSM needs the model's gradients; {meta.format} exports have "
+                                 "none: evaluate the torch artifact it was exported from")
+    return out
+
+
 def compute_metrics(scored: Scored, classes: list[str], coarse_classes: dict[str, str],
                     target_accuracy: float, bins: int = ECE_BINS) -> dict:
     """Every number of the report, as plain JSON-able values (plus the confusion matrix)."""
@@ -219,6 +248,11 @@ def write_report(output: str, metrics: dict, meta: ModelMetadata, model: dict, m
     storage.write_text(storage.join(output, "confusion_matrix.csv"),
                        _csv([["true \\ predicted", *classes]]
                             + [[c, *map(int, matrix[i])] for i, c in enumerate(classes)]))
+    if "robustness" in metrics:
+        storage.write_text(storage.join(output, ROBUSTNESS_FILE), _csv(
+            [["condition", "kind", "corruption", "severity", "epsilon", "accuracy"]]
+            + [[r["condition"], r["kind"], r["name"], r.get("severity", ""),
+                r.get("epsilon", ""), r["accuracy"]] for r in metrics["robustness"]["conditions"]]))
     storage.write_text(storage.join(output, "per_class.csv"), _csv(
         [["category", "precision", "recall", "f1", "support", "false_positives"]]
         + [[r["category"], r["precision"], r["recall"], r["f1"], r["support"], r["false_positives"]]
@@ -255,6 +289,8 @@ def run(cfg: EvaluateConfig) -> dict:
     metrics = compute_metrics(scored, meta.classes, meta.coarse_classes, cfg.target_accuracy,
                               cfg.ece_bins)
     metrics["open_set"] = open_set_section(scored, meta)
+    if cfg.corruptions:
+        metrics["robustness"] = measure_robustness(cfg, table, base_uri)
     model = {"uri": storage.normalize(cfg.model), "architecture": meta.architecture,
              "version": meta.model_version, "temperature": meta.temperature, "tta": cfg.tta}
     metrics = {"manifest": storage.normalize(cfg.manifest), "split": cfg.split, "model": model,

@@ -388,6 +388,30 @@ def open_set_html(open_set) -> str:
             "familiar one (0.5 = chance, 1.0 = perfect).</p>" + f'<table class="summary">{body}</table>')
 
 
+def robustness_html(robust: dict | None) -> str:
+    """Accuracy on clean images against each corruption (a row) by severity (a column), and
+    under FGSM by epsilon; nothing when not measured (jobs.evaluate --corruptions)."""
+    if not robust:
+        return ""
+    rows = robust["conditions"]
+    severities = sorted({r["severity"] for r in rows if r["kind"] == "corruption"})
+    by_name: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["kind"] == "corruption":
+            by_name.setdefault(r["name"], {})[r["severity"]] = r["accuracy"]
+    corrupt = _table(["corruption", *(f"severity {s}" for s in severities)],
+                     [[_e(name), *(_pct(levels.get(s)) for s in severities)]
+                      for name, levels in by_name.items()])
+    attacks = [r for r in rows if r["kind"] == "attack"]
+    attack = (_table(["FGSM epsilon (pixel levels of 255)", "accuracy"],
+                     [[f"{r['epsilon']:g}", _pct(r["accuracy"])] for r in attacks]) if attacks
+              else f'<p class="note">{_e(robust.get("attack_skipped", "No attack measured."))}</p>')
+    return (f"<h2>Robustness</h2><p>Clean accuracy {_pct(robust['clean_accuracy'])} on "
+            f"{robust['rows']} rows; mean under the corruptions "
+            f"{_pct(robust['mean_corruption_accuracy'])} (ImageNet-C recipes, severity 1 mild to "
+            f"5 severe).</p>{corrupt}{attack}")
+
+
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1150px;color:#222}
 h1{margin-bottom:0}.subtitle{margin-top:.3em;color:#555;font-size:1.1em}
 table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
@@ -418,6 +442,7 @@ def report_html(metrics: dict, model: dict, manifest: str, pngs: dict[str, bytes
 {coarse_html(*groups)}
 {per_class_html(metrics["per_class"])}
 {open_set_html(metrics.get("open_set"))}
+{robustness_html(metrics.get("robustness"))}
 <p class="note">Full confusion matrix: confusion_matrix.csv next to this page.</p>
 </body></html>
 """

@@ -279,25 +279,79 @@ def _forward(model, images, mean, std, device, mixed_precision: bool):
     return fine.float(), None if coarse is None else coarse.float()
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, batches, preset, mean, std,
-                    device, mixed_precision: bool = True, coarse_weight: float = 0.0,
-                    bn_frozen: bool = False) -> dict:
+@dataclass
+class Adversarial:
+    """Adversarial training (--adversarial): each batch also trains on copies attacked against
+    the current model, FGSM or PGD within `epsilon` pixel levels; `weight` is their share of
+    the loss."""
+
+    kind: str
+    epsilon: float
+    steps: int
+    weight: float
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Adversarial | None:
+        if cfg.adversarial == "none":
+            return None
+        return cls(cfg.adversarial, cfg.adversarial_epsilon, cfg.adversarial_steps,
+                   cfg.adversarial_weight)
+
+
+def _set_train_mode(model, bn_frozen: bool) -> None:
     model.train()
     freeze_batchnorm_stats(model, every_layer=bn_frozen)
+
+
+def attacked_copies(model, adversarial: Adversarial, images, labels, mean, std, device,
+                    mixed_precision: bool, bn_frozen: bool) -> torch.Tensor:
+    """Adversarial copies of a training batch (float NHWC, 0..255). The attack runs the model in
+    eval mode, so its forwards leave the BatchNorm statistics alone, and on the module inside
+    DDP, so they wait for no gradient sync (only the input gets gradients)."""
+    from pipeline.robustness import adversarial_batch
+
+    net = getattr(model, "module", model)
+    net.eval()
+    try:
+        return adversarial_batch(
+            adversarial.kind, lambda x: _forward(net, x, mean, std, device, mixed_precision)[0],
+            images, labels, adversarial.epsilon, adversarial.steps)
+    finally:
+        _set_train_mode(model, bn_frozen)
+
+
+def train_one_epoch(model, criterion, optimizer, scheduler, batches, preset, mean, std,
+                    device, mixed_precision: bool = True, coarse_weight: float = 0.0,
+                    bn_frozen: bool = False, adversarial: Adversarial | None = None) -> dict:
+    _set_train_mode(model, bn_frozen)
     seen, loss_sum, correct, start = 0, 0.0, 0, time.perf_counter()
     for batch in batches:
         images = preset(batch["image"]).to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
+        coarse_labels = batch.get("coarse_label")  # only a coarse head needs them
+        n = len(labels)
+        if adversarial is not None:
+            # One forward over clean and attacked images together: DDP expects one forward
+            # per backward, and BatchNorm sees both kinds.
+            adv = attacked_copies(model, adversarial, images, labels, mean, std, device,
+                                  mixed_precision, bn_frozen)
+            images = torch.cat([images.float(), adv])
+            if coarse_labels is not None:
+                coarse_labels = torch.cat([coarse_labels, coarse_labels])
         logits, coarse = _forward(model, images, mean, std, device, mixed_precision)
-        loss = criterion(logits, labels)
+        if adversarial is None:
+            loss = criterion(logits, labels)
+        else:
+            loss = ((1 - adversarial.weight) * criterion(logits[:n], labels)
+                    + adversarial.weight * criterion(logits[n:], labels))
+            logits = logits[:n]  # training accuracy is the clean images'
         if coarse is not None:
-            coarse_labels = batch["coarse_label"].to(device, non_blocking=True)
-            loss = loss + coarse_weight * F.cross_entropy(coarse, coarse_labels, ignore_index=-1)
+            loss = loss + coarse_weight * F.cross_entropy(
+                coarse, coarse_labels.to(device, non_blocking=True), ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        n = len(labels)
         seen += n
         loss_sum += loss.item() * n
         correct += (logits.argmax(1) == labels).sum().item()
@@ -483,7 +537,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = train_one_epoch(model, criterion, optimizer, scheduler, batches, preset,
                                   mean, std, device, cfg.mixed_precision,
                                   cfg.coarse_loss_weight if cfg.coarse_head else 0.0,
-                                  cfg.bn_mode == "frozen")
+                                  cfg.bn_mode == "frozen", Adversarial.from_config(cfg))
         val_batches = ({**b, "image": eval_preset(b["image"])}
                        for b in val_shard.iter_torch_batches(batch_size=cfg.batch_size))
         metrics.update(evaluate(model, val_batches, mean, std, device, fine_to_coarse,

@@ -19,8 +19,10 @@ AUGMENT_PRESETS = ("none", "basic", "color", "trivial", "randaugment")
 
 
 def to_model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC (on the target device) -> normalized float NCHW in channels_last memory."""
-    x = images.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+    """uint8 (or float 0..255) NHWC on the target device -> normalized float NCHW in
+    channels_last memory. A float input is left as it was (an attack differentiates through it)."""
+    x = images.permute(0, 3, 1, 2)
+    x = x.float().sub_(mean).div_(std) if x.dtype == torch.uint8 else (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last)
 
 

@@ -295,6 +295,38 @@ def test_evaluation_report_matches_an_independent_computation(ray_local, eval_ma
 
 
 @pytest.mark.slow
+def test_corruptions_report_robust_accuracy_beside_the_clean(ray_local, eval_manifest, tmp_path,
+                                                             bundled_model):
+    from pipeline.evaluate import run
+    from pipeline.robustness import corrupt
+
+    out = tmp_path / "report"
+    metrics = run(EvaluateConfig(manifest=str(eval_manifest), model=bundled_model, output=str(out),
+                                 split="val", num_cpus=2, corruptions="contrast", severities="5",
+                                 attack_epsilons="4"))
+    robust = metrics["robustness"]
+    # the same 18 judged rows as the main pass, the corrupt image and the unknown category left out
+    assert robust["rows"] == metrics["scored_rows"] == 18
+    assert robust["clean_accuracy"] == pytest.approx(metrics["accuracy"])
+    by_name = {r["condition"]: r["accuracy"] for r in robust["conditions"]}
+    assert list(by_name) == ["clean", "contrast@5", "fgsm@4/255"]
+    assert by_name["fgsm@4/255"] < by_name["clean"]
+
+    rows = [r for r in pq.read_table(eval_manifest).to_pylist()
+            if r["product_id"] not in ("bad", "new-kind")]
+    meta = load_metadata(bundled_model)
+    images = np.stack([decode_image(Path(r["image_uri"]).read_bytes(), meta.input_size) for r in rows])
+    y = np.array([meta.classes.index(r["category"]) for r in rows])
+    pred = Classifier(bundled_model, device="cpu").logits(corrupt(images, "contrast", 5)).argmax(1)
+    assert by_name["contrast@5"] == pytest.approx((pred.numpy() == y).mean())
+
+    table = (out / "robustness.csv").read_text().splitlines()
+    assert table[0].startswith("condition,kind") and len(table) == 4
+    section = _section((out / "report.html").read_text(), "Robustness")
+    assert "contrast" in section and "FGSM epsilon" in section
+
+
+@pytest.mark.slow
 def test_evaluate_job_rejects_a_missing_split_before_writing(eval_manifest, tmp_path):
     pq.write_table(pq.read_table(eval_manifest).drop_columns(["split"]), tmp_path / "nosplit.parquet")
     out = tmp_path / "out"

@@ -332,3 +332,20 @@ def test_fp16_export_stores_half_precision_and_runs_on_the_cpu_provider(tiny_mod
     fp16 = Classifier(str(tmp_path / "fp16"), device="cpu").probabilities(images)
     assert fp16.dtype == torch.float32
     assert (fp32.argmax(1) == fp16.argmax(1)).float().mean() >= TOLERANCES["onnx-fp16"].min_top1_agreement
+
+
+def test_robustness_of_an_export_measures_corruptions_and_skips_the_attack(tiny_onnx, sample_images):
+    """An ONNX export has no gradients: the scorer measures its corruptions in ONNX Runtime and
+    leaves FGSM out rather than failing."""
+    from pipeline.robustness import RobustnessScorer, corrupt
+
+    meta = load_metadata(tiny_onnx)
+    batch = _batch(sample_images, meta.input_size)
+    images = batch["image"].copy()
+    batch["category"] = np.array([p.parent.name for p in sample_images], dtype=object)
+    scorer = RobustnessScorer(tiny_onnx, "cpu", "gaussian_blur", "5", "1,2")
+    assert not scorer.attackable and scorer.conditions == ["clean", "gaussian_blur@5"]
+    correct = scorer(batch)["robust_correct"]
+    labels = np.array([meta.classes.index(c) for c in batch["category"]])
+    blurred = Classifier(tiny_onnx, device="cpu").logits(corrupt(images, "gaussian_blur", 5))
+    np.testing.assert_array_equal(correct[:, 1], blurred.argmax(1).numpy() == labels)

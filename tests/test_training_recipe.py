@@ -490,6 +490,20 @@ def test_pretrained_lite_start_with_staged_unfreezing(ray_local, small_manifest,
     assert meta.mean == pytest.approx([127 / 255] * 3) and meta.input_size == 64
 
 
+@pytest.mark.slow
+def test_adversarial_training_run_on_ray(ray_local, small_manifest, tmp_path):
+    """PGD adversarial training through Ray Train, coarse head included: the run exports a
+    working artifact whose recorded config names the recipe."""
+    from pipeline.train import run
+
+    summary = run(_cfg(small_manifest, tmp_path / "adv", epochs=1, adversarial="pgd",
+                       adversarial_steps=2, adversarial_epsilon=4.0))
+    config = load_artifact(summary["model"])[1].training["config"]
+    assert (config["adversarial"], config["adversarial_steps"]) == ("pgd", 2)
+    assert summary["epochs_run"] == 1 and 0 <= summary["val_accuracy"] <= 1
+    assert np.isfinite(summary["history"][0]["train_loss"])
+
+
 def test_layer_decay_gives_each_stage_a_share_of_the_one_above():
     model = create_model("efficientnet_lite0", 5)
     freeze_backbone(model, "efficientnet_lite0", 3)
