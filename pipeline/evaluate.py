@@ -173,7 +173,7 @@ def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str) -> d
                        engine.Placement.from_config(cfg, device), robustness.RobustnessScorer,
                        {"model_uri": storage.normalize(cfg.model), "device": device,
                         "corruptions": cfg.corruptions, "severities": cfg.severities,
-                        "attack_epsilons": cfg.attack_epsilons})
+                        "attack_epsilons": cfg.attack_epsilons, "tta": cfg.tta})
     correct = np.concatenate([p["robust_correct"] for p in ds.select_columns(["robust_correct"])
                               .iter_batches(batch_format="numpy", batch_size=None)])
     attackable = meta.backend == TORCH_BACKEND

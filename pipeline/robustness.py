@@ -131,15 +131,17 @@ class RobustnessScorer:
     `robust_correct`, int8 per row and condition (1 right, 0 wrong, -1 not judged: an error row
     or a category the model does not know), in the order of `conditions(...)`.
 
-    Corruptions run through the artifact's own backend (torch or ONNX Runtime); the FGSM attack
-    needs gradients, so it runs only on a torch artifact (`attackable`)."""
+    Corruptions run through the artifact's own backend (torch or ONNX Runtime), with the
+    evaluation's test-time augmentation; the FGSM attack needs gradients, so it runs only on a
+    torch artifact (`attackable`), on the plain model."""
 
     def __init__(self, model_uri: str, device: str = "auto", corruptions: str = "all",
-                 severities: str = "1,3,5", attack_epsilons: str = "", num_threads: int | None = None):
+                 severities: str = "1,3,5", attack_epsilons: str = "", tta: str = "none",
+                 num_threads: int | None = None):
         from pipeline.predict import Classifier, TorchBackend
         from pipeline.transforms import to_model_input
 
-        self.classifier = Classifier(model_uri, device, num_threads=num_threads)
+        self.classifier = Classifier(model_uri, device, num_threads=num_threads, tta=tta)
         backend = self.classifier.backend
         self.attackable = isinstance(backend, TorchBackend)
         self.corruptions = parse_corruptions(corruptions)
