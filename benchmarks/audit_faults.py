@@ -82,14 +82,20 @@ def variant(path: str, kind: str, rng: random.Random) -> bytes:
     return buf.getvalue()
 
 
-def build(rows: list[dict], folder: Path, args, rng: random.Random) -> tuple[list[dict], dict]:
-    """The faulty manifest's rows and the truth: photo of each row, flipped rows, placeholders."""
+def build(rows: list[dict], folder: Path, args, rng: random.Random,
+          fault_splits: set[str] | None = None) -> tuple[list[dict], dict]:
+    """The faulty manifest's rows and the truth: photo of each row, flipped rows, placeholders.
+
+    `fault_splits` limits the copied photos and the flipped labels to rows of those splits (a
+    benchmark that measures accuracy on `val` keeps that split's labels and photos as they are,
+    and no copy of a val photo lands in training); None draws from every row."""
     folder.mkdir(parents=True, exist_ok=True)
     categories = sorted({r["category"] for r in rows})
     photo = {r["product_id"]: r["product_id"] for r in rows}  # product -> the photo it shows
     kind_of: dict[str, str] = {}
     out = [dict(r) for r in rows]
-    sources = rng.sample(rows, args.exact + args.resized + args.cropped)
+    pool = rows if fault_splits is None else [r for r in rows if r["split"] in fault_splits]
+    sources = rng.sample(pool, args.exact + args.resized + args.cropped)
     for n, (src, kind) in enumerate(zip(sources, ["exact"] * args.exact + ["resized"] * args.resized
                                         + ["cropped"] * args.cropped, strict=True)):
         pid = f"fault/{kind}-{n:04d}"
@@ -99,7 +105,10 @@ def build(rows: list[dict], folder: Path, args, rng: random.Random) -> tuple[lis
         out.append({**src, "product_id": pid, "image_uri": str(folder / f"{kind}-{n:04d}.jpg")})
         photo[pid], kind_of[pid] = src["product_id"], kind
     flipped = set()
-    for r in rng.sample(out[:len(rows)], round(args.flip_rate * len(rows))):
+    originals = out[:len(rows)]
+    if fault_splits is not None:
+        originals = [r for r in originals if r["split"] in fault_splits]
+    for r in rng.sample(originals, round(args.flip_rate * len(originals))):
         r["category"] = rng.choice([c for c in categories if c != r["category"]])
         flipped.add(r["product_id"])
     holders = set()
