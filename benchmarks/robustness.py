@@ -7,7 +7,8 @@ is then evaluated on the val split with `jobs.evaluate --corruptions all` (clean
 ImageNet-C corruptions at severities 1, 3 and 5, FGSM at 1, 2 and 4 pixel levels), and one table
 prints. Each step is the project's own command line, run as a user would run it.
 
-    python benchmarks/robustness.py [--recipes none,fgsm] [--epochs 2] [--output outputs/robustness]
+    python benchmarks/robustness.py [--recipes none,fgsm] [--epochs 2] [--train-stages 3|all]
+        [--output outputs/robustness]
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from pipeline.config import BUNDLED_MODEL  # noqa: E402
 MANIFEST = "manifests/grocery.parquet"
 # The fine-tune: the bundled model's trainable stages, a lower peak rate than its first training
 # (it starts trained), a short warm-up.
-FINE_TUNE = ["--model-name", "efficientnet_lite0", "--train-stages", "3", "--backbone-lr-scale",
-             "0.25", "--lr", "0.001", "--warmup-epochs", "0.2", "--seed", "0",
-             "--cpus-per-worker", "2"]
+FINE_TUNE = ["--model-name", "efficientnet_lite0", "--backbone-lr-scale", "0.25", "--lr", "0.001",
+             "--warmup-epochs", "0.2", "--seed", "0", "--cpus-per-worker", "2"]
 ADVERSARIAL_EPSILON = "2"  # pixel levels of 255, the middle of the evaluated FGSM strengths
 
 
@@ -48,12 +48,17 @@ def main() -> None:
                         help="comma-separated --adversarial values to fine-tune with")
     parser.add_argument("--epochs", default="2")
     parser.add_argument("--pgd-steps", default="3")
+    parser.add_argument("--train-stages", default="3",
+                        help="as jobs.train --train-stages; 'all' fine-tunes every stage")
+    parser.add_argument("--no-bundled", action="store_true",
+                        help="leave the bundled model's own evaluation out")
     parser.add_argument("--output", default="outputs/robustness")
     args = parser.parse_args()
     out = (REPO / args.output).resolve()
     if not (REPO / MANIFEST).exists():
         job("jobs.make_manifest", "--output", MANIFEST)
-    models = {"bundled": (BUNDLED_MODEL, None)}
+    models = {} if args.no_bundled else {"bundled": (BUNDLED_MODEL, None)}
+    stages = [] if args.train_stages == "all" else ["--train-stages", args.train_stages]
     for recipe in args.recipes.split(","):
         start = time.perf_counter()
         flags = ["--adversarial", recipe]
@@ -62,7 +67,7 @@ def main() -> None:
                       "--adversarial-steps", args.pgd_steps]
         summary = job("jobs.train", "--manifest", MANIFEST, "--weights", BUNDLED_MODEL,
                       "--epochs", args.epochs, "--output", str(out / f"train-{recipe}"),
-                      *FINE_TUNE, *flags)
+                      *FINE_TUNE, *stages, *flags)
         models[f"fine-tuned, adversarial {recipe}"] = (summary["model"],
                                                        time.perf_counter() - start)
         print(f"trained {recipe}: {models[f'fine-tuned, adversarial {recipe}'][1]:.0f} s",
