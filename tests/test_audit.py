@@ -16,7 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.audit import PHASH_BITS, phash_bits, phash_value, run
+from pipeline.audit import (
+    IVF_PROBES,
+    IVF_TRAIN_ROWS_PER_LIST,
+    PHASH_BITS,
+    near_pairs,
+    neighbour_distances,
+    phash_bits,
+    phash_codes,
+    phash_value,
+    run,
+)
 from pipeline.config import AuditConfig, TrainConfig
 from pipeline.decode import decode_image
 from pipeline.findings import (
@@ -198,6 +208,37 @@ def test_perceptual_hash_is_close_for_a_reencode_and_far_for_another_photo():
     bits = phash_bits(np.array([phash_value(x) for x in (a, again, b)], dtype=np.uint64))
     assert (bits[0] != bits[1]).sum() <= AuditConfig().phash_max_distance
     assert (bits[0] != bits[2]).sum() > AuditConfig().phash_max_distance
+
+
+def test_hash_radius_search_finds_a_pair_at_the_limit_and_not_one_bit_beyond():
+    """Copies of a real photo's hash with exactly --phash-max-distance bits flipped, and one bit
+    more: the range search (faiss keeps distances below its radius) finds only the first."""
+    limit = AuditConfig().phash_max_distance
+    photo = decode_image(photos_by_category()["Banana"][0].read_bytes(), MODEL_INPUT_PX)
+    bits = phash_bits(np.array([phash_value(photo)], dtype=np.uint64))[0]
+    at_limit, beyond = bits.copy(), bits.copy()
+    at_limit[:limit] ^= True
+    beyond[-(limit + 1):] ^= True  # other bits: far from `at_limit` too
+    rows = [bits, at_limit, beyond]
+    values = np.frombuffer(np.packbits(np.array(rows), axis=1).tobytes(), dtype=">u8")
+    codes = phash_codes(values.astype(np.uint64))
+    features = np.ones((3, 4), dtype=np.float32) / 2  # identical embeddings: cosine 1
+    pairs = near_pairs(codes, features, np.arange(3), limit, AuditConfig().near_min_cosine)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+
+
+def test_outlier_distances_of_a_small_catalog_match_the_exact_search():
+    """Below IVF_PROBES x IVF_TRAIN_ROWS_PER_LIST rows every list is scanned: each row's mean
+    distance to its k nearest others is the exact one, up to the 8-bit codes."""
+    rng = np.random.default_rng(0)
+    n, k = IVF_PROBES * IVF_TRAIN_ROWS_PER_LIST - 1, AuditConfig().outlier_neighbours
+    centres = rng.standard_normal((20, 64))
+    feats = (centres[rng.integers(0, 20, n)] + 0.5 * rng.standard_normal((n, 64))).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    distance = 1 - feats @ feats.T
+    np.fill_diagonal(distance, np.inf)
+    exact = np.sort(distance, axis=1)[:, :k].mean(1)
+    np.testing.assert_allclose(neighbour_distances(feats, k), exact, atol=0.01)
 
 
 def _audit_cli(*args: str) -> subprocess.CompletedProcess:
