@@ -469,8 +469,9 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         "none",
         description="Adversarial training: every batch trains on its images and on adversarial "
         "copies made against the current model within --adversarial-epsilon: fgsm (one "
-        "gradient-sign step; about 2x the compute per step) or pgd (--adversarial-steps steps "
-        "from a random start; about steps + 1 times).",
+        "gradient-sign step) or pgd (--adversarial-steps steps from a random start). Each step "
+        "costs a forward and backward pass through the whole model per attack step, and the "
+        "training pass sees twice the images.",
     )
     adversarial_epsilon: float = Field(
         2.0, gt=0, le=MAX_EPSILON,
