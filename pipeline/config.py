@@ -307,6 +307,21 @@ def parse_severities(value: str) -> list[int]:
     return sorted(set(out))
 
 
+ATTACK_NAMES = ("fgsm", "pgd")
+# PGD steps when evaluating (training takes --adversarial-steps): enough for a multi-step attack
+# to find what a single gradient-sign step misses on a model that masks its gradients.
+PGD_EVAL_STEPS = 5
+
+
+def parse_attacks(value: str) -> list[str]:
+    names = _items(value)
+    unknown = [n for n in names if n not in ATTACK_NAMES]
+    if unknown or not names:
+        raise ValueError(f"--attacks: {', '.join(unknown) or 'none given'}; valid: "
+                         f"{', '.join(ATTACK_NAMES)} (comma-separated)")
+    return [a for a in ATTACK_NAMES if a in names]
+
+
 def parse_attack_epsilons(value: str) -> list[float]:
     out = []
     for item in _items(value):
@@ -538,10 +553,16 @@ class EvaluateConfig(LabelledImagesOptions, JobConfig):
         description="FGSM attack strengths measured with --corruptions, in pixel levels of 255, "
         "comma-separated ('' for none). Needs gradients: measured for torch artifacts, skipped "
         "for ONNX exports.")
+    attacks: str = Field(
+        "fgsm",
+        description="Attacks measured at each --attack-epsilons with --corruptions, "
+        f"comma-separated: fgsm (one gradient-sign step), pgd ({PGD_EVAL_STEPS} steps from a "
+        "random start: the check on a model whose one-step gradient misleads).")
 
     @model_validator(mode="after")
     def _check_robustness(self) -> EvaluateConfig:
         if self.corruptions:
+            parse_attacks(self.attacks)
             parse_corruptions(self.corruptions)
             parse_severities(self.severities)
             parse_attack_epsilons(self.attack_epsilons)

@@ -164,7 +164,12 @@ def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str) -> d
     epsilon (pipeline.robustness), scored on the engine's actor pool like the main pass."""
     from pipeline import engine, robustness
     from pipeline.cluster import resolve_device
-    from pipeline.config import parse_attack_epsilons, parse_corruptions, parse_severities
+    from pipeline.config import (
+        parse_attack_epsilons,
+        parse_attacks,
+        parse_corruptions,
+        parse_severities,
+    )
 
     device = resolve_device(cfg.device)
     meta = load_metadata(cfg.model)
@@ -173,16 +178,18 @@ def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str) -> d
                        engine.Placement.from_config(cfg, device), robustness.RobustnessScorer,
                        {"model_uri": storage.normalize(cfg.model), "device": device,
                         "corruptions": cfg.corruptions, "severities": cfg.severities,
-                        "attack_epsilons": cfg.attack_epsilons, "tta": cfg.tta})
+                        "attack_epsilons": cfg.attack_epsilons, "tta": cfg.tta,
+                        "attacks": cfg.attacks})
     correct = np.concatenate([p["robust_correct"] for p in ds.select_columns(["robust_correct"])
                               .iter_batches(batch_format="numpy", batch_size=None)])
     attackable = meta.backend == TORCH_BACKEND
     epsilons = parse_attack_epsilons(cfg.attack_epsilons)
     names = robustness.conditions(parse_corruptions(cfg.corruptions),
-                                  parse_severities(cfg.severities), epsilons if attackable else [])
+                                  parse_severities(cfg.severities), epsilons if attackable else [],
+                                  parse_attacks(cfg.attacks))
     out = robustness.summarize(names, correct)
     if epsilons and not attackable:
-        out["attack_skipped"] = (f"FGSM needs the model's gradients; {meta.format} exports have "
+        out["attack_skipped"] = (f"the attacks need the model's gradients; {meta.format} exports have "
                                  "none: evaluate the torch artifact it was exported from")
     return out
 

@@ -390,7 +390,7 @@ def open_set_html(open_set) -> str:
 
 def robustness_html(robust: dict | None) -> str:
     """Accuracy on clean images against each corruption (a row) by severity (a column), and
-    under FGSM by epsilon; nothing when not measured (jobs.evaluate --corruptions)."""
+    under each attack by epsilon; nothing when not measured (jobs.evaluate --corruptions)."""
     if not robust:
         return ""
     rows = robust["conditions"]
@@ -403,8 +403,9 @@ def robustness_html(robust: dict | None) -> str:
                      [[_e(name), *(_pct(levels.get(s)) for s in severities)]
                       for name, levels in by_name.items()])
     attacks = [r for r in rows if r["kind"] == "attack"]
-    attack = (_table(["FGSM epsilon (pixel levels of 255)", "accuracy"],
-                     [[f"{r['epsilon']:g}", _pct(r["accuracy"])] for r in attacks]) if attacks
+    attack = (_table(["attack", "epsilon (pixel levels of 255)", "accuracy"],
+                     [[_e(r["name"].upper()), f"{r['epsilon']:g}", _pct(r["accuracy"])]
+                      for r in attacks]) if attacks
               else f'<p class="note">{_e(robust.get("attack_skipped", "No attack measured."))}</p>')
     return (f"<h2>Robustness</h2><p>Clean accuracy {_pct(robust['clean_accuracy'])} on "
             f"{robust['rows']} rows; mean under the corruptions "

@@ -25,7 +25,14 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.config import CORRUPTIONS, parse_attack_epsilons, parse_corruptions, parse_severities
+from pipeline.config import (
+    CORRUPTIONS,
+    PGD_EVAL_STEPS,
+    parse_attack_epsilons,
+    parse_attacks,
+    parse_corruptions,
+    parse_severities,
+)
 
 # Per severity 1..5, ImageNet-C's parameter for each corruption (its imagenet_c recipes).
 NOISE_STD = (0.08, 0.12, 0.18, 0.26, 0.38)  # Gaussian noise std, share of full range
@@ -42,6 +49,7 @@ FGSM = "fgsm"
 PGD = "pgd"
 ATTACKS = (FGSM, PGD)
 CLEAN = "clean"
+PGD_EVAL_SEED = 0  # the random starts: the same on every run
 
 
 def corrupt(images: np.ndarray, name: str, severity: int) -> np.ndarray:
@@ -108,11 +116,11 @@ def adversarial_batch(kind: str, logits_fn: Callable[[torch.Tensor], torch.Tenso
 
 
 def conditions(corruptions: Sequence[str], severities: Sequence[int],
-               epsilons: Sequence[float]) -> list[str]:
-    """The measured conditions in report order: clean, each corruption at each severity, FGSM at
-    each epsilon (named `fgsm@<epsilon>/255`)."""
+               epsilons: Sequence[float], attacks: Sequence[str] = (FGSM,)) -> list[str]:
+    """The measured conditions in report order: clean, each corruption at each severity, each
+    attack at each epsilon (named `fgsm@<epsilon>/255`, `pgd@<epsilon>/255`)."""
     return ([CLEAN] + [f"{c}@{s}" for c in corruptions for s in severities]
-            + [f"{FGSM}@{e:g}/255" for e in epsilons])
+            + [f"{a}@{e:g}/255" for a in attacks for e in epsilons])
 
 
 def describe(condition: str) -> dict:
@@ -120,7 +128,7 @@ def describe(condition: str) -> dict:
     if condition == CLEAN:
         return {"condition": condition, "kind": "clean", "name": CLEAN}
     name, level = condition.split("@")
-    if name == FGSM:
+    if name in ATTACKS:
         return {"condition": condition, "kind": "attack", "name": name,
                 "epsilon": float(level.removesuffix("/255"))}
     return {"condition": condition, "kind": "corruption", "name": name, "severity": int(level)}
@@ -137,7 +145,7 @@ class RobustnessScorer:
 
     def __init__(self, model_uri: str, device: str = "auto", corruptions: str = "all",
                  severities: str = "1,3,5", attack_epsilons: str = "", tta: str = "none",
-                 num_threads: int | None = None):
+                 attacks: str = FGSM, num_threads: int | None = None):
         from pipeline.predict import Classifier, TorchBackend
         from pipeline.transforms import to_model_input
 
@@ -147,7 +155,8 @@ class RobustnessScorer:
         self.corruptions = parse_corruptions(corruptions)
         self.severities = parse_severities(severities)
         self.epsilons = parse_attack_epsilons(attack_epsilons) if self.attackable else []
-        self.conditions = conditions(self.corruptions, self.severities, self.epsilons)
+        self.conditions = conditions(self.corruptions, self.severities, self.epsilons,
+                                     parse_attacks(attacks))
         self.index = {c: i for i, c in enumerate(self.classifier.meta.classes)}
         if self.attackable:
             self._logits = lambda x: backend.model(to_model_input(x, backend.mean, backend.std)).float()
@@ -156,10 +165,12 @@ class RobustnessScorer:
     def _predict(self, images: np.ndarray) -> np.ndarray:
         return self.classifier.logits(images).argmax(1).cpu().numpy()
 
-    def _attacked(self, images: np.ndarray, labels: np.ndarray, epsilon: float) -> np.ndarray:
+    def _attacked(self, images: np.ndarray, labels: np.ndarray, kind: str,
+                  epsilon: float) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         y = torch.from_numpy(labels).to(self.device)
-        adv = attack(self._logits, x, y, epsilon)
+        adv = adversarial_batch(kind, self._logits, x, y, epsilon, PGD_EVAL_STEPS,
+                                torch.Generator().manual_seed(PGD_EVAL_SEED))
         with torch.no_grad():
             return self._logits(adv).argmax(1).cpu().numpy()
 
@@ -177,7 +188,7 @@ class RobustnessScorer:
                 elif spec["kind"] == "corruption":
                     pred = self._predict(corrupt(x, spec["name"], spec["severity"]))
                 else:
-                    pred = self._attacked(x, y, spec["epsilon"])
+                    pred = self._attacked(x, y, spec["name"], spec["epsilon"])
                 correct[use, j] = pred == y
         return {**batch, "robust_correct": correct}
 

@@ -98,6 +98,12 @@ def test_scorer_judges_each_row_under_each_condition(bundled_model, sample_image
     np.testing.assert_array_equal(correct[judged, 0], expected_clean)
     np.testing.assert_array_equal(correct[judged, 2], expected_jpeg5)
     summary = summarize(scorer.conditions, correct)
+    # PGD, the multi-step check, on the same rows: never weaker than one FGSM step here
+    pgd = RobustnessScorer(bundled_model, "cpu", "jpeg", "1", "2", attacks="fgsm,pgd")
+    assert pgd.conditions == ["clean", "jpeg@1", "fgsm@2/255", "pgd@2/255"]
+    both = pgd({"product_id": np.arange(6), "category": category, "status": status,
+                "image": images.copy()})["robust_correct"][judged]
+    assert both[:, 3].sum() <= both[:, 2].sum()
     assert summary["rows"] == 4 and summary["clean_accuracy"] == pytest.approx(expected_clean.mean())
     assert [r["kind"] for r in summary["conditions"]] == ["clean"] + ["corruption"] * 4 + ["attack"]
     assert summary["conditions"][-1]["epsilon"] == 2.0
