@@ -286,14 +286,18 @@ def _items(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _pick(value: str, valid: tuple[str, ...], option: str) -> list[str]:
+    """'all' or comma-separated names from `valid` -> at least one name, in `valid`'s order."""
+    names = list(valid) if value.strip() == "all" else _items(value)
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise ValueError(f"--{option}: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}"
+                         f"; valid: all, {', '.join(valid)}")
+    return [n for n in valid if n in names]
+
+
 def parse_corruptions(value: str) -> list[str]:
-    """'all' or comma-separated names from CORRUPTIONS -> the names, in CORRUPTIONS' order."""
-    names = list(CORRUPTIONS) if value.strip() == "all" else _items(value)
-    unknown = [n for n in names if n not in CORRUPTIONS]
-    if unknown:
-        raise ValueError(f"--corruptions: unknown {', '.join(unknown)}; valid: all, "
-                         f"{', '.join(CORRUPTIONS)}")
-    return [c for c in CORRUPTIONS if c in names]
+    return _pick(value, CORRUPTIONS, "corruptions")
 
 
 def parse_severities(value: str) -> list[int]:
@@ -314,12 +318,7 @@ PGD_EVAL_STEPS = 5
 
 
 def parse_attacks(value: str) -> list[str]:
-    names = _items(value)
-    unknown = [n for n in names if n not in ATTACK_NAMES]
-    if unknown or not names:
-        raise ValueError(f"--attacks: {', '.join(unknown) or 'none given'}; valid: "
-                         f"{', '.join(ATTACK_NAMES)} (comma-separated)")
-    return [a for a in ATTACK_NAMES if a in names]
+    return _pick(value, ATTACK_NAMES, "attacks")
 
 
 def parse_attack_epsilons(value: str) -> list[float]:

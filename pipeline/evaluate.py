@@ -159,7 +159,8 @@ def named_pairs(pairs: list[dict], classes: list[str], product_id: np.ndarray, i
             for p in pairs]
 
 
-def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str) -> dict:
+def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str,
+                       meta: ModelMetadata) -> dict:
     """Accuracy on the clean images, under each corruption and severity, and under FGSM at each
     epsilon (pipeline.robustness), scored on the engine's actor pool like the main pass."""
     from pipeline import engine, robustness
@@ -172,7 +173,6 @@ def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str) -> d
     )
 
     device = resolve_device(cfg.device)
-    meta = load_metadata(cfg.model)
     images = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri)
     ds = engine.scored(engine.table_dataset(table), images,
                        engine.Placement.from_config(cfg, device), robustness.RobustnessScorer,
@@ -297,7 +297,7 @@ def run(cfg: EvaluateConfig) -> dict:
                               cfg.ece_bins)
     metrics["open_set"] = open_set_section(scored, meta)
     if cfg.corruptions:
-        metrics["robustness"] = measure_robustness(cfg, table, base_uri)
+        metrics["robustness"] = measure_robustness(cfg, table, base_uri, meta)
     model = {"uri": storage.normalize(cfg.model), "architecture": meta.architecture,
              "version": meta.model_version, "temperature": meta.temperature, "tta": cfg.tta}
     metrics = {"manifest": storage.normalize(cfg.manifest), "split": cfg.split, "model": model,

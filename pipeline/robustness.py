@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.config import (
+    ATTACK_NAMES,
     CORRUPTIONS,
     PGD_EVAL_STEPS,
     parse_attack_epsilons,
@@ -45,9 +46,7 @@ NOISE_SEED = 0  # noise is seeded: the same images get the same noise on every r
 # PGD's step size as a multiple of epsilon / steps (Madry et al.): steps can reach the boundary
 # from the random start and move along it.
 PGD_STEP_SCALE = 2.5
-FGSM = "fgsm"
-PGD = "pgd"
-ATTACKS = (FGSM, PGD)
+FGSM, PGD = ATTACKS = ATTACK_NAMES
 CLEAN = "clean"
 PGD_EVAL_SEED = 0  # the random starts: the same on every run
 
