@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     keys = ("rows", "scored_rows", "error_rows", "accuracy", "top5_accuracy", "coarse_accuracy",
             "macro_f1", "ece", "auto_accept")
     out = {k: metrics.get(k) for k in keys}
+    out["decisions"] = {k: metrics["decisions"]["at_target"][k]
+                        for k in ("target_precision", "precision", "catch", "review_load", "change_rate")}
     if "robustness" in metrics:
         robust = metrics["robustness"]
         out["robustness"] = {r["condition"]: r["accuracy"] for r in robust["conditions"]} | {

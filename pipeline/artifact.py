@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from pipeline import storage
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.models import create_model, get_spec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -29,6 +29,7 @@ METADATA_FILE = "model.json"
 CENTROIDS_FILE = "open_set.safetensors"  # class centroids of the open-set score, when it uses them
 CENTROIDS_KEY = "centroids"
 ONNX_FILE = "model.onnx"  # the exported graph of an onnxruntime artifact
+NOTICE_FILE = "NOTICE.md"  # licence notes of a source artifact travel with its copies
 FORMAT_VERSION = 1
 TORCH_BACKEND = "torch"
 ONNX_BACKEND = "onnxruntime"
@@ -54,6 +55,9 @@ class ModelMetadata:
     backend: str = TORCH_BACKEND
     # An exported artifact's record (pipeline.export): format, source model_version, parity.
     export: dict[str, Any] = field(default_factory=dict)
+    # The keep / change / review thresholds (pipeline.decide), fitted on held-out rows; empty in
+    # an older artifact, which the nightly job runs with a warning and conservative defaults.
+    decisions: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -79,6 +83,8 @@ class ModelMetadata:
         }
         if self.open_set:  # it changes needs_review; older artifacts without it keep their hash
             fields["open_set"] = self.open_set
+        if self.decisions:  # it changes every row's action; older artifacts keep their hash
+            fields["decisions"] = self.decisions
         if self.backend != TORCH_BACKEND:  # torch artifacts keep their hash
             fields["backend"] = self.backend
             fields["format"] = self.format
@@ -266,3 +272,29 @@ def weights_provenance(start: dict[str, Any]) -> dict[str, Any]:
         return {"parent_model_version": start["model_version"],
                 **load_metadata(start["uri"]).provenance}
     return {k: v for k, v in start.items() if k != "weights" or start.get("kind") != "package"}
+
+
+def rewrite_artifact(uri: str, output: str, **changes: Any) -> ModelMetadata:
+    """A copy of artifact `uri` under `output` with metadata fields changed (a refitted
+    temperature or decisions): the same verified weights file, centroids and notice, and a new
+    content hash, since the changed fields change the answers."""
+    meta = load_metadata(uri)
+    weights = read_weights(uri, meta)
+    extra = _centroid_bytes(uri, meta)
+    new = replace(meta, **changes, model_version="")
+    new.model_version = content_hash(weights, new, extra)
+    storage.write_bytes(storage.join(output, new.weights_file), weights)
+    if extra:
+        storage.write_bytes(storage.join(output, CENTROIDS_FILE), extra)
+    notice = storage.join(uri, NOTICE_FILE)
+    if storage.exists(notice):
+        storage.write_bytes(storage.join(output, NOTICE_FILE), storage.read_bytes(notice))
+    storage.write_json(storage.join(output, METADATA_FILE), asdict(new))
+    return new
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuse to replace an artifact in --output without --overwrite (before any work)."""
+    if storage.exists(storage.join(output, METADATA_FILE)) and not overwrite:
+        raise ConfigError(f"--output {output} already holds a model artifact; choose another "
+                          "folder or pass --overwrite")

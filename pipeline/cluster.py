@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline import errors
+from pipeline import decide, errors
 from pipeline.budget import FailFast, known_error_flags
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, PipelineError
@@ -163,13 +163,16 @@ class InferenceActor(Classifier):
 
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
-                 allow_cpu_fallback: bool = False, run_id: str = "", review_threshold: float = 0.5,
+                 allow_cpu_fallback: bool = False, run_id: str = "",
+                 review_threshold: float | None = None,
+                 change_precision: float = decide.DEFAULT_CHANGE_PRECISION,
                  tta: str = "none", fail_fast_rows: int = 0):
         super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
                          precision, compile, tta)
         self.format = OutputFormatter(self.meta.classes, self.meta.architecture,
-                                      self.meta.model_version, run_id, review_threshold,
-                                      self.meta.open_set.get("threshold"))
+                                      self.meta.model_version, run_id,
+                                      decide.policy_for(self.meta.decisions, change_precision),
+                                      self.meta.open_set.get("threshold"), review_threshold)
         # Raises FailFastError when this actor's first rows all fail the same way (0: never).
         self.fail_fast = FailFast(fail_fast_rows) if fail_fast_rows else None
 

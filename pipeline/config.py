@@ -136,8 +136,16 @@ class RecategorizeConfig(ImageAccessOptions, ExecutorOptions, JobConfig):
         description="Output folder (local path or URI): predictions/*.parquet, summary.json, "
         "config.yaml, _SUCCESS.",
     )
-    review_threshold: float = Field(
-        0.5, ge=0.0, le=1.0, description="Rows with confidence below this get needs_review=true."
+    change_precision: float = Field(
+        0.95, gt=0.0, lt=1.0,
+        description="Target precision of the proposed changes (action 'change'): the job uses "
+        "the model's thresholds fitted for this precision on held-out rows (model.json "
+        "'decisions'); products it cannot decide at that precision go to review.",
+    )
+    review_threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Optional floor on the confidence of any change: a row that would change "
+        "below it goes to review instead. Default: the model's fitted thresholds alone.",
     )
     review_threshold_from: str | None = Field(
         None,
@@ -462,6 +470,13 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         0.1, gt=0, lt=1,
         description="Stratified validation share when the manifest has no split column.",
     )
+    calibration_fraction: float = Field(
+        0.15, ge=0, lt=1,
+        description="Stratified share of the training rows held out as the calibration split "
+        "(when the manifest has no split 'calibration'): the temperature, the open-set threshold "
+        "and the keep/change/review thresholds are fitted there, never on the rows that report "
+        "them. 0 fits them on the validation rows, and the artifact records that.",
+    )
     seed: int = Field(0, description="Seed for splits, init and augmentation.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas).")
     device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Training device"))
@@ -532,6 +547,10 @@ class EvaluateConfig(LabelledImagesOptions, JobConfig):
         "whose accepted predictions are this accurate, and the share of the catalog it covers.",
     )
     ece_bins: int = Field(15, ge=2, le=100, description="Confidence bins for ECE and the diagram.")
+    change_precision: float = Field(
+        0.95, gt=0.0, lt=1.0,
+        description="The nightly job's --change-precision to measure the decisions at (the "
+        "report also gives every target the model has thresholds for).")
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
     num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
     device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Inference device"))
@@ -566,6 +585,45 @@ class EvaluateConfig(LabelledImagesOptions, JobConfig):
             parse_severities(self.severities)
             parse_attack_epsilons(self.attack_epsilons)
         return self
+
+
+class CalibrateConfig(LabelledImagesOptions, JobConfig):
+    manifest: str = Field(
+        "manifests/grocery.parquet",
+        description="Labelled manifest holding the held-out rows (product_id, image_uri, "
+        "category; optional coarse_category and split).",
+    )
+    model: str = Field(BUNDLED_MODEL, description="Model artifact to calibrate (torch or an export).")
+    output: str = Field(
+        "outputs/calibrated",
+        description="Folder for the calibrated copy of the artifact (same weights, new "
+        "model.json and model_version).",
+    )
+    split: str | None = Field(
+        None,
+        description="Fit on the rows with this split value. Default: the calibration split the "
+        "model's training held out (recomputed from the manifest and its training config); "
+        "never the split you report on.",
+    )
+    catalog_error_rate: float = Field(
+        0.05, gt=0, lt=0.5,
+        description="Share of catalog rows assumed to carry a wrong category when weighing "
+        "right against wrong changes.",
+    )
+    catch_target: float = Field(
+        0.90, gt=0, le=1,
+        description="Share of wrong categories each fitted operating point must send to change "
+        "or review (then it has the least review load that does).",
+    )
+    refit_temperature: bool = Field(
+        True, description="Fit the softmax temperature on these rows too (the backend's own scores).")
+    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
+    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Inference device"))
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
+    tta: Literal["none", "flip"] = Field(
+        "none", description="Test-time augmentation, as the nightly job will run it.")
+    overwrite: bool = Field(False, description="Replace a model artifact already in --output.")
 
 
 class EmbedConfig(LabelledImagesOptions, JobConfig):

@@ -27,14 +27,14 @@ DIGITS = 6  # rounding of shares and distances in the section: readable, far bel
 OK = "ok"
 
 STAT_COUNTS = ("rows", "ok", "errors", "category_changed", "needs_review", "confidence_sum_micro")
-STAT_MAPS = ("errors_by_type", "categories")
+STAT_MAPS = ("errors_by_type", "categories", "actions", "action_reasons")
 
 
 # ---- statistics of written tables ---------------------------------------------------------
 
 def empty_stats() -> dict[str, Any]:
     """The stats of no rows: the identity of `merge_stats`."""
-    return {**dict.fromkeys(STAT_COUNTS, 0), "errors_by_type": {}, "categories": {},
+    return {**dict.fromkeys(STAT_COUNTS, 0), **{key: {} for key in STAT_MAPS},
             "confidence_histogram": [0] * CONFIDENCE_BINS}
 
 
@@ -79,6 +79,11 @@ def table_stats(table: pa.Table | pa.RecordBatch) -> dict[str, Any]:
         "category_changed": _true_count(table.column("category_changed")),
         "needs_review": _true_count(table.column("needs_review")),
         "categories": _value_counts(pc.filter(table.column("predicted_category"), ok_mask)),
+        # rows written before decisions existed have no action columns
+        "actions": (_value_counts(table.column("action"))
+                    if "action" in table.column_names else {}),
+        "action_reasons": (_value_counts(table.column("action_reason"))
+                           if "action_reason" in table.column_names else {}),
         "confidence_histogram": np.bincount(bins, minlength=CONFIDENCE_BINS).tolist(),
         "confidence_sum_micro": int(micro.sum()),
     }
@@ -99,7 +104,7 @@ def merge_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"cannot merge confidence histograms of {len(ha)} and {len(hb)} bins")
     return {
         **{key: a[key] + b[key] for key in STAT_COUNTS},
-        **{key: _add_counts(a[key], b[key]) for key in STAT_MAPS},
+        **{key: _add_counts(a.get(key, {}), b.get(key, {})) for key in STAT_MAPS},
         "confidence_histogram": [x + y for x, y in zip(ha, hb, strict=True)],
     }
 
@@ -119,6 +124,9 @@ def _rates(stats: dict[str, Any]) -> dict[str, float | None]:
     """error and needs_review per row; category_changed per ok row (only those are compared)."""
     return {"error": _ratio(stats["errors"], stats["rows"]),
             "needs_review": _ratio(stats["needs_review"], stats["rows"]),
+            # None for a night before decisions existed: no comparison, rather than a false 0
+            "change": (_ratio(stats["actions"].get("change", 0), stats["rows"])
+                       if stats.get("actions") else None),
             "category_changed": _ratio(stats["category_changed"], stats["ok"])}
 
 
@@ -245,6 +253,7 @@ def drift(previous: dict[str, Any] | None, current: dict[str, Any], new_products
 
 PREVIOUS_COLOR, CURRENT_COLOR = "#9aa5b1", "#4c72b0"  # last night muted, tonight emphasised
 RATE_LABELS = {"error": "error rate (per row)", "needs_review": "needs review (per row)",
+               "change": "proposed change (per row)",
                "category_changed": "category changed (per scored row)"}
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
-from pipeline import openset, report, storage
+from pipeline import decide, openset, report, storage
 from pipeline.artifact import TORCH_BACKEND, ModelMetadata, load_metadata
 from pipeline.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 from pipeline.catalog import open_dataset, validate_manifest
@@ -44,6 +45,7 @@ class Scored:
     product_id: np.ndarray
     image_uri: np.ndarray
     unfamiliarity: np.ndarray  # the model's open-set score (pipeline.openset); NaN on error rows
+    logits: np.ndarray | None = None  # raw logits (rows x classes); NaN on error rows
 
 
 CONFUSED_PAIRS_SHOWN = 15
@@ -67,7 +69,7 @@ def labelled_rows(cfg: EvaluateConfig) -> tuple[pa.Table, str]:
 
 def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str]) -> Scored:
     """Score the rows with the scoring engine (the nightly job's URI policy, fetch limits and
-    placement); collect top-k on the driver."""
+    placement); collect top-k and the logits on the driver."""
     from pipeline import engine
     from pipeline.cluster import init_ray, resolve_device
     from pipeline.predict import Classifier
@@ -79,9 +81,9 @@ def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str
     ds = engine.scored(engine.table_dataset(table), images,
                        engine.Placement.from_config(cfg, device), Classifier,
                        {"model_uri": storage.normalize(cfg.model), "device": device,
-                        "top_k": TOP_K, "tta": cfg.tta})
+                        "top_k": TOP_K, "tta": cfg.tta, "with_logits": True})
     columns = ["product_id", "image_uri", "category", "status", "top_k_index", "top_k_scores",
-               "unfamiliarity"]
+               "unfamiliarity", "logits"]
     parts = list(ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None))
     category = np.concatenate([p["category"] for p in parts])
     index = {c: i for i, c in enumerate(classes)}
@@ -95,7 +97,8 @@ def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str
                   ok=np.concatenate([p["status"] for p in parts]) == "ok", unknown_categories=unknown,
                   product_id=np.concatenate([p["product_id"] for p in parts]).astype(str),
                   image_uri=np.concatenate([p["image_uri"] for p in parts]),
-                  unfamiliarity=np.concatenate([p["unfamiliarity"] for p in parts]))
+                  unfamiliarity=np.concatenate([p["unfamiliarity"] for p in parts]),
+                  logits=np.concatenate([np.stack(p["logits"]) for p in parts]))
 
 
 def coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
@@ -281,6 +284,35 @@ def open_set_section(scored: Scored, meta: ModelMetadata) -> dict:
                                     scored.labels[ok] < 0, meta.open_set)
 
 
+def decisions_section(scored: Scored, meta: ModelMetadata, change_precision: float,
+                      split: str | None) -> dict:
+    """The keep / change / review rule measured on the evaluated rows (pipeline.decide.measure):
+    change precision, wrong categories caught, review load, at each target precision the
+    artifact holds a fitted point for, and at `change_precision` (the job's default)."""
+    use = scored.ok & (scored.labels >= 0)
+    probs = torch.softmax(torch.from_numpy(scored.logits[use]).float() / meta.temperature, 1).numpy()
+    threshold = meta.open_set.get("threshold")
+    unfamiliar = (~(scored.unfamiliarity[use] <= threshold) if threshold is not None
+                  else np.zeros(int(use.sum()), dtype=bool))
+    targets = sorted({p["target_precision"] for p in meta.decisions.get("operating_points", [])}
+                     | {change_precision})
+    curve = []
+    for target in targets:
+        policy = decide.policy_for(meta.decisions, target)
+        curve.append({"target_precision": target, **policy.to_json(),
+                      **decide.measure(probs, scored.labels[use], meta.classes, meta.coarse_classes,
+                                       policy, unfamiliar)})
+    fitted_on = meta.decisions.get("fitted_on")
+    out = {"catalog_error_rate": decide.DEFAULT_CATALOG_ERROR_RATE, "fitted_on": fitted_on,
+           "change_precision": change_precision,
+           "at_target": next(r for r in curve if r["target_precision"] == change_precision),
+           "curve": curve}
+    if fitted_on and split and fitted_on.get("split") == split:
+        out["warning"] = (f"the thresholds were fitted on split {split!r}, the split measured "
+                          "here: these figures are optimistic")
+    return out
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate `cfg.model` on `cfg.manifest`; write the report to `cfg.output`; return metrics."""
     start = time.perf_counter()
@@ -296,6 +328,7 @@ def run(cfg: EvaluateConfig) -> dict:
     metrics = compute_metrics(scored, meta.classes, meta.coarse_classes, cfg.target_accuracy,
                               cfg.ece_bins)
     metrics["open_set"] = open_set_section(scored, meta)
+    metrics["decisions"] = decisions_section(scored, meta, cfg.change_precision, cfg.split)
     if cfg.corruptions:
         metrics["robustness"] = measure_robustness(cfg, table, base_uri, meta)
     model = {"uri": storage.normalize(cfg.model), "architecture": meta.architecture,

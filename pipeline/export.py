@@ -29,9 +29,11 @@ from pipeline import storage
 from pipeline.artifact import (
     CENTROIDS_FILE,
     METADATA_FILE,
+    NOTICE_FILE,
     ONNX_BACKEND,
     ONNX_FILE,
     ModelMetadata,
+    check_output,
     content_hash,
     load_artifact,
     load_metadata,
@@ -47,7 +49,6 @@ FORMATS = ("onnx", "onnx-int8", "onnx-fp16")
 # Storage precision recorded in model.json (weights_dtype) per format.
 FORMAT_DTYPES = {"onnx": "float32", "onnx-int8": "int8", "onnx-fp16": "float16"}
 OPSET = 18  # torch 2.14's dynamo exporter's default; ORT 1.31 runs up to 23
-NOTICE_FILE = "NOTICE.md"  # licence notes of the source artifact travel with the export
 EXAMPLE_BATCH = 2  # the traced example's batch size (the exported batch axis is dynamic)
 
 
@@ -283,13 +284,6 @@ def check_parity(candidate: bytes, reference: np.ndarray, images: np.ndarray, fm
 
 
 # ---------------------------------------------------------------- the job
-
-
-def check_output(output: str, overwrite: bool) -> None:
-    """Refuse to replace an artifact in --output without --overwrite (before any work)."""
-    if storage.exists(storage.join(output, METADATA_FILE)) and not overwrite:
-        raise ConfigError(f"--output {output} already holds a model artifact; choose another "
-                          "folder or pass --overwrite")
 
 
 def export(cfg: ExportConfig) -> dict:

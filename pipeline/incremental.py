@@ -41,7 +41,7 @@ PROBED_DIR = "probed"
 PLAN_MEMORY_LIMIT = "2GB"
 PLAN_BATCH_ROWS = 65_536
 # Options that change a row's values: a committed row made under other values is not reused.
-ROW_OPTIONS = ("top_k", "review_threshold", "max_image_bytes", "max_image_pixels",
+ROW_OPTIONS = ("top_k", "review_threshold", "change_precision", "max_image_bytes", "max_image_pixels",
                "allowed_uri_schemes", "allowed_uri_prefixes", "allowed_networks", "tta",
                "precision")
 
@@ -130,10 +130,13 @@ def write_carried(reader, folder: str, rows_per_file: int) -> int:
     return rows
 
 
-def _carry_condition(version: str) -> str:
-    """SQL: last night's row `p` may stand for manifest row `m` (image version `version`)."""
+def _carry_condition(version: str, current: str) -> str:
+    """SQL: last night's row `p` may stand for manifest row `m` (image version `version`,
+    current category `current`). A product whose current category changed (a change applied,
+    a review decided) is scored again: its decision depends on that category."""
     return (f"coalesce(p.status = 'ok' AND p.image_uri = m.image_uri AND "
-            f"p.image_version = {version}, false)")
+            f"p.image_version = {version}, false) AND "
+            f"p.current_category IS NOT DISTINCT FROM {current}")
 
 
 def _carried_select(manifest: Manifest, run_id: str) -> str:
@@ -192,7 +195,8 @@ def plan_night(manifest: Manifest, previous: dict[str, Any] | None, output: str,
             version = "v.image_version"
         else:
             version = "NULL::VARCHAR"
-    carry = _carry_condition(version)
+    carry = _carry_condition(version, "m.current_category" if manifest.has("current_category")
+                             else "NULL::VARCHAR")
 
     folder = run_folder.run_uri(output, run_id)
     for name, _ in run_folder.list_run(folder).carried:  # what a killed plan left

@@ -196,7 +196,8 @@ class Classifier:
 
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
-                 tta: str = "none"):
+                 tta: str = "none", with_logits: bool = False):
+        self.with_logits = with_logits  # a `logits` column (n x classes): calibration, evaluation
         if num_threads:
             torch.set_num_threads(num_threads)
         if precision not in PRECISIONS:
@@ -215,6 +216,7 @@ class Classifier:
             self.backend = TorchBackend(model_uri, self.device, precision, compile,
                                         embeddings=self.open_set_kind == "centroid")
         self.classes = np.array(self.meta.classes, dtype=object)
+        self.class_index = {c: i for i, c in enumerate(self.meta.classes)}
         self.top_k = min(top_k, len(self.classes))
         self.centroids = load_centroids(model_uri, self.meta)
         if self.centroids is not None:
@@ -244,9 +246,15 @@ class Classifier:
         top_index = np.full((n, self.top_k), -1, dtype=np.int32)
         top_scores = np.full((n, self.top_k), np.nan, dtype=np.float32)
         unfamiliar = np.full(n, np.nan, dtype=np.float32)
+        p_current = np.full(n, np.nan, dtype=np.float32)
+        all_logits = np.full((n, len(self.classes)), np.nan, dtype=np.float32) if self.with_logits else None
         if ok.any():
             logits = self.logits(images[ok])
+            if all_logits is not None:
+                all_logits[ok] = logits.float().cpu().numpy()
             probs = torch.softmax(logits / self.meta.temperature, dim=1)
+            if batch.get("current_category") is not None:
+                p_current[ok] = self.current_probability(probs, np.asarray(batch["current_category"])[ok])
             unfamiliar[ok] = openset.unfamiliarity(
                 logits, self.meta.temperature, self.open_set_kind, self.embeddings(),
                 self.centroids).cpu().numpy()
@@ -256,5 +264,22 @@ class Classifier:
             top_scores[ok] = scores
             predicted[ok] = self.classes[idx[:, 0]]
             confidence[ok] = scores[:, 0]
-        return {**batch, "predicted_category": predicted, "confidence": confidence,
-                "top_k_index": top_index, "top_k_scores": top_scores, "unfamiliarity": unfamiliar}
+        out = {**batch, "predicted_category": predicted, "confidence": confidence,
+               "top_k_index": top_index, "top_k_scores": top_scores, "unfamiliarity": unfamiliar,
+               "p_current": p_current}
+        if all_logits is not None:
+            out["logits"] = all_logits
+        return out
+
+    def current_probability(self, probs: torch.Tensor, current: np.ndarray) -> np.ndarray:
+        """The calibrated probability of each row's current category; NaN where there is none
+        or the model does not know it."""
+        index = np.array([self.class_index.get(c, -1) if isinstance(c, str) else -1
+                          for c in current], dtype=np.int64)
+        known = np.flatnonzero(index >= 0)
+        out = np.full(len(index), np.nan, dtype=np.float32)
+        if len(known):
+            rows = torch.from_numpy(known).to(probs.device)
+            cols = torch.from_numpy(index[known]).to(probs.device)
+            out[known] = probs[rows, cols].float().cpu().numpy()
+        return out

@@ -22,13 +22,14 @@ import functools
 import gc
 import hashlib
 import json
+import sys
 import time
 import uuid
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import budget, drift, engine, storage
+from pipeline import budget, decide, drift, engine, storage
 from pipeline.artifact import verify_artifact
 from pipeline.catalog import Manifest, validate_manifest
 from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
@@ -98,6 +99,13 @@ def load_artifact_checked(cfg: RecategorizeConfig):
 
     meta = verify_artifact(cfg.model)
     check_backend_options(meta, cfg.precision, cfg.compile)
+    if not meta.decisions:
+        print(
+            f"warning: model {meta.model_version} has no fitted decision thresholds ('decisions' in "
+            f"model.json): rows are decided with conservative defaults ({decide.FALLBACK}), so "
+            "most disagreements go to review. Fit them on held-out labelled rows: python -m "
+            f"jobs.calibrate --model {cfg.model} --manifest LABELLED_MANIFEST --output NEW_MODEL",
+            file=sys.stderr, flush=True)
     return meta
 
 
@@ -130,7 +138,8 @@ def inference_kwargs(cfg: RecategorizeConfig, place: engine.Placement, run_id: s
     return {"model_uri": storage.normalize(cfg.model), "device": place.device, "top_k": cfg.top_k,
             "precision": cfg.precision, "compile": cfg.compile,
             "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
-            "review_threshold": cfg.review_threshold, "tta": cfg.tta,
+            "review_threshold": cfg.review_threshold, "change_precision": cfg.change_precision,
+            "tta": cfg.tta,
             "fail_fast_rows": budget.fail_fast_rows(rows, scorers) if cfg.max_error_rate < 1
             else 0}
 
@@ -347,6 +356,8 @@ def summarize(cfg: RecategorizeConfig, manifest: Manifest, meta, place: engine.P
         "run_id": marker["run_id"], "rows": rows, "ok": stats["ok"], "errors": stats["errors"],
         "errors_by_type": stats["errors_by_type"], "category_changed": stats["category_changed"],
         "needs_review": stats["needs_review"],
+        "actions": stats.get("actions", {}), "action_reasons": stats.get("action_reasons", {}),
+        "decisions": decide.policy_for(meta.decisions, cfg.change_precision).to_json(),
         "top_categories": dict(list(stats["categories"].items())[:TOP_CATEGORIES]),
         "rows_rescored": marker["rows_rescored"], "rows_carried": marker["rows_carried"],
         "new_products": plan.new_products, "removed_products": plan.removed_products,

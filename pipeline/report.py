@@ -388,6 +388,27 @@ def open_set_html(open_set) -> str:
             "familiar one (0.5 = chance, 1.0 = perfect).</p>" + f'<table class="summary">{body}</table>')
 
 
+def decisions_html(section: dict | None) -> str:
+    """What the nightly job's keep / change / review rule does on these rows made into a catalog
+    with simulated wrong categories, at each target change precision."""
+    title = "<h2>Decisions: keep, change, review</h2>"
+    if not section:
+        return title + '<p class="note">Not measured in this run.</p>'
+    fitted = section.get("fitted_on") or {}
+    note = (f"Thresholds fitted on split {_e(fitted.get('split'))} ({_fmt(fitted.get('rows'))} rows, "
+            f"backend {_e(fitted.get('backend'))})." if fitted else
+            "This model has no fitted thresholds: the job's conservative defaults are measured.")
+    if section.get("warning"):
+        note += f' <b>{_e(section["warning"])}</b>'
+    rows = [[_pct(r["target_precision"]), _pct(r["precision"]), _pct(r["catch"]), _pct(r["fixed"]),
+             _pct(r["review_load"]), _pct(r["change_rate"])] for r in section["curve"]]
+    return (title + f"<p>These rows as a catalog: each once with its true category and once with "
+            f"each wrong one ({_pct(section['catalog_error_rate'])} of the weight, half within its "
+            f"coarse group). {note}</p>"
+            + _table(["target precision", "change precision", "wrong categories caught",
+                      "fixed by a change", "review load", "change rate"], rows))
+
+
 def robustness_html(robust: dict | None) -> str:
     """Accuracy on clean images against each corruption (a row) by severity (a column), and
     under each attack by epsilon; nothing when not measured (jobs.evaluate --corruptions)."""
@@ -442,6 +463,7 @@ def report_html(metrics: dict, model: dict, manifest: str, pngs: dict[str, bytes
 {confused_pairs_html(pairs, thumbs)}
 {coarse_html(*groups)}
 {per_class_html(metrics["per_class"])}
+{decisions_html(metrics.get("decisions"))}
 {open_set_html(metrics.get("open_set"))}
 {robustness_html(metrics.get("robustness"))}
 <p class="note">Full confusion matrix: confusion_matrix.csv next to this page.</p>

@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import openset, storage
+from pipeline import decide, openset, storage
 from pipeline.artifact import (
+    TORCH_BACKEND,
     ModelMetadata,
     artifact_start_record,
     is_artifact,
@@ -34,7 +35,7 @@ from pipeline.artifact import (
     weights_provenance,
 )
 from pipeline.calibration import expected_calibration_error, fit_temperature
-from pipeline.catalog import open_dataset, validate_manifest
+from pipeline.catalog import CALIBRATION_SPLIT, open_dataset, validate_manifest
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.models import (
@@ -65,6 +66,10 @@ class LabelledData:
     coarse_classes: dict[str, str]
     base_uri: str
     excluded: dict[str, int] | None = None  # training rows left out per audit finding (--exclude)
+    # Held out of training and of the reported metrics: the temperature, the open-set threshold
+    # and the decision thresholds are fitted here, so val reports them honestly. None: fitted on
+    # val (--calibration-fraction 0), and the artifact says so.
+    calibration: pa.Table | None = None
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -111,21 +116,30 @@ def load_data(cfg: TrainConfig) -> LabelledData:
     else:
         split = np.full(table.num_rows, "train", dtype=object)
     is_train, is_val = split == "train", split == "val"
+    is_calibration = split == CALIBRATION_SPLIT
     if not is_val.any():  # no validation rows given: hold out a seeded stratified share
         is_val = np.zeros(table.num_rows, dtype=bool)
         is_val[is_train] = stratified_split(labels[is_train], cfg.val_fraction, cfg.seed)
         is_train &= ~is_val
+    if not is_calibration.any() and cfg.calibration_fraction > 0:
+        # a seed of its own, so the calibration rows do not depend on the validation split's
+        is_calibration[is_train] = stratified_split(labels[is_train], cfg.calibration_fraction,
+                                                    cfg.seed + 1)
+        is_train &= ~is_calibration
     rng = np.random.default_rng(cfg.seed)
     train_idx = rng.permutation(np.flatnonzero(is_train))  # shuffled: manifests are class-sorted
     if cfg.max_train_rows:
         train_idx = train_idx[: cfg.max_train_rows]
     train = table.take(pa.array(train_idx))
     val = table.take(pa.array(np.flatnonzero(is_val)))
+    calibration = (table.take(pa.array(np.flatnonzero(is_calibration)))
+                   if is_calibration.any() else None)
     if train.num_rows == 0 or val.num_rows == 0:
         raise TrainingError(
             f"manifest {manifest.uri!r} gives {train.num_rows} training and {val.num_rows} "
             "validation rows; both must be non-empty")
-    return LabelledData(train, val, classes, coarse_classes, manifest.base_uri, excluded)
+    return LabelledData(train, val, classes, coarse_classes, manifest.base_uri, excluded,
+                        calibration)
 
 
 def exclude_flagged(table: pa.Table, audit_dir: str) -> tuple[pa.Table, dict[str, int]]:
@@ -702,10 +716,13 @@ def run(cfg: TrainConfig) -> dict:
     decode_size = round(cfg.input_size * DECODE_MARGIN)
     train_ds, train_bad = decoded_dataset(cfg, data.train, decode_size, data.base_uri)
     val_ds, val_bad = decoded_dataset(cfg, data.val, cfg.input_size, data.base_uri)
+    cal_ds, cal_bad = (decoded_dataset(cfg, data.calibration, cfg.input_size, data.base_uri)
+                       if data.calibration is not None else (None, 0))
     val_classes = len(pc.unique(data.val.column("label")))
+    cal_rows = data.calibration.num_rows if data.calibration is not None else 0
     print(f"data: {data.train.num_rows} train rows ({train_bad} unreadable), {data.val.num_rows} "
-          f"val rows ({val_bad} unreadable), {len(data.classes)} classes ({val_classes} of them "
-          "in val)", flush=True)
+          f"val rows ({val_bad} unreadable), {cal_rows} calibration rows ({cal_bad} unreadable), "
+          f"{len(data.classes)} classes ({val_classes} of them in val)", flush=True)
     counts = np.bincount(data.train.column("label").to_numpy(), minlength=len(data.classes))
 
     ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt_root)
@@ -736,16 +753,26 @@ def run(cfg: TrainConfig) -> dict:
     with best_ckpt.as_directory() as folder:
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
     logits, labels, val_embeddings = predict_logits(model, val_ds, cfg)
-    temperature = fit_temperature(logits, labels) if cfg.calibrate else 1.0
+    # Fitted on the calibration rows, never on the rows that report them (val).
+    cal_logits, cal_labels, cal_embeddings = (predict_logits(model, cal_ds, cfg) if cal_ds is not None
+                                              else (logits, labels, val_embeddings))
+    temperature = fit_temperature(cal_logits, cal_labels) if cfg.calibrate else 1.0
     final = final_metrics(logits, labels, temperature, fine_to_coarse)
     _, train_labels, train_embeddings = predict_logits(model, train_ds, cfg)
     centroids = openset.class_centroids(train_embeddings, train_labels, len(data.classes))
-    open_set = openset.calibrate(logits, temperature, val_embeddings, centroids)
+    open_set = openset.calibrate(cal_logits, temperature, cal_embeddings, centroids)
+    decisions = decide.fit_policy(
+        torch.softmax(cal_logits / temperature, 1).numpy(), cal_labels.numpy(), data.classes,
+        data.coarse_classes, fitted_on={
+            "split": CALIBRATION_SPLIT if cal_ds is not None else "val",
+            "rows": len(cal_labels), "backend": TORCH_BACKEND}) if cfg.calibrate else {}
     last = result.metrics or {}
     wall = time.perf_counter() - start
     summary = {
         "manifest": storage.normalize(cfg.manifest), "train_rows": data.train.num_rows - train_bad,
-        "val_rows": data.val.num_rows - val_bad, "unreadable_rows": train_bad + val_bad,
+        "val_rows": data.val.num_rows - val_bad, "unreadable_rows": train_bad + val_bad + cal_bad,
+        "calibration_rows": cal_rows - cal_bad if cal_ds is not None else 0,
+        "calibration_split": CALIBRATION_SPLIT if cal_ds is not None else "val",
         "excluded_rows": data.excluded,
         "epochs": cfg.epochs, "epochs_run": int(last.get("epoch", -1)) + 1,
         "early_stopped": bool(last.get("early_stopped", False)),
@@ -766,7 +793,8 @@ def run(cfg: TrainConfig) -> dict:
                          input_size=cfg.input_size, mean=list(spec.mean), std=list(spec.std),
                          temperature=temperature, coarse_classes=data.coarse_classes,
                          training=summary, provenance=weights_provenance(start_info),
-                         weights_dtype=cfg.weights_dtype, open_set=open_set)
+                         weights_dtype=cfg.weights_dtype, open_set=open_set,
+                         decisions=decisions)
     meta = save_artifact(model, meta, storage.join(output, "model"), centroids)
     summary["model"] = storage.join(output, "model")
     summary["model_version"] = meta.model_version

@@ -52,6 +52,8 @@ def output_table(rows: list[dict]) -> pa.Table:
         "current_category": r.get("category"), "category_changed": r.get("changed"),
         "needs_review": r["review"], "model_name": "efficientnet_lite0", "model_version": "v1",
         "run_id": "run-1", "processed_at": NOW,
+        "action": "review" if r["review"] else "change" if r.get("changed") else "keep",
+        "action_reason": "low_confidence" if r["review"] else "confirmed",
     } for i, r in enumerate(rows)]
     return pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
 
@@ -89,6 +91,8 @@ def test_table_stats_counts_errors_nulls_and_bins():
         "rows": 7, "ok": 4, "errors": 3, "category_changed": 1, "needs_review": 4}
     assert stats["errors_by_type"] == {"DecodeError": 2, UNKNOWN_ERROR_TYPE: 1}
     assert stats["categories"] == {"Dairy": 2, "Fruit": 2}
+    assert stats["actions"] == {"review": 4, "change": 1, "keep": 2}
+    assert stats["action_reasons"] == {"low_confidence": 4, "confirmed": 3}
     hist = stats["confidence_histogram"]
     assert len(hist) == CONFIDENCE_BINS and sum(hist) == 4  # error rows have no confidence
     assert hist[0] == 1 and hist[1] == 1 and hist[-1] == 2  # 1.0 belongs to the last bin

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score
 
+from pipeline import decide
 from pipeline.artifact import load_artifact, load_metadata
 from pipeline.config import EvaluateConfig, RecategorizeConfig
 from pipeline.decode import decode_image
@@ -292,6 +293,22 @@ def test_evaluation_report_matches_an_independent_computation(ray_local, eval_ma
     assert metrics["accuracy"] < 1 and metrics["confused_pairs"]  # the bundled model errs here
     assert len(re.findall(r"data:image/jpeg", page)) == sum(len(p["examples"])
                                                              for p in metrics["confused_pairs"])
+
+    # The decisions, measured by the rule itself on these rows as a simulated catalog.
+    decisions = metrics["decisions"]
+    policy = decide.policy_for(meta.decisions, 0.95)
+    clf_unfamiliar = clf(dict(image=np.stack([decode_image(Path(r["image_uri"]).read_bytes(),
+                                                           meta.input_size) for r in rows]),
+                              status=np.array(["ok"] * len(rows), dtype=object)))["unfamiliarity"]
+    unfamiliar = clf_unfamiliar > meta.open_set["threshold"]
+    want = decide.measure(probs, y, meta.classes, meta.coarse_classes, policy, unfamiliar)
+    got = decisions["at_target"]
+    assert got["target_precision"] == 0.95
+    assert got["review_load"] == pytest.approx(want["review_load"], abs=1e-6)
+    assert got["catch"] == pytest.approx(want["catch"], abs=1e-6)
+    assert [r["target_precision"] for r in decisions["curve"]] == list(decide.TARGET_PRECISIONS)
+    assert decisions["fitted_on"]["split"] == "calibration" and "warning" not in decisions
+    assert "Decisions: keep, change, review" in page
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from tests.conftest import committed_table, write_manifest
 # Columns a carried row and a re-scored row must agree on (scores compared with a tolerance).
 COMPARED = ["product_id", "image_uri", "status", "error_type", "predicted_category",
             "current_category", "category_changed", "needs_review", "model_version",
-            "image_version"]
+            "image_version", "action", "action_reason"]
 ROWS = 10
 
 
@@ -68,14 +68,15 @@ def test_second_night_carries_unchanged_rows_and_equals_a_full_run(ray_local, ca
     second = night(folder, tonight, "2026-11-23", out, tiny_model)
     assert second["mode"] == "incremental"
     assert (second["new_products"], second["removed_products"]) == (1, 1)
-    # the moved image, the new product and the error row (retried every night) are scored
-    assert (second["rows_rescored"], second["rows_carried"]) == (3, ROWS - 2)
+    # the moved image, the new product, the error row (retried every night) and the product
+    # whose current category changed (its decision depends on it) are scored
+    assert (second["rows_rescored"], second["rows_carried"]) == (4, ROWS - 3)
     got = committed_table(out)
     assert "p00" not in got.column("product_id").to_pylist()
     scored_by = dict(zip(got.column("product_id").to_pylist(),
                          got.column("scored_run_id").to_pylist(), strict=True))
     assert {p for p, r in scored_by.items() if r == second["run_id"]} == {
-        "p01", "p-new", "p-missing"}
+        "p01", "p02", "p-new", "p-missing"}
     assert set(got.column("run_id").to_pylist()) == {second["run_id"]}
     assert second["drift"]["products"] == {"new": 1, "removed": 1}
     assert (out / "drift.html").read_text().count("<img") >= 1
@@ -113,6 +114,8 @@ def test_a_new_model_or_new_options_score_everything(ray_local, catalog, tmp_pat
     night(folder, rows, "n1", out, tiny_model)
     other_options = night(folder, rows, "n2", out, tiny_model, review_threshold=0.9)
     assert other_options["mode"] == "full" and "options" in other_options["mode_reason"]
+    precision = night(folder, rows, "n2", out, tiny_model, review_threshold=0.9, change_precision=0.9)
+    assert precision["mode"] == "full" and "options" in precision["mode_reason"]
     new_model = night(folder, rows, "n3", out, bundled_model)
     assert new_model["mode"] == "full" and "model changed" in new_model["mode_reason"]
     assert new_model["rows_rescored"] == len(rows) and new_model["rows_carried"] == 0

@@ -47,7 +47,7 @@ def test_every_option_has_help():
 
 
 JOBS = ("recategorize", "train", "evaluate", "embed", "audit", "make_manifest", "benchmark",
-        "train_benchmark", "export")
+        "train_benchmark", "export", "calibrate")
 HEAVY = ("torch", "torchvision", "ray", "pyarrow", "onnx", "onnxruntime")
 # A value out of range for an option each job has: the config's validation runs, then fails.
 OUT_OF_RANGE = {"make_manifest": ["--holdout-categories", "-1"], "train_benchmark": ["--steps", "0"],
@@ -78,3 +78,15 @@ def test_help_and_bad_arguments_load_no_heavy_module(job):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "--no-such-option" in errors[0] and bad[0] in errors[1]
     assert not any("Config" in line for line in errors)  # no internal class name
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "high", "1"])
+def test_a_bad_change_precision_is_refused_before_anything_is_written(value, tmp_path, capsys):
+    from jobs import recategorize
+
+    out = tmp_path / "out"
+    code = recategorize.run_job(recategorize.main, ["--change-precision", value,
+                                                    "--output", str(out)])
+    error = capsys.readouterr().err
+    assert code == 2 and "--change-precision" in error
+    assert not out.exists()

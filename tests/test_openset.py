@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import openset
+from pipeline import decide, openset
 from pipeline.sinks.rows import OUTPUT_SCHEMA, OutputFormatter
 
 
@@ -86,13 +86,18 @@ def _batch(unfamiliarity, confidence, status):
             "unfamiliarity": np.array(unfamiliarity, dtype=np.float32)}
 
 
+POLICY = decide.Policy(keep_threshold=0.1, change_threshold=0.9, assign_threshold=0.9)
+
+
 def test_unfamiliar_products_go_to_review_even_when_confident():
     batch = _batch([-9.0, -1.0, np.nan], [0.99, 0.99, np.nan], ["ok", "ok", "error"])
-    with_open_set = OutputFormatter(["a", "b"], "m", "v", "r", 0.5, open_set_threshold=-5.0)(dict(batch))
+    with_open_set = OutputFormatter(["a", "b"], "m", "v", "r", POLICY, open_set_threshold=-5.0)(dict(batch))
     assert with_open_set.schema == OUTPUT_SCHEMA
     assert with_open_set.column("needs_review").to_pylist() == [False, True, True]
+    assert with_open_set.column("action_reason").to_pylist() == [
+        decide.NO_CURRENT, decide.UNFAMILIAR, decide.ERROR]
     assert with_open_set.column("unfamiliarity").to_pylist()[:2] == [-9.0, -1.0]
     assert with_open_set.column("unfamiliarity").null_count == 1
-    without = OutputFormatter(["a", "b"], "m", "v", "r", 0.5)(dict(batch))
+    without = OutputFormatter(["a", "b"], "m", "v", "r", POLICY)(dict(batch))
     assert without.column("needs_review").to_pylist() == [False, False, True]
     assert isinstance(without.column("unfamiliarity").type, type(pa.float32()))

@@ -1,17 +1,20 @@
 """End to end on a real local Ray, real Grocery images, real Parquet."""
 
 import json
+from collections import Counter
 
 import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import decide
 from pipeline.artifact import load_metadata
 from pipeline.config import LOCAL_MAX_ROWS, RecategorizeConfig
 from pipeline.preprocess import Preprocessor
 from pipeline.recategorize import choose_executor, run
 from pipeline.sinks.rows import OUTPUT_SCHEMA
+from tests.conftest import SAMPLE_DIR
 
 
 def test_preprocessor_keeps_every_row(small_catalog):
@@ -56,11 +59,14 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
 
     meta = load_metadata(bundled_model)
     classes, unfamiliar_above = set(meta.classes), meta.open_set["threshold"]
+    policy = decide.policy_for(meta.decisions, cfg.change_precision)
+    assert summary["decisions"] == policy.to_json() and policy.fitted
     for pid, row in rows.items():
         if pid in expected:
             assert row["status"] == "error" and row["error_type"] == expected[pid]
             assert row["error_message"] and row["predicted_category"] is None
             assert row["needs_review"] is True and row["top_k"] is None
+            assert (row["action"], row["action_reason"]) == ("review", "error")
             continue
         assert row["status"] == "ok" and row["error_type"] is None
         assert row["predicted_category"] in classes
@@ -70,14 +76,23 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
         assert row["top_k"][0] == {"category": row["predicted_category"],
                                    "score": row["confidence"]}
         assert row["category_changed"] == (row["predicted_category"] != row["current_category"])
-        assert row["needs_review"] == (row["confidence"] < cfg.review_threshold
-                                       or row["unfamiliarity"] > unfamiliar_above)
+        assert row["needs_review"] == (row["action"] == "review")
+        action, reason = decide.decide(
+            np.array([True]), [row["current_category"]], [row["predicted_category"]],
+            np.array([row["confidence"]]), np.array([row["p_current"]], dtype=float),
+            np.array([row["unfamiliarity"] > unfamiliar_above]), policy)
+        assert (row["action"], row["action_reason"]) == (action[0], reason[0])
+        ranked = {t["category"]: t["score"] for t in row["top_k"]}
+        if row["current_category"] in ranked:  # the same calibrated probability
+            assert row["p_current"] == pytest.approx(ranked[row["current_category"]], abs=1e-6)
         assert row["run_id"] == summary["run_id"]
         assert row["model_version"] == load_metadata(bundled_model).model_version
 
     assert summary["ok"] == n - 3 and summary["errors_by_type"] == {
         "decode_failed": 1, "not_an_image": 1, "fetch_not_found": 1}
     assert summary["needs_review"] == sum(r["needs_review"] for r in rows.values())
+    assert summary["actions"] == dict(Counter(r["action"] for r in rows.values()).most_common())
+    assert sum(summary["action_reasons"].values()) == n
     marker = json.loads((out / "_SUCCESS").read_text())
     assert marker["rows"] == n and all((out / f).exists() for f in marker["files"])
     assert json.loads((out / "summary.json").read_text())["rows"] == n
@@ -106,7 +121,8 @@ def test_decode_tasks_in_actor_decoding_and_the_local_executor_give_the_same_row
     for other in (tables["ray", "actor"], tables["local", "auto"]):
         assert tasks.num_rows == other.num_rows == n
         for column in ("product_id", "status", "error_type", "error_message",
-                       "predicted_category", "needs_review", "image_version"):
+                       "predicted_category", "needs_review", "action", "action_reason",
+                       "image_version"):
             assert tasks.column(column).to_pylist() == other.column(column).to_pylist(), column
         confidence = [np.array(t.column("confidence").to_pylist(), dtype=float)
                       for t in (tasks, other)]
@@ -151,3 +167,42 @@ def test_publish_removes_the_staging_folder_unless_another_run_stages(tmp_path):
     publish(str(out), {"run_id": "night2", "files": []}, "other")
     assert not (out / "_staging").exists()  # nothing left in it: no empty folder behind
     assert json.loads((out / "_SUCCESS").read_text())["run_id"] == "night2"
+
+
+@pytest.mark.slow
+def test_the_demo_night_decides_every_product_of_the_sample_catalog(tmp_path, bundled_model):
+    """`make demo`'s night: 296 real photos, 18 of them with a wrong current category; every
+    row gets one action, the summary counts them, and changes are rare and mostly right."""
+    out = tmp_path / "demo"
+    summary = run(RecategorizeConfig(model=bundled_model, output=str(out), executor="local"))
+    table = pq.read_table(out / "predictions")
+    actions = Counter(table.column("action").to_pylist())
+    assert summary["rows"] == table.num_rows == 296 and sum(actions.values()) == 296
+    assert summary["actions"] == dict(actions) and set(actions) <= set(decide.ACTIONS)
+    assert summary["needs_review"] == actions["review"]
+    assert sum(summary["action_reasons"].values()) == 296
+    assert summary["decisions"]["fitted"] and summary["decisions"]["target_precision"] == 0.95
+    truth = {r["product_id"]: r["image_uri"].split("/")[1]
+             for r in pq.read_table(SAMPLE_DIR / "manifest.parquet").to_pylist()}
+    rows = table.to_pylist()
+    changes = [r for r in rows if r["action"] == "change"]
+    right = sum(r["predicted_category"] == truth[r["product_id"]] for r in changes)
+    assert right >= 0.8 * len(changes)
+    wrong = [r for r in rows if r["current_category"] != truth[r["product_id"]]]
+    assert len(wrong) == 18
+    assert sum(r["action"] != "keep" for r in wrong) >= 15  # caught: changed or reviewed
+    # What the drift report counts.
+    assert (out / "drift.html").exists() and summary["drift"]["rates"]["change"]["current"] == \
+        pytest.approx(actions["change"] / 296, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_artifact_without_decision_thresholds_runs_with_a_warning(small_catalog, tmp_path,
+                                                                     tiny_model, capsys):
+    manifest, n, _ = small_catalog
+    summary = run(RecategorizeConfig(manifest=str(manifest), model=tiny_model,
+                                     output=str(tmp_path / "out"), executor="local"))
+    error = capsys.readouterr().err
+    assert "no fitted decision thresholds" in error and "jobs.calibrate" in error
+    assert summary["decisions"] == decide.Policy(**decide.FALLBACK, fitted=False).to_json()
+    assert sum(summary["actions"].values()) == n

@@ -2,16 +2,19 @@ import glob
 import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline import decide
 from pipeline.artifact import load_artifact
 from pipeline.config import TrainConfig
 from pipeline.decode import decode_image
 from pipeline.importers import make_manifest
 from pipeline.models import create_model
-from pipeline.train import run, stratified_split
+from pipeline.train import load_data, run, stratified_split
 
 
 def test_stratified_split_takes_a_share_of_every_class():
@@ -21,6 +24,34 @@ def test_stratified_split_takes_a_share_of_every_class():
     assert per_class == [2, 5, 1, 0, 10]
     assert np.array_equal(is_val, stratified_split(labels, 0.25, seed=3))
     assert not np.array_equal(is_val, stratified_split(labels, 0.25, seed=4))
+
+
+def _ids(table) -> set[str]:
+    return set(table.column("product_id").to_pylist())
+
+
+def test_calibration_rows_are_held_out_of_training_and_validation(grocery_root, tmp_path):
+    manifest = tmp_path / "m.parquet"
+    make_manifest(str(grocery_root), str(manifest))
+    data = load_data(TrainConfig(manifest=str(manifest)))
+    train, val, calibration = _ids(data.train), _ids(data.val), _ids(data.calibration)
+    assert not train & val and not train & calibration and not val & calibration
+    assert len(train | val | calibration) == pq.read_metadata(manifest).num_rows
+    assert len(val) == 296  # the dataset's own val split reports; calibration comes out of train
+    labels = data.calibration.column("label").to_numpy()
+    train_labels = data.train.column("label").to_numpy()
+    assert set(labels) == set(train_labels)  # every category is calibrated
+    assert 0.12 < len(calibration) / (len(train) + len(calibration)) < 0.18
+    # Rows a manifest marks as its calibration split are used as they are.
+    table = pq.read_table(manifest)
+    split = table.column("split").to_pylist()
+    marked = [s if s != "train" or i % 7 else "calibration" for i, s in enumerate(split)]
+    pq.write_table(table.set_column(table.schema.get_field_index("split"), "split",
+                                    pa.array(marked)), tmp_path / "marked.parquet")
+    given = load_data(TrainConfig(manifest=str(tmp_path / "marked.parquet")))
+    ids = table.column("product_id").to_pylist()
+    assert _ids(given.calibration) == {ids[i] for i, s in enumerate(marked) if s == "calibration"}
+    assert load_data(TrainConfig(manifest=str(manifest), calibration_fraction=0)).calibration is None
 
 
 @pytest.mark.slow
@@ -39,6 +70,12 @@ def test_short_training_exports_an_artifact_with_the_checkpoint_logits(
     assert meta.coarse_classes["Granny-Smith"] == "Apple"
     assert meta.training["val_accuracy"] == summary["val_accuracy"]
     assert meta.temperature == summary["temperature"] > 0  # calibrated on by default
+    # Temperature and decision thresholds come from the held-out calibration rows, not val.
+    assert summary["calibration_split"] == "calibration" and summary["calibration_rows"] > 300
+    assert meta.decisions["fitted_on"]["split"] == "calibration"
+    assert meta.decisions["fitted_on"]["rows"] == summary["calibration_rows"]
+    assert [p["target_precision"] for p in meta.decisions["operating_points"]] == list(
+        decide.TARGET_PRECISIONS)
     assert 0.0 <= summary["val_macro_f1"] <= 1.0 and 0.0 <= summary["val_ece"] <= 1.0
     assert summary["start"] == {"kind": "random", "weights": None}
 

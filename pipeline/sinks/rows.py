@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import decide
+
 # Resumable chunk of a row on its way to the sink; not an output column.
 CHUNK_COLUMN = "_chunk"
 TOP_K_TYPE = pa.list_(pa.struct([("category", pa.string()), ("score", pa.float32())]))
@@ -35,6 +37,11 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("scored_run_id", pa.string(), nullable=False),
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # The decision (pipeline.decide): keep, change or review, why, and the calibrated
+    # probability of the current category (null without one, or for one the model does not know).
+    pa.field("action", pa.string(), nullable=False),
+    pa.field("action_reason", pa.string(), nullable=False),
+    pa.field("p_current", pa.float32()),
 ])
 
 
@@ -49,12 +56,14 @@ class OutputFormatter:
     """numpy batch of predictions -> pyarrow Table in OUTPUT_SCHEMA."""
 
     def __init__(self, classes: list[str], model_name: str, model_version: str, run_id: str,
-                 review_threshold: float, open_set_threshold: float | None = None):
+                 policy: decide.Policy, open_set_threshold: float | None = None,
+                 change_floor: float | None = None):
         self.classes = pa.array(classes, pa.string())
         self.model_name = model_name
         self.model_version = model_version
         self.run_id = run_id
-        self.review_threshold = review_threshold
+        self.policy = policy
+        self.change_floor = change_floor or 0.0
         self.open_set_threshold = open_set_threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -73,12 +82,15 @@ class OutputFormatter:
         current = _strings(batch.get("current_category"), n)
         predicted = _strings(batch["predicted_category"], n)
         changed = pc.not_equal(predicted, current)  # null when either side is null
-        low = pc.less(confidence, pa.scalar(self.review_threshold, pa.float32()))
         unfamiliar = pa.array(batch["unfamiliarity"], pa.float32(), mask=~ok)
-        needs_review = pc.or_(pa.array(~ok), pc.fill_null(low, True))
-        if self.open_set_threshold is not None:  # a product unlike every learned category
-            above = pc.greater(unfamiliar, pa.scalar(self.open_set_threshold, pa.float32()))
-            needs_review = pc.or_(needs_review, pc.fill_null(above, True))
+        scores = np.asarray(batch["unfamiliarity"], dtype=np.float64)
+        # a product unlike every learned category (a NaN score on an ok row counts as unlike)
+        is_unfamiliar = (~(scores <= self.open_set_threshold) if self.open_set_threshold is not None
+                         else np.zeros(n, dtype=bool))
+        p_current = np.asarray(batch.get("p_current", np.full(n, np.nan)), dtype=np.float32)
+        action, reason = decide.decide(ok, current.to_pylist(), predicted.to_pylist(),
+                                       batch["confidence"], p_current, is_unfamiliar, self.policy,
+                                       self.change_floor)
         now = dt.datetime.now(dt.timezone.utc)
         columns = {
             "product_id": _strings(batch["product_id"], n),
@@ -93,12 +105,15 @@ class OutputFormatter:
             "current_category": current,
             "image_version": _strings(batch.get("image_version"), n),
             "category_changed": changed,
-            "needs_review": needs_review,
+            "needs_review": pa.array(action == decide.REVIEW, pa.bool_()),
             "model_name": pa.array([self.model_name] * n, pa.string()),
             "model_version": pa.array([self.model_version] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "scored_run_id": pa.array([self.run_id] * n, pa.string()),
             "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "action": pa.array(action, pa.string()),
+            "action_reason": pa.array(reason, pa.string()),
+            "p_current": pa.array(p_current, pa.float32(), mask=np.isnan(p_current)),
         }
         table = pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
         if CHUNK_COLUMN in batch:  # which resumable chunk the rows belong to (the sink drops it)
