@@ -66,6 +66,8 @@ class Preprocessor:
                 return self._load(uri, signal)
             except ImageError as exc:
                 return exc
+            except Exception as exc:  # a row nothing foresaw is that row's error, not the night's
+                return ImageError("fetch_failed", f"unexpected {type(exc).__name__}: {exc}")
 
         remote = any(u and storage.has_scheme(u) and not u.startswith("file://") for u in uris)
         # Object-store and HTTP reads are latency-bound: overlap many. Local decoding is

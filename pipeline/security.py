@@ -106,12 +106,19 @@ class UriPolicy:
         return cls(schemes=scheme_list, prefixes=prefix_list, allowed_networks=_split(networks))
 
     def check_uri(self, uri: str) -> None:
-        """Raise ImageError (fetch_failed, not retried) when uri is outside the policy."""
-        scheme = scheme_of(uri)
-        if scheme not in self.schemes:
+        """Raise ImageError (fetch_failed, not retried) when uri is outside the policy or is
+        not a URI at all (a NUL byte, a broken IPv6 literal): one row's error, never the
+        night's."""
+        try:
+            scheme = scheme_of(uri)
+            allowed = scheme in self.schemes
+            inside = allowed and (not self.prefixes or any(self._matches(uri, p) for p in self.prefixes))
+        except (ValueError, TypeError, UnicodeError) as exc:
+            raise ImageError("fetch_failed", f"malformed URI ({type(exc).__name__}: {exc})") from exc
+        if not allowed:
             raise ImageError("fetch_failed", f"not allowed: scheme {scheme!r} is not in the "
                              f"allowed schemes ({', '.join(self.schemes)})")
-        if self.prefixes and not any(self._matches(uri, p) for p in self.prefixes):
+        if not inside:
             raise ImageError("fetch_failed", "not allowed: location is outside the allowed prefixes")
 
     @staticmethod

@@ -136,6 +136,8 @@ def build_catalog(root, sample_images, image_server, rows: int = 2000):
         ("images/missing.jpg", "fetch_not_found"),
         ("../outside.jpg", "fetch_failed"),           # outside the manifest's folder
         ("ftp://images.vendor.test/a.jpg", "fetch_failed"),  # scheme not allowed
+        ("images/nul\x00byte.jpg", "fetch_failed"),          # not a path: one row, not the night
+        ("http://[::1/broken-ipv6.jpg", "fetch_failed"),     # not a URL either
         (image_server.url("/ok.jpg"), None),
         (image_server.url("/flaky.jpg"), None),
         (image_server.url("/gone.jpg"), "fetch_not_found"),

@@ -127,3 +127,12 @@ def test_a_manifest_in_object_storage_cannot_point_at_local_files(tmp_path):
     for uri in ("/etc/passwd", "file:///etc/passwd", str(tmp_path)):
         with pytest.raises(ImageError, match="outside the allowed prefixes"):
             policy.check_uri(uri)
+
+
+@pytest.mark.parametrize("uri", ["images/a\x00b.jpg", "/abs/a\x00b.jpg", "http://[::1/x.jpg",
+                                 "https://[not-an-ip]/x.jpg"])
+def test_a_malformed_uri_is_a_row_error_not_a_crash(uri, tmp_path):
+    policy = UriPolicy.from_options("file,http,https,s3", "", "", str(tmp_path))
+    with pytest.raises(ImageError) as caught:
+        policy.check_uri(uri)
+    assert caught.value.error_type == "fetch_failed"
