@@ -159,7 +159,14 @@ def read_weights(uri: str, meta: ModelMetadata) -> bytes:
     except FileNotFoundError as exc:
         raise ModelError(f"model artifact {uri!r} has no {meta.weights_file}") from exc
     extra = _centroid_bytes(uri, meta)
-    if meta.model_version and content_hash(weights, meta, extra) != meta.model_version:
+    if not meta.model_version.strip():
+        # Versions compare models (an incremental night carries rows of the same version), so
+        # one the artifact leaves blank would make any two such models look the same.
+        raise ModelError(
+            f"model artifact {uri!r} has no model_version in {METADATA_FILE}, so its content "
+            "cannot be verified; write it with the jobs that make artifacts (jobs.train, "
+            "jobs.embed, jobs.export, jobs.calibrate), which set it to the content hash")
+    if content_hash(weights, meta, extra) != meta.model_version:
         raise ModelError(
             f"model artifact {uri!r} is corrupt or was edited: content hash "
             f"{content_hash(weights, meta, extra)} != model_version {meta.model_version}"

@@ -43,6 +43,18 @@ def test_corrupt_or_edited_artifact_is_refused(tmp_path):
         load_artifact(str(tmp_path / "m"))
 
 
+@pytest.mark.parametrize("version", ["", "   "])
+def test_an_artifact_without_a_version_is_refused_not_trusted(tmp_path, version):
+    save_artifact(create_model("mobilenet_v3_small", 3), _meta(), str(tmp_path / "m"))
+    meta_path = tmp_path / "m" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_version"] = version  # two such models would look the same to an incremental night
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="no model_version") as caught:
+        load_artifact(str(tmp_path / "m"))
+    assert caught.value.exit_code == 4 and "jobs.train" in str(caught.value)
+
+
 def test_missing_artifact(tmp_path):
     with pytest.raises(ModelError, match=r"has no model\.json"):
         load_artifact(str(tmp_path / "nothing"))
