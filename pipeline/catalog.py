@@ -38,6 +38,15 @@ class Manifest:
         return column in self.columns
 
 
+VERSION_COLUMN = "image_version"
+
+
+def _is_version_type(t: pa.DataType) -> bool:
+    """A scalar the night's plan can compare as text: not a list, struct or map."""
+    return (_is_stringish(t) or pa.types.is_integer(t) or pa.types.is_temporal(t)
+            or pa.types.is_decimal(t))
+
+
 def _is_stringish(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
 
@@ -75,6 +84,11 @@ def validate_manifest(uri: str, training: bool = False) -> Manifest:
         t = schema.field(name).type
         if not _is_stringish(t):
             raise ManifestError(f"manifest {uri!r}: column {name!r} must be string, found {t}")
+    if VERSION_COLUMN in schema.names and not _is_version_type(schema.field(VERSION_COLUMN).type):
+        raise ManifestError(
+            f"manifest {uri!r}: column {VERSION_COLUMN!r} must be a string, integer, date or "
+            f"timestamp (an updated-at time or a content hash), found "
+            f"{schema.field(VERSION_COLUMN).type}; cast it when writing the manifest")
     try:
         num_rows, nulls, dupes = scan_product_ids(dataset)
     except (pa.ArrowInvalid, OSError) as exc:

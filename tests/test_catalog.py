@@ -75,3 +75,17 @@ def test_duplicates_across_files_in_a_large_folder(tmp_path):
     write_manifest(tmp_path / "big" / "b.parquet", second)
     with pytest.raises(ManifestError, match=r"duplicate values: 'sku-199999', 'sku-7'$"):
         validate_manifest(str(tmp_path / "big"))
+
+
+def test_image_version_of_a_type_the_plan_cannot_compare_is_refused_before_work(tmp_path):
+    rows = [{"product_id": "a", "image_uri": "a.jpg", "image_version": [1, 2]}]
+    schema = pa.schema([("product_id", pa.string()), ("image_uri", pa.string()),
+                        ("image_version", pa.list_(pa.int64()))])
+    path = write_manifest(tmp_path / "m.parquet", rows, schema)
+    with pytest.raises(ManifestError, match="'image_version' must be a string, integer") as caught:
+        validate_manifest(str(path))
+    assert caught.value.exit_code == 3 and "found list<" in str(caught.value)
+    for t, value in ((pa.int64(), 7), (pa.timestamp("us"), None), (pa.string(), "etag-1")):
+        ok = pa.schema([schema.field(0), schema.field(1), pa.field("image_version", t)])
+        good = write_manifest(tmp_path / f"{t}.parquet", [{**rows[0], "image_version": value}], ok)
+        assert validate_manifest(str(good)).has("image_version")
