@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import stat
 import time
 from urllib.parse import urljoin, urlsplit
 
@@ -93,10 +94,15 @@ def _http_get(uri: str, max_bytes: int, timeout: float, policy: UriPolicy,
 
 def _storage_get(uri: str, max_bytes: int) -> bytes:
     if storage.is_local(uri):  # the common case on a local run: skip fsspec's per-file overhead
-        with open(storage.local_path(uri), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                raise ImageError("too_large", f"{size} bytes exceeds the {max_bytes}-byte limit")
+        # Non-blocking open: a FIFO would otherwise wait for a writer forever, past any timeout.
+        fd = os.open(storage.local_path(uri), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError("fetch_failed", "not a regular file (a FIFO, device or socket "
+                                 "is never read)")
+            if st.st_size > max_bytes:
+                raise ImageError("too_large", f"{st.st_size} bytes exceeds the {max_bytes}-byte limit")
             return f.read(max_bytes + 1)
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as f:

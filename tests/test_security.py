@@ -136,3 +136,13 @@ def test_a_malformed_uri_is_a_row_error_not_a_crash(uri, tmp_path):
     with pytest.raises(ImageError) as caught:
         policy.check_uri(uri)
     assert caught.value.error_type == "fetch_failed"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_in_the_manifest_folder_is_an_error_row_not_a_hang(tmp_path):
+    fifo = tmp_path / "image.jpg"
+    os.mkfifo(fifo)  # no writer: a blocking open would wait forever
+    policy = UriPolicy.from_options("file", "", "", str(tmp_path))
+    with pytest.raises(ImageError, match="not a regular file") as caught:
+        fetch_bytes(str(fifo), 1000, retries=0, policy=policy, timeout=1)
+    assert caught.value.error_type == "fetch_failed"
