@@ -86,7 +86,11 @@ def _http_get(uri: str, max_bytes: int, timeout: float, policy: UriPolicy,
             raise TransientError(f"HTTP {status}")
         if status in (301, 302, 303, 307, 308) and location:
             uri = urljoin(uri, location)
-            policy.check_uri(uri)
+            if scheme_of(uri) not in ("http", "https"):
+                # An object-store URL here would be fetched over plain HTTP: never follow one.
+                raise ImageError("fetch_failed", f"not allowed: redirect to a {scheme_of(uri)!r} "
+                                 "URL (only http(s) redirects are followed)")
+            policy.check_uri(uri)  # schemes (so https -> http only when http is allowed), prefixes
             continue
         raise ImageError("fetch_failed", f"HTTP {status}")
     raise ImageError("fetch_failed", f"more than {MAX_REDIRECTS} redirects")

@@ -67,9 +67,19 @@ def test_redirects_are_checked_hop_by_hop(image_server):
     image_server.routes["/to-file"] = ("redirect", "file:///etc/passwd")
     with pytest.raises(ImageError, match=r"169\.254\.169\.254"):
         fetch_bytes(image_server.url("/to-metadata"), 1000, retries=0, policy=policy, resolver=resolver)
-    with pytest.raises(ImageError, match="scheme 'file'"):
+    with pytest.raises(ImageError, match="redirect to a 'file' URL"):
         fetch_bytes(image_server.url("/to-file"), 1000, retries=0, policy=policy)
     assert image_server.hits == {"/to-metadata": 1, "/to-file": 1}
+
+
+@pytest.mark.parametrize("target", ["s3://127.0.0.1:{port}/bucket/a.jpg",
+                                    "gs://127.0.0.1:{port}/bucket/a.jpg"])
+def test_a_redirect_to_an_object_store_url_is_never_followed(image_server, target):
+    policy = UriPolicy(schemes=("http", "https", "s3", "gs"), allowed_networks=("127.0.0.0/8",))
+    image_server.routes["/to-store"] = ("redirect", target.format(port=image_server.port))
+    with pytest.raises(ImageError, match="only http\\(s\\) redirects"):
+        fetch_bytes(image_server.url("/to-store"), 1000, retries=0, policy=policy)
+    assert image_server.hits == {"/to-store": 1}  # the store URL was not requested over HTTP
 
 
 def test_scheme_allow_list():
