@@ -51,10 +51,31 @@ def _is_stringish(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
 
 
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
+def manifest_files(uri: str) -> list[str]:
+    """The data files a manifest URI names, in a stable order: the file itself, or every file
+    under the folder, recursively and whatever its suffix (Hive and Trino write data files
+    without one), except those under a name starting with '.' or '_' (hidden files, _SUCCESS,
+    _staging and other writers' metadata). Validation, chunk planning and the night's plan all
+    read this one set."""
+    fs, path = storage.filesystem(uri)
+    if not fs.isdir(path):
+        return [path]
+    root = path.rstrip("/")
+    return sorted(f for f in fs.find(path) if not _hidden(f[len(root):]))
+
+
 def open_dataset(uri: str) -> ds.Dataset:
-    fs, path = storage.arrow_filesystem(uri)
+    fs, _ = storage.arrow_filesystem(uri)
     try:
-        return ds.dataset(path, filesystem=fs, format="parquet")
+        files = manifest_files(uri)
+        if not files:
+            raise ManifestError(f"manifest {uri!r} is a folder without data files (names "
+                                "starting with '.' or '_' are skipped)")
+        return ds.dataset(files, filesystem=fs, format="parquet")
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {uri!r} not found") from exc
     except (pa.ArrowInvalid, OSError) as exc:

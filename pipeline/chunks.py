@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.catalog import manifest_files
 from pipeline.sinks.rows import CHUNK_COLUMN
 
 
@@ -29,11 +30,9 @@ class Chunk:
 
 
 def source_files(uri: str) -> list[str]:
-    """The Parquet files of a file-or-folder URI, in a stable order."""
-    fs, path = storage.filesystem(uri)
-    if not fs.isdir(path):
-        return [path]
-    return sorted(f for f in fs.find(path) if f.endswith(".parquet") and "/_" not in f[len(path):])
+    """The Parquet files of a file-or-folder URI, in a stable order: the manifest's own file
+    set, the one validation read (pipeline.catalog.manifest_files)."""
+    return manifest_files(uri)
 
 
 def plan_chunks(uri: str, chunk_rows: int) -> list[Chunk]:

@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.catalog import Manifest
+from pipeline.catalog import Manifest, open_dataset
 from pipeline.sinks import parquet as run_folder
 from pipeline.sinks.rows import OUTPUT_SCHEMA
 
@@ -163,7 +163,7 @@ def plan_night(manifest: Manifest, previous: dict[str, Any] | None, output: str,
         return everything
     everything.previous_run_id = previous.get("run_id")
     con = _connect()
-    con.register("m", _dataset(manifest.uri))
+    con.register("m", open_dataset(manifest.uri))  # the file set validation read
     con.register("p", _dataset(run_folder.committed_uris(output, previous)))
     everything.new_products, everything.removed_products = count_changes(con)
     if full:

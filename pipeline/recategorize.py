@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline import budget, decide, drift, engine, storage
 from pipeline.artifact import verify_artifact
-from pipeline.catalog import Manifest, validate_manifest
+from pipeline.catalog import Manifest, manifest_files, validate_manifest
 from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
 from pipeline.config import RecategorizeConfig
 from pipeline.engine import choose_executor, local_device, on_cluster
@@ -70,8 +70,8 @@ def staging_key(cfg: RecategorizeConfig, manifest_uri: str, model_version: str, 
                 previous: dict[str, Any] | None) -> str:
     """Everything that decides the rows of this run: a restart with the same arguments over the
     same manifest files against the same committed run finds its work."""
-    fs, path = storage.filesystem(manifest_uri)
-    files = sorted((f, fs.size(f)) for f in (fs.find(path) if fs.isdir(path) else [path]))
+    fs, _ = storage.filesystem(manifest_uri)
+    files = [(f, fs.size(f)) for f in manifest_files(manifest_uri)]
     blob = json.dumps({"manifest": manifest_uri, "files": files, "model": model_version,
                        "options": opts_key, "chunk_rows": cfg.chunk_rows,
                        "run_id": cfg.run_id, "full": cfg.full,

@@ -89,3 +89,22 @@ def test_image_version_of_a_type_the_plan_cannot_compare_is_refused_before_work(
         ok = pa.schema([schema.field(0), schema.field(1), pa.field("image_version", t)])
         good = write_manifest(tmp_path / f"{t}.parquet", [{**rows[0], "image_version": value}], ok)
         assert validate_manifest(str(good)).has("image_version")
+
+
+def test_validation_and_chunk_planning_read_one_file_set(tmp_path):
+    """Hidden and '_' names are skipped everywhere; files without a suffix (Hive, Trino) count
+    everywhere."""
+    from pipeline.chunks import plan_chunks
+
+    folder = tmp_path / "manifest"
+    rows = lambda prefix, n: [{"product_id": f"{prefix}{i}", "image_uri": f"{i}.jpg"}  # noqa: E731
+                              for i in range(n)]
+    write_manifest(folder / "a.parquet", rows("a", 3))
+    write_manifest(folder / "20261203_000000_00001_x", rows("h", 4))       # Trino, no suffix
+    write_manifest(folder / "day=1" / "part-0", rows("d", 2))              # Hive partition
+    write_manifest(folder / ".a.parquet", rows("a", 3))                    # a hidden copy
+    write_manifest(folder / "_tmp" / "b.parquet", rows("t", 5))            # a writer's scratch
+    (folder / "_SUCCESS").write_text("")
+    manifest = validate_manifest(str(folder))
+    assert manifest.num_rows == 9
+    assert sum(c.rows for c in plan_chunks(str(folder), 100)) == 9
