@@ -28,6 +28,7 @@ import dataclasses
 import io
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -425,16 +426,16 @@ img{display:block;border:1px solid #bbb}
 .pair{display:flex;gap:8px}.muted{color:#777}code{font-size:90%}"""
 
 
-def _thumb(uri: str, base_uri: str, thumbs: dict[str, str]) -> str:
+def _thumb(uri: str, fetch: Callable[[str], bytes], thumbs: dict[str, str]) -> str:
     """An <img> of one product image, made once per URI (or a note when it cannot be read)."""
     if uri not in thumbs:
-        jpeg = report.thumbnail_jpeg(uri, base_uri)
+        jpeg = report.thumbnail_jpeg(uri, fetch)
         thumbs[uri] = (report._img(jpeg, uri, "image/jpeg") if jpeg
                        else '<span class="muted">(no thumbnail)</span>')
     return thumbs[uri]
 
 
-def report_page(summary: dict, data: Embedded, base_uri: str, duplicates: pa.Table,
+def report_page(summary: dict, data: Embedded, fetch: Callable[[str], bytes], duplicates: pa.Table,
                 labels: pa.Table, outliers: pa.Table, items: int) -> str:
     """The audit as one self-contained HTML page: counts, then pictures of each finding."""
     e = report._e
@@ -457,14 +458,14 @@ def report_page(summary: dict, data: Embedded, base_uri: str, duplicates: pa.Tab
                  "linked through another member of the group can be less similar to the "
                  "representative than the confirmation threshold.</p>")
     parts.append(report._table(["product", "duplicate of", "kind", "similarity"], [[
-        f"{_thumb(uri[d['product_id']], base_uri, thumbs)}<code>{e(d['product_id'])}</code>",
-        f"{_thumb(uri[d['duplicate_of']], base_uri, thumbs)}<code>{e(d['duplicate_of'])}</code>",
+        f"{_thumb(uri[d['product_id']], fetch, thumbs)}<code>{e(d['product_id'])}</code>",
+        f"{_thumb(uri[d['duplicate_of']], fetch, thumbs)}<code>{e(d['duplicate_of'])}</code>",
         e(d["kind"]), f"{d['similarity']:.3f}"] for d in dup]))
     flagged = labels.filter(labels["flagged"]).sort_by([("score", "descending")])
     parts.append(f"<h2>Suspected labels ({flagged.num_rows})</h2><p>Most suspicious first: the "
                  "given category, and the one the other products' pictures suggest.</p>")
     parts.append(report._table(["product", "given", "suggested", "score"], [[
-        f"{_thumb(uri[r['product_id']], base_uri, thumbs)}<code>{e(r['product_id'])}</code>",
+        f"{_thumb(uri[r['product_id']], fetch, thumbs)}<code>{e(r['product_id'])}</code>",
         e(r["given_category"]), e(r["suggested_category"]), f"{r['score']:.3f}"]
         for r in flagged.slice(0, items).to_pylist()]))
     top = outliers.sort_by([("score", "descending")]).slice(0, items).to_pylist()
@@ -472,7 +473,7 @@ def report_page(summary: dict, data: Embedded, base_uri: str, duplicates: pa.Tab
                  "typical images first (mean cosine distance to their nearest distinct images); "
                  "flagged ones may be placeholders, logos or other non-product pictures.</p>")
     parts.append(report._table(["product", "score", "flagged"], [[
-        f"{_thumb(uri[r['product_id']], base_uri, thumbs)}<code>{e(r['product_id'])}</code>",
+        f"{_thumb(uri[r['product_id']], fetch, thumbs)}<code>{e(r['product_id'])}</code>",
         f"{r['score']:.3f}", "yes" if r["flagged"] else "no"] for r in top]))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Data audit</title>"
             f"<style>{REPORT_CSS}</style></head><body>{''.join(parts)}</body></html>")
@@ -523,7 +524,8 @@ def run(cfg: AuditConfig) -> dict:
     write_table(storage.join(output, ERRORS_FILE), data.errors)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     storage.write_text(storage.join(output, REPORT_FILE),
-                       report_page(summary, data, base_uri, duplicates, labels, outliers,
+                       report_page(summary, data, engine.ImageSettings.from_config(
+                           cfg, meta.input_size, base_uri).fetch, duplicates, labels, outliers,
                                    cfg.report_items))
     storage.write_json(storage.join(output, SUMMARY_FILE), summary)
     cfg.save(storage.join(output, "config.yaml"))

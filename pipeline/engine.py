@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.cluster import cpu_count
 from pipeline.config import LOCAL_MAX_ROWS
-from pipeline.fetch import image_signal
+from pipeline.fetch import fetch_bytes, image_signal
 from pipeline.preprocess import Preprocessor
 from pipeline.security import UriPolicy
 
@@ -72,6 +72,14 @@ class ImageSettings:
                                         getattr(cfg, "dataset_root", None))
         return cls(input_size, base_uri, policy, cfg.max_image_bytes, cfg.max_image_pixels,
                    cfg.fetch_timeout_s, cfg.fetch_retries)
+
+    def fetch(self, uri: str) -> bytes:
+        """One image's bytes through the guarded fetch path (the policy, its redirects, the
+        limits, the retries): what every byte a job reads from a manifest URI goes through,
+        report thumbnails included. Raises ImageError."""
+        return fetch_bytes(storage.resolve(uri, self.base_uri), self.max_bytes,
+                           retries=self.fetch_retries, policy=self.policy,
+                           timeout=self.fetch_timeout_s)
 
     def preprocessor(self, threads: int = 1) -> Preprocessor:
         return Preprocessor(self.input_size, self.base_uri, self.max_bytes, self.max_pixels,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,7 +246,7 @@ def _csv(rows: list[list]) -> str:
 
 
 def write_report(output: str, metrics: dict, meta: ModelMetadata, model: dict, manifest: str,
-                 base_uri: str) -> None:
+                 fetch: Callable[[str], bytes]) -> None:
     """metrics.json, the CSV tables, the PNG plots and report.html under `output`."""
     matrix = metrics.pop("confusion_matrix")
     classes = meta.classes
@@ -269,7 +270,7 @@ def write_report(output: str, metrics: dict, meta: ModelMetadata, model: dict, m
            for r in metrics["per_class"]]))
     page = report.report_html(metrics, model, manifest, pngs,
                               report.coarse_groups(matrix, classes, meta.coarse_classes),
-                              report.pair_thumbnails(metrics["confused_pairs"], base_uri))
+                              report.pair_thumbnails(metrics["confused_pairs"], fetch))
     storage.write_text(storage.join(output, REPORT_FILE), page)
     storage.write_json(storage.join(output, METRICS_FILE), metrics)
 
@@ -335,6 +336,10 @@ def run(cfg: EvaluateConfig) -> dict:
              "version": meta.model_version, "temperature": meta.temperature, "tta": cfg.tta}
     metrics = {"manifest": storage.normalize(cfg.manifest), "split": cfg.split, "model": model,
                **metrics, "wall_time_s": round(time.perf_counter() - start, 1)}
-    write_report(output, metrics, meta, model, storage.normalize(cfg.manifest), base_uri)
+    from pipeline import engine
+
+    # thumbnails through the job's guarded fetch path: its URI policy, redirects and limits
+    fetch = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri).fetch
+    write_report(output, metrics, meta, model, storage.normalize(cfg.manifest), fetch)
     cfg.save(storage.join(output, "config.yaml"))
     return metrics

@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import storage
+from pipeline.errors import ImageError
 
 PNG_DPI = 110
 THUMBNAIL_PX = 96  # longest side of an example-mistake thumbnail: recognisable, keeps the page small
@@ -106,25 +107,26 @@ def _top_outside(row: np.ndarray, inside: list[int], classes: list[str]) -> tupl
 
 # ---- images -------------------------------------------------------------------------------
 
-def thumbnail_jpeg(uri: str, base_uri: str, size: int = THUMBNAIL_PX) -> bytes | None:
-    """A small JPEG of one product image, or None when it cannot be read (a missing thumbnail
-    must not cost the whole report)."""
+def thumbnail_jpeg(uri: str, fetch: Callable[[str], bytes], size: int = THUMBNAIL_PX) -> bytes | None:
+    """A small JPEG of one product image, read with `fetch` (the job's guarded fetch path,
+    engine.ImageSettings.fetch), or None when it cannot be read or is refused (a missing
+    thumbnail must not cost the whole report)."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(storage.read_bytes(storage.resolve(uri, base_uri)))) as im:
+        with Image.open(io.BytesIO(fetch(uri))) as im:
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.convert("RGB").save(buf, format="JPEG", quality=THUMBNAIL_JPEG_QUALITY)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (ImageError, OSError, ValueError, Image.DecompressionBombError):
         return None
     return buf.getvalue()
 
 
-def pair_thumbnails(pairs: list[dict], base_uri: str) -> dict[str, bytes]:
+def pair_thumbnails(pairs: list[dict], fetch: Callable[[str], bytes]) -> dict[str, bytes]:
     """Thumbnails of the example mistakes of the confused pairs, by image_uri."""
     uris = {e["image_uri"] for p in pairs for e in p["examples"] if e.get("image_uri")}
-    thumbs = {uri: thumbnail_jpeg(uri, base_uri) for uri in sorted(uris)}
+    thumbs = {uri: thumbnail_jpeg(uri, fetch) for uri in sorted(uris)}
     return {uri: jpeg for uri, jpeg in thumbs.items() if jpeg is not None}
 
 

@@ -25,6 +25,7 @@ from pipeline import decide
 from pipeline.artifact import load_artifact, load_metadata
 from pipeline.config import EvaluateConfig, RecategorizeConfig
 from pipeline.decode import decode_image
+from pipeline.engine import ImageSettings
 from pipeline.errors import ConfigError
 from pipeline.evaluate import (
     Scored,
@@ -38,6 +39,7 @@ from pipeline.importers import grocery_store_rows
 from pipeline.models import get_spec
 from pipeline.predict import Classifier
 from pipeline.report import THUMBNAIL_PX, coarse_groups, open_set_html, split_per_class
+from pipeline.security import UriPolicy
 from tests.test_training_recipe import small_training_manifest
 
 
@@ -164,7 +166,9 @@ def test_report_page_tells_a_catalog_team_what_is_mistaken_for_what(grocery_root
     metrics = compute_metrics(scored, meta.classes, meta.coarse_classes, 0.98)
     model = {"architecture": meta.architecture, "version": meta.model_version, "temperature": 1.0}
     metrics = {"split": "val", **metrics}
-    write_report(str(tmp_path), metrics, meta, model, "manifests/grocery.parquet", str(grocery_root))
+    policy = UriPolicy.from_options("file", "", "", str(grocery_root))
+    fetch = ImageSettings(64, str(grocery_root), policy).fetch
+    write_report(str(tmp_path), metrics, meta, model, "manifests/grocery.parquet", fetch)
     page = (tmp_path / "report.html").read_text()
 
     subtitle = re.search(r'<p class="subtitle">(.*?)</p>', page).group(1)
@@ -385,3 +389,21 @@ def test_feature_route_exports_logistic_regression_as_a_linear_head(ray_local, g
     expected = reference.predict_proba(scaler.transform(features))
     got = Classifier(summary["model"], device="cpu").probabilities(images).numpy()
     assert np.allclose(got, expected, atol=2e-3)
+
+
+def test_report_thumbnails_obey_the_uri_policy(tmp_path, sample_images, image_server):
+    """A report reads its thumbnails through the job's guarded fetch path: nothing outside the
+    manifest's folder, no address the policy refuses."""
+    from pipeline.report import pair_thumbnails
+
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    (catalog / "a.jpg").write_bytes(sample_images[0].read_bytes())
+    (tmp_path / "secret.jpg").write_bytes(sample_images[1].read_bytes())
+    image_server.routes["/b.jpg"] = ("bytes", sample_images[2].read_bytes())
+    policy = UriPolicy.from_options("file,http", "", "", str(catalog))
+    fetch = ImageSettings(64, str(catalog), policy).fetch
+    uris = ["a.jpg", "../secret.jpg", image_server.url("/b.jpg")]
+    pairs = [{"examples": [{"image_uri": u} for u in uris]}]
+    assert set(pair_thumbnails(pairs, fetch)) == {"a.jpg"}
+    assert image_server.hits == {}  # loopback is not a public address: never requested
