@@ -41,15 +41,18 @@ from pipeline.artifact import (
 from pipeline.config import ExportConfig
 from pipeline.decode import decode_image
 from pipeline.errors import ConfigError, ImageError, ModelError
+from pipeline.fetch import fetch_bytes
 from pipeline.models import remove_head
 from pipeline.onnx_backend import EMBEDDINGS_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OnnxBackend
 from pipeline.predict import fold_batch_norms
+from pipeline.security import UriPolicy
 
 FORMATS = ("onnx", "onnx-int8", "onnx-fp16")
 # Storage precision recorded in model.json (weights_dtype) per format.
 FORMAT_DTYPES = {"onnx": "float32", "onnx-int8": "int8", "onnx-fp16": "float16"}
 OPSET = 18  # torch 2.14's dynamo exporter's default; ORT 1.31 runs up to 23
 EXAMPLE_BATCH = 2  # the traced example's batch size (the exported batch axis is dynamic)
+CALIBRATION_MAX_BYTES = 50_000_000  # the jobs' default --max-image-bytes
 
 
 @dataclass(frozen=True)
@@ -223,14 +226,24 @@ def sample_balanced(items: list[tuple[str, str]], count: int, seed: int) -> list
 def calibration_images(source: str, size: int, count: int, seed: int) -> tuple[np.ndarray, int]:
     """A balanced sample of `source`'s training images, decoded as the pipeline decodes them
     (uint8 NHWC); returns them and how many unreadable files were skipped."""
-    images, skipped = [], 0
+    # The guarded fetch path, as every job reads images: local files under the source's own
+    # folder only (no http, no '../'), regular files, the byte limit.
+    root = source if Path(source).is_dir() else str(Path(source).parent)
+    policy = UriPolicy.from_options("file", "", "", os.path.abspath(root))
+    images, skipped, refused = [], 0, 0
     for uri in sample_balanced(calibration_uris(source), count, seed):
         try:
-            images.append(decode_image(storage.read_bytes(uri), size))
-        except (ImageError, OSError):
+            images.append(decode_image(fetch_bytes(uri, CALIBRATION_MAX_BYTES, retries=0,
+                                                   policy=policy), size))
+        except ImageError as exc:
+            skipped += 1
+            refused += exc.message.startswith("not allowed")
+        except OSError:
             skipped += 1
     if not images:
-        raise ConfigError(f"--calibration-source {source}: no readable training images")
+        why = (f"; {refused} refused by the URI policy: images must be local files under {root}"
+               if refused else "")
+        raise ConfigError(f"--calibration-source {source}: no readable training images{why}")
     return np.stack(images), skipped
 
 

@@ -349,3 +349,24 @@ def test_robustness_of_an_export_measures_corruptions_and_skips_the_attack(tiny_
     labels = np.array([meta.classes.index(c) for c in batch["category"]])
     blurred = Classifier(tiny_onnx, device="cpu").logits(corrupt(images, "gaussian_blur", 5))
     np.testing.assert_array_equal(correct[:, 1], blurred.argmax(1).numpy() == labels)
+
+
+def test_calibration_images_obey_the_uri_policy(tmp_path, sample_images, image_server):
+    """--calibration-source reads through the guarded fetch path: local files under the
+    source's folder only; '../' and http(s) rows of a manifest are refused, never fetched."""
+    from pipeline.export import calibration_images
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(sample_images[0].read_bytes())
+    (tmp_path / "secret.jpg").write_bytes(sample_images[1].read_bytes())
+    image_server.routes["/c.jpg"] = ("bytes", sample_images[2].read_bytes())
+    rows = [{"product_id": "a", "image_uri": "a.jpg", "category": "x"},
+            {"product_id": "b", "image_uri": "../secret.jpg", "category": "y"},
+            {"product_id": "c", "image_uri": image_server.url("/c.jpg"), "category": "z"}]
+    manifest = write_manifest(folder / "m.parquet", rows)
+    images, skipped = calibration_images(str(manifest), 32, 10, seed=0)
+    assert len(images) == 1 and skipped == 2 and image_server.hits == {}
+    (folder / "a.jpg").unlink()
+    with pytest.raises(ConfigError, match="refused by the URI policy"):
+        calibration_images(str(manifest), 32, 10, seed=0)
