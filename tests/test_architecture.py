@@ -70,3 +70,40 @@ def test_every_job_that_reads_images_takes_the_uri_policy_options():
     assert set(configs) == set(IMAGE_JOBS)
     policy = set(config.ImageAccessOptions.model_fields)
     assert {job for job, cls in configs.items() if not policy <= set(cls.model_fields)} == set()
+
+
+# Network and storage clients: only the storage layer (our own files: manifests, artifacts,
+# outputs), the guarded fetch path (image bytes) and the lease (its conditional S3 writes) hold them.
+CLIENT_MODULES = ("aiohttp", "requests", "urllib.request", "http.client", "fsspec", "s3fs", "gcsfs")
+CLIENT_HOLDERS = {"fetch", "storage", "lease"}
+# Modules that read whole files by URI with storage.read_bytes: each reads this project's own
+# files (artifacts, configs, the audit's tables, pinned weights), never a manifest's image.
+OWN_FILE_READERS = {"artifact", "config", "export", "findings", "models", "pretrained", "storage"}
+
+
+def _modules_and_calls(path: Path) -> tuple[set[str], set[str]]:
+    imported, calls = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                isinstance(node.func.value, ast.Name):
+            calls.add(f"{node.func.value.id}.{node.func.attr}")
+    return imported, calls
+
+
+def test_every_byte_read_from_a_uri_goes_through_the_fetch_path():
+    """Image bytes reach the pipeline only through pipeline.fetch (engine.ImageSettings.fetch,
+    the preprocessor): no other module holds a network or storage client, and whole-file reads
+    by URI stay in the modules that read the project's own files."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        imported, calls = _modules_and_calls(path)
+        clients = {m for m in imported for c in CLIENT_MODULES if m == c or m.startswith(c + ".")}
+        if clients and path.stem not in CLIENT_HOLDERS:
+            offenders.append(f"{path.name} imports {sorted(clients)}")
+        if "storage.read_bytes" in calls and path.stem not in OWN_FILE_READERS:
+            offenders.append(f"{path.name} reads whole files with storage.read_bytes")
+    assert offenders == []
