@@ -301,6 +301,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     lease.renew()  # a run that stalled past its lease and lost it must not commit
     check_error_budget(cfg, output, folder, staging, listing, marker, previous, summary)
     if warehouse is not None:  # before the Parquet commit: a restart finds this run again
+        lease.renew()  # fenced: the table's snapshot is a visible commit too
         summary["iceberg"] = warehouse.commit(run_folder.committed_uris(output, marker), run_id,
                                               {"model_version": meta.model_version})
         phases.mark("iceberg commit")
@@ -312,7 +313,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     phases.mark("drift report")
     # "_" keeps it out of Parquet readers that read the whole run folder.
     storage.write_text(storage.join(folder, "_" + DRIFT_FILE), report)
-    run_folder.publish(output, marker, key)
+    run_folder.publish(output, marker, key, fence=lease.renew)
     saved.save(storage.join(output, "config.yaml"))
     storage.write_text(storage.join(output, DRIFT_FILE), report)
     # Per-operator wall/CPU time and memory from Ray Data: where this run's time went.

@@ -205,3 +205,27 @@ def test_two_nightly_runs_at_once_give_one_commit_and_one_refusal(tmp_path, samp
     assert str(out / LEASE_FILE) in refusal
     assert not (out / LEASE_FILE).exists()  # released by the winner at its end
     assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
+
+
+def test_a_run_that_stalled_past_its_lease_publishes_nothing(tmp_path, sample_images, tiny_model):
+    """Night A holds the output, stalls past its lease, and night B takes it over and commits.
+    When A reaches its commit point, the fence (the lease's conditional renewal) stops it:
+    exit 8, and `_SUCCESS` still names B."""
+    from pipeline.config import RecategorizeConfig
+    from pipeline.recategorize import run
+    from pipeline.sinks import parquet as run_folder
+
+    manifest, _ = make_catalog(tmp_path / "catalog", sample_images, good=4)
+    out = str(tmp_path / "out")
+    stalled = OutputLease(out, "night-a", ttl_s=0.2, heartbeat_s=0.1)
+    stalled.acquire()  # no heartbeat: the holder is stuck somewhere before its commit
+    time.sleep(0.5)
+    night_b = run(RecategorizeConfig(manifest=str(manifest), model=tiny_model, output=out,
+                                     run_id="night-b", executor="local"))
+    assert storage.read_json(f"{out}/_SUCCESS")["run_id"] == "night-b"
+    marker = {"run_id": "night-a", "rows": 1, "files": []}
+    with pytest.raises(OutputBusyError, match=r"taken over|removed") as caught:
+        run_folder.publish(out, marker, "key-a", fence=stalled.renew)
+    assert caught.value.exit_code == 8
+    assert storage.read_json(f"{out}/_SUCCESS")["run_id"] == night_b["run_id"] == "night-b"
+    assert os.readlink(f"{out}/predictions") == "runs/night-b"

@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -216,17 +216,23 @@ def previous_run(output: str) -> dict[str, Any] | None:
     return storage.read_json(marker) if storage.exists(marker) else None
 
 
-def publish(output: str, marker: dict[str, Any], staging_key: str) -> None:
+def publish(output: str, marker: dict[str, Any], staging_key: str,
+            fence: Callable[[], None] | None = None) -> None:
     """The commit point: write `_SUCCESS` (atomic), then point the local link, then tidy up:
     runs other than this night's and the previous one, and this run's staging (and `_staging/`
-    itself when no other run's staging is left in it)."""
+    itself when no other run's staging is left in it). `fence` (the lease's renewal) runs
+    immediately before each visible write and raises when this run no longer holds the
+    output, so a run that stalled past its lease never overwrites the run that took it."""
+    fence = fence or (lambda: None)
     marker = {**marker, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     try:
         previous = previous_run(output)
     except (ValueError, OSError):  # an unreadable marker being replaced under --overwrite
         previous = None
+    fence()
     storage.write_json(storage.join(output, SUCCESS_FILE), marker)
     if storage.is_local(output):
+        fence()
         storage.point_link(storage.join(output, PREDICTIONS_DIR), f"{RUNS_DIR}/{marker['run_id']}")
     keep = {marker["run_id"], (previous or {}).get("run_id")}
     for old in storage.list_dirs(storage.join(output, RUNS_DIR)):
