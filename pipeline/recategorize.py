@@ -304,6 +304,10 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
         lease.renew()  # fenced: the table's snapshot is a visible commit too
         summary["iceberg"] = warehouse.commit(run_folder.committed_uris(output, marker), run_id,
                                               {"model_version": meta.model_version})
+        # _SUCCESS names the table snapshot it matches: readers (and the next night) can tell
+        # whether the table and the Parquet run agree.
+        marker["iceberg"] = {"table": summary["iceberg"]["table"],
+                             "snapshot_id": summary["iceberg"]["snapshot_id"]}
         phases.mark("iceberg commit")
     storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), summary)
     # Catalog properties can hold credentials: the written config names the table only.

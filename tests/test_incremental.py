@@ -2,6 +2,7 @@
 options scores only new products, moved images and changed images, carries the rest forward
 unchanged, and drops products that left the catalog; the rows equal a full run's."""
 
+import json
 import os
 import shutil
 
@@ -147,6 +148,10 @@ def test_each_night_is_one_iceberg_snapshot_and_a_removed_product_leaves_the_tab
     snapshots = {s.summary["catalog-recategorizer.run-id"]: s.snapshot_id
                  for s in table.snapshots()}
     assert set(snapshots) == {first["run_id"], second["run_id"]}
+    # _SUCCESS names the table snapshot it matches: the table and the Parquet run agree.
+    marker = json.loads((out / "_SUCCESS").read_text())
+    assert marker["iceberg"] == {"table": "retail.predictions",
+                                 "snapshot_id": snapshots[second["run_id"]]}
     night1 = table.scan(snapshot_id=snapshots[first["run_id"]]).to_arrow()
     assert "p00" in night1.column("product_id").to_pylist()
     assert night1.num_rows == len(rows)

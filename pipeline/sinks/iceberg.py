@@ -313,8 +313,10 @@ class IcebergSink:
             # Both guarantee the commit did not land, so our files are unreferenced.
             _delete_quietly(table.io, written)
             raise OutputError(
-                f"committing run {run_id!r} to Iceberg table {self.identifier!r} failed: {exc}; the "
-                "Parquet run stays committed, re-run the job to retry the table commit") from exc
+                f"committing run {run_id!r} to Iceberg table {self.identifier!r} failed: {exc}; "
+                "neither the table nor the Parquet output changed (the table commit comes first, "
+                "and _SUCCESS still names the previous run); re-run the job: it resumes this run "
+                "and retries the table commit") from exc
         except Exception as exc:  # outcome unknown: keep the files, a landed commit needs them
             raise OutputError(
                 f"committing run {run_id!r} to Iceberg table {self.identifier!r} failed: "
