@@ -47,6 +47,8 @@ class Scored:
     image_uri: np.ndarray
     unfamiliarity: np.ndarray  # the model's open-set score (pipeline.openset); NaN on error rows
     logits: np.ndarray | None = None  # raw logits (rows x classes); NaN on error rows
+    error_type: np.ndarray | None = None  # per row; None where ok
+    error_message: np.ndarray | None = None
 
 
 CONFUSED_PAIRS_SHOWN = 15
@@ -84,7 +86,7 @@ def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str
                        {"model_uri": storage.normalize(cfg.model), "device": device,
                         "top_k": TOP_K, "tta": cfg.tta, "with_logits": True})
     columns = ["product_id", "image_uri", "category", "status", "top_k_index", "top_k_scores",
-               "unfamiliarity", "logits"]
+               "unfamiliarity", "logits", "error_type", "error_message"]
     parts = list(ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None))
     category = np.concatenate([p["category"] for p in parts])
     index = {c: i for i, c in enumerate(classes)}
@@ -99,7 +101,9 @@ def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str
                   product_id=np.concatenate([p["product_id"] for p in parts]).astype(str),
                   image_uri=np.concatenate([p["image_uri"] for p in parts]),
                   unfamiliarity=np.concatenate([p["unfamiliarity"] for p in parts]),
-                  logits=np.concatenate([np.stack(p["logits"]) for p in parts]))
+                  logits=np.concatenate([np.stack(p["logits"]) for p in parts]),
+                  error_type=np.concatenate([p["error_type"] for p in parts]),
+                  error_message=np.concatenate([p["error_message"] for p in parts]))
 
 
 def coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
@@ -300,7 +304,7 @@ def decisions_section(scored: Scored, meta: ModelMetadata, change_precision: flo
     curve = []
     for target in targets:
         policy = decide.policy_for(meta.decisions, target)
-        curve.append({"target_precision": target, **policy.to_json(),
+        curve.append({**policy.to_json(), "target_precision": target,
                       **decide.measure(probs, scored.labels[use], meta.classes, meta.coarse_classes,
                                        policy, unfamiliar)})
     fitted_on = meta.decisions.get("fitted_on")
@@ -314,6 +318,22 @@ def decisions_section(scored: Scored, meta: ModelMetadata, change_precision: flo
     return out
 
 
+def unreadable_reason(scored: Scored) -> str:
+    """'; most failed as <type> (<an example message>): <the fix>' when rows failed, as the
+    nightly job's fail-fast message says it."""
+    if scored.error_type is None or scored.ok.all():
+        return ""
+    from pipeline.budget import fix_hint
+
+    failed = ~scored.ok
+    kinds, counts = np.unique(scored.error_type[failed].astype(str), return_counts=True)
+    kind = str(kinds[np.argmax(counts)])
+    example = str(next(m for t, m in zip(scored.error_type[failed], scored.error_message[failed],
+                                         strict=True) if str(t) == kind))
+    return (f"; {int(counts.max())} failed as {kind} (e.g. {example}): "
+            f"{fix_hint(kind, example)}")
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate `cfg.model` on `cfg.manifest`; write the report to `cfg.output`; return metrics."""
     start = time.perf_counter()
@@ -325,7 +345,8 @@ def run(cfg: EvaluateConfig) -> dict:
     if not (scored.ok & (scored.labels >= 0)).any():
         raise ConfigError(
             f"nothing to evaluate: of {len(scored.labels)} rows, {int((~scored.ok).sum())} could not be "
-            f"read and {int((scored.labels < 0).sum())} have categories the model does not know")
+            f"read and {int((scored.labels < 0).sum())} have categories the model does not know"
+            + unreadable_reason(scored))
     metrics = compute_metrics(scored, meta.classes, meta.coarse_classes, cfg.target_accuracy,
                               cfg.ece_bins)
     metrics["open_set"] = open_set_section(scored, meta)

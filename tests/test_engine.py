@@ -14,6 +14,7 @@ import pytest
 from pipeline import embeddings, evaluate, train
 from pipeline.artifact import load_metadata
 from pipeline.config import EmbedConfig, EvaluateConfig, RecategorizeConfig, TrainConfig
+from pipeline.errors import ConfigError
 from pipeline.recategorize import run
 from tests.conftest import committed_table, write_manifest
 
@@ -75,3 +76,16 @@ def test_training_data_preparation_refuses_it_too(ray_local, inside_and_outside)
     decoded, bad = train.decoded_dataset(TrainConfig(), table, 32, str(folder))
     assert bad == 1 and decoded.count() == 1
     assert decoded.take(1)[0]["image"].shape == (32, 32, 3)
+
+
+def test_evaluation_of_refused_images_names_the_cause_and_the_fix(ray_local, inside_and_outside,
+                                                                   tiny_model, tmp_path):
+    folder, rows = inside_and_outside
+    outside = [r for r in rows if r["product_id"] == "outside"]
+    manifest = write_manifest(folder / "m.parquet", [{**r, "category": "Banana"} for r in outside])
+    with pytest.raises(ConfigError) as caught:
+        evaluate.run(EvaluateConfig(manifest=str(manifest), model=tiny_model,
+                                    output=str(tmp_path / "report"), dataset_root=None))
+    message = str(caught.value)
+    assert "1 could not be read" in message and "failed as fetch_failed" in message
+    assert REFUSED in message and "--allowed-uri-prefixes" in message
