@@ -294,7 +294,8 @@ def confidence_png(confidence: dict[str, Any]) -> bytes:
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
     ax.set_ylabel("share of scored products")
     ax.set_title("Confidence")
-    ax.legend(loc="best")
+    if ax.get_legend_handles_labels()[0]:  # a night of error rows only has no histogram
+        ax.legend(loc="best")
     return _png(fig)
 
 
