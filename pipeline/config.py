@@ -477,6 +477,12 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         "and the keep/change/review thresholds are fitted there, never on the rows that report "
         "them. 0 fits them on the validation rows, and the artifact records that.",
     )
+    calibration_sampling: Literal["block", "random"] = Field(
+        "block",
+        description="How --calibration-fraction is taken from each category: 'block', its last "
+        "rows in manifest order (photo sets number consecutive shots of one product together, "
+        "so a random share would be near-copies of training photos); 'random', a seeded share.",
+    )
     seed: int = Field(0, description="Seed for splits, init and augmentation.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas).")
     device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Training device"))

@@ -86,6 +86,21 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
     return is_val
 
 
+def block_split(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask of the last `fraction` of each class's rows in manifest order (at least one
+    where a class has two or more rows). Photo sets number consecutive shots of one product
+    together: a held-out block is new photos, where a random share would be near-copies of
+    training photos and calibrate an over-confident model."""
+    held = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        if len(idx) < 2:
+            continue
+        k = max(1, round(len(idx) * fraction))
+        held[idx[-k:]] = True
+    return held
+
+
 def load_data(cfg: TrainConfig) -> LabelledData:
     manifest = validate_manifest(cfg.manifest, training=True)
     cols = ["product_id", "image_uri", "category"] + [
@@ -122,9 +137,11 @@ def load_data(cfg: TrainConfig) -> LabelledData:
         is_val[is_train] = stratified_split(labels[is_train], cfg.val_fraction, cfg.seed)
         is_train &= ~is_val
     if not is_calibration.any() and cfg.calibration_fraction > 0:
-        # a seed of its own, so the calibration rows do not depend on the validation split's
-        is_calibration[is_train] = stratified_split(labels[is_train], cfg.calibration_fraction,
-                                                    cfg.seed + 1)
+        if cfg.calibration_sampling == "block":
+            is_calibration[is_train] = block_split(labels[is_train], cfg.calibration_fraction)
+        else:  # a seed of its own, so the rows do not depend on the validation split's
+            is_calibration[is_train] = stratified_split(labels[is_train],
+                                                        cfg.calibration_fraction, cfg.seed + 1)
         is_train &= ~is_calibration
     rng = np.random.default_rng(cfg.seed)
     train_idx = rng.permutation(np.flatnonzero(is_train))  # shuffled: manifests are class-sorted

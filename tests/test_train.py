@@ -42,6 +42,16 @@ def test_calibration_rows_are_held_out_of_training_and_validation(grocery_root, 
     train_labels = data.train.column("label").to_numpy()
     assert set(labels) == set(train_labels)  # every category is calibrated
     assert 0.12 < len(calibration) / (len(train) + len(calibration)) < 0.18
+    # A block per category, its last photos in manifest order: new shots, not near-copies.
+    table = pq.read_table(manifest)
+    for category in ("Granny-Smith", "Kiwi"):
+        rows = [r["product_id"] for r in table.to_pylist()
+                if r["category"] == category and r["split"] == "train"]
+        k = sum(p in calibration for p in rows)
+        assert k >= 1 and set(rows[-k:]) <= calibration and not set(rows[:-k]) & calibration
+    shuffled = load_data(TrainConfig(manifest=str(manifest), calibration_sampling="random"))
+    assert _ids(shuffled.calibration) != calibration
+    assert len(_ids(shuffled.calibration)) == len(calibration)
     # Rows a manifest marks as its calibration split are used as they are.
     table = pq.read_table(manifest)
     split = table.column("split").to_pylist()
