@@ -120,6 +120,23 @@ def iceberg_sink(cfg: RecategorizeConfig):
     return sink
 
 
+def table_run_split(warehouse, previous: dict[str, Any] | None) -> dict[str, Any] | None:
+    """When the table's current snapshot and `_SUCCESS` name different runs (a run stopped
+    between its table commit, which comes first, and `_SUCCESS`), say so: this night's commit
+    brings both to the same run. None when they agree."""
+    if warehouse is None:
+        return None
+    table_run = warehouse.current_run_id()
+    parquet_run = (previous or {}).get("run_id")
+    if table_run == parquet_run or table_run is None:
+        return None
+    print(f"warning: Iceberg table {warehouse.identifier} is at run {table_run} while the "
+          f"output's _SUCCESS names run {parquet_run}: a run stopped between its table commit "
+          "and its Parquet commit. This night commits both, which brings them together again",
+          file=sys.stderr, flush=True)
+    return {"table_run_id": table_run, "parquet_run_id": parquet_run}
+
+
 def source_columns(uri: str, chunks: list[Chunk]) -> list[str]:
     """The columns the night reads from its source (the manifest or the rows to re-score)."""
     fs, _ = storage.arrow_filesystem(uri)
@@ -242,6 +259,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
         safe_name(cfg.run_id, "--run-id")
     previous = run_folder.check_output(output, cfg.overwrite)
     warehouse = iceberg_sink(cfg)
+    split = table_run_split(warehouse, previous)
     # One writer per output: a second run stops here (exit 8) before it writes anything.
     lease = held.enter_context(OutputLease(output, cfg.run_id).hold())
 
@@ -295,6 +313,8 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     summary = summarize(cfg, manifest, meta, place, plan, marker, stats, len(chunks),
                         len(done), time.perf_counter() - start)
     summary["executor"], summary["executor_reason"] = executor, executor_reason
+    if split:
+        summary["table_run_split"] = split
     summary["drift"] = drift.drift(previous_stats(output, previous), stats,
                                    plan.new_products, plan.removed_products)
     phases.mark("commit")

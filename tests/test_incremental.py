@@ -157,3 +157,28 @@ def test_each_night_is_one_iceberg_snapshot_and_a_removed_product_leaves_the_tab
     assert night1.num_rows == len(rows)
     # the catalog properties do not end up in the config written next to the outputs
     assert "sqlite" not in (out / "config.yaml").read_text()
+
+
+def test_a_table_left_ahead_of_success_is_reported_and_brought_back_in_line(catalog, tmp_path,
+                                                                           tiny_model, capsys):
+    """A run that stopped between its table commit and `_SUCCESS` leaves them on different
+    runs; the next night says so and commits both."""
+    from pipeline.sinks.iceberg import IcebergSink
+    from pipeline.sinks.parquet import committed_files
+
+    folder, rows = catalog
+    props = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db",
+             "warehouse": f"file://{tmp_path}/warehouse"}
+    options = {"iceberg_table": "retail.predictions",
+               "iceberg_catalog": ",".join(f"{k}={v}" for k, v in props.items())}
+    out = tmp_path / "out"
+    first = night(folder, rows, "n1", out, tiny_model, **options)
+    sink = IcebergSink("retail.predictions", props)
+    sink.commit(committed_files(str(out)), "stopped-run")  # its _SUCCESS never came
+    assert sink.current_run_id() == "stopped-run"
+    second = night(folder, rows, "n2", out, tiny_model, **options)
+    assert second["table_run_split"] == {"table_run_id": "stopped-run",
+                                         "parquet_run_id": first["run_id"]}
+    assert "stopped between its table commit" in capsys.readouterr().err
+    marker = json.loads((out / "_SUCCESS").read_text())
+    assert sink.current_run_id() == marker["run_id"] == second["run_id"]

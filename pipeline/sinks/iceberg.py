@@ -252,6 +252,12 @@ class IcebergSink:
             return
         self._schema_evolution(table, schema)
 
+    def current_run_id(self) -> str | None:
+        """The run id of the table's current snapshot (None before the first)."""
+        table = self._load_table()
+        current = table.current_snapshot() if table is not None else None
+        return _run_id(current) if current is not None else None
+
     def commit(self, files: list[str], run_id: str,
                properties: dict[str, str] | None = None) -> dict[str, Any]:
         """Make the rows of `files` (a committed run's Parquet files, in the output schema) the
