@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline import engine, report, storage
 from pipeline.artifact import load_artifact
+from pipeline.budget import mass_failure
 from pipeline.catalog import open_dataset, validate_manifest
 from pipeline.config import AuditConfig, EmbedConfig
 from pipeline.embeddings import Embedder
@@ -200,6 +202,12 @@ def collect(batches: list[dict[str, np.ndarray]]) -> Embedded:
     bad = np.argsort(row[~ok], kind="stable")
     errors = pa.table({name: pa.array(cat(name)[~ok][bad], pa.string())
                        for name in ERRORS_SCHEMA.names}, schema=ERRORS_SCHEMA)
+    failure = mass_failure(errors.column("error_type").to_pylist(),
+                           errors.column("error_message").to_pylist(), len(ok), "rows")
+    if failure and not ok.any():
+        raise ConfigError(f"no image could be read: {failure}")
+    if failure:
+        print(f"warning: {failure}", file=sys.stderr, flush=True)
     return Embedded(product_id=cat("product_id")[ok][order].astype(str),
                     image_uri=cat("image_uri")[ok][order],
                     given=cat("given_category")[ok][order],

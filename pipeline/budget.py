@@ -79,6 +79,30 @@ def fix_hint(error_type: str | None, message: str | None) -> str:
     return DEFAULT_HINT
 
 
+# The most failed rows a job lists to name the dominant error type (a sample is enough).
+FAILURE_SAMPLE_ROWS = 10_000
+
+
+def mass_failure(error_types, messages, rows: int, what: str,
+                 failed_rows: int | None = None) -> str | None:
+    """When more than half of `rows` could not be read: one line naming how many, the dominant
+    error type with an example and the fix, as the nightly job's fail-fast does. `error_types`
+    and `messages` are the failed rows' (ok rows' are None), or a sample of them with
+    `failed_rows` the count; None when most rows were read."""
+    failed = [(str(t), str(m)) for t, m in zip(error_types, messages, strict=True)
+              if isinstance(t, str)]
+    count = len(failed) if failed_rows is None else failed_rows
+    if not rows or not failed or count * 2 <= rows:
+        return None
+    counts: dict[str, int] = {}
+    for kind, _ in failed:
+        counts[kind] = counts.get(kind, 0) + 1
+    kind = max(counts, key=lambda k: counts[k])
+    example = next(m for t, m in failed if t == kind)
+    return (f"{count} of {rows} {what} could not be read; most failed as {kind} (e.g. "
+            f"{example}): {fix_hint(kind, example)}")
+
+
 def fail_fast_rows(rows_to_score: int, actors: int) -> int:
     """Rows each actor looks at before it may fail fast (see FAIL_FAST_*)."""
     night = min(FAIL_FAST_ROWS, math.ceil(FAIL_FAST_SHARE * rows_to_score))

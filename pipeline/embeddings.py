@@ -9,6 +9,7 @@ like any trained model. Nothing is pickled. A k-NN classifier is fitted too, for
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -25,9 +26,10 @@ from pipeline.artifact import (
     save_artifact,
     weights_provenance,
 )
+from pipeline.budget import mass_failure
 from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.config import EmbedConfig, TrainConfig
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.models import create_model, describe_weights, get_spec, remove_head, replace_head
 from pipeline.transforms import norm_tensors, to_model_input
 
@@ -90,9 +92,16 @@ def embed(cfg: EmbedConfig, table: pa.Table, base_uri: str, input_size: int) -> 
     images = engine.ImageSettings.from_config(cfg, input_size, base_uri)
     ds = engine.scored(engine.table_dataset(table), images, engine.Placement.from_config(cfg, device),
                        Embedder, {"cfg": cfg.model_dump(), "device": device})
-    parts = list(ds.select_columns(["label", "is_val", "status", "features"])
+    parts = list(ds.select_columns(["label", "is_val", "status", "features", "error_type",
+                                    "error_message"])
                  .iter_batches(batch_format="numpy", batch_size=None))
     ok = np.concatenate([p["status"] for p in parts]) == "ok"
+    failure = mass_failure(np.concatenate([p["error_type"] for p in parts]),
+                           np.concatenate([p["error_message"] for p in parts]), len(ok), "rows")
+    if failure and not ok.any():
+        raise ConfigError(f"no image could be read: {failure}")
+    if failure:
+        print(f"warning: {failure}", file=sys.stderr, flush=True)
     return {"features": np.concatenate([np.stack(p["features"]) for p in parts])[ok],
             "label": np.concatenate([p["label"] for p in parts])[ok],
             "is_val": np.concatenate([p["is_val"] for p in parts])[ok],

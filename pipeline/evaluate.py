@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -318,20 +319,13 @@ def decisions_section(scored: Scored, meta: ModelMetadata, change_precision: flo
     return out
 
 
-def unreadable_reason(scored: Scored) -> str:
-    """'; most failed as <type> (<an example message>): <the fix>' when rows failed, as the
-    nightly job's fail-fast message says it."""
-    if scored.error_type is None or scored.ok.all():
-        return ""
-    from pipeline.budget import fix_hint
+def unreadable_reason(scored: Scored) -> str | None:
+    """The mass-failure line (pipeline.budget.mass_failure) when most rows could not be read."""
+    if scored.error_type is None:
+        return None
+    from pipeline.budget import mass_failure
 
-    failed = ~scored.ok
-    kinds, counts = np.unique(scored.error_type[failed].astype(str), return_counts=True)
-    kind = str(kinds[np.argmax(counts)])
-    example = str(next(m for t, m in zip(scored.error_type[failed], scored.error_message[failed],
-                                         strict=True) if str(t) == kind))
-    return (f"; {int(counts.max())} failed as {kind} (e.g. {example}): "
-            f"{fix_hint(kind, example)}")
+    return mass_failure(scored.error_type, scored.error_message, len(scored.ok), "rows")
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -342,11 +336,14 @@ def run(cfg: EvaluateConfig) -> dict:
     output = storage.normalize(cfg.output)
     storage.check_writable(output)
     scored = score(cfg, table, base_uri, meta.classes)
+    failure = unreadable_reason(scored)
     if not (scored.ok & (scored.labels >= 0)).any():
         raise ConfigError(
             f"nothing to evaluate: of {len(scored.labels)} rows, {int((~scored.ok).sum())} could not be "
             f"read and {int((scored.labels < 0).sum())} have categories the model does not know"
-            + unreadable_reason(scored))
+            + (f"; {failure}" if failure else ""))
+    if failure:
+        print(f"warning: {failure}", file=sys.stderr, flush=True)
     metrics = compute_metrics(scored, meta.classes, meta.coarse_classes, cfg.target_accuracy,
                               cfg.ece_bins)
     metrics["open_set"] = open_set_section(scored, meta)

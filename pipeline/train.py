@@ -34,6 +34,7 @@ from pipeline.artifact import (
     transfer_from_artifact,
     weights_provenance,
 )
+from pipeline.budget import FAILURE_SAMPLE_ROWS, mass_failure
 from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.catalog import CALIBRATION_SPLIT, open_dataset, validate_manifest
 from pipeline.config import TrainConfig
@@ -617,7 +618,14 @@ def decoded_dataset(cfg: TrainConfig, table: pa.Table, size: int, base_uri: str)
     ds = engine.decoded(engine.table_dataset(table), images, engine.Placement.from_config(cfg, "cpu"))
     ds.context.execution_options.preserve_order = True  # same row order every run: resumable
     ds = ds.materialize()
-    bad = ds.filter(expr="status != 'ok'").count()
+    failed = ds.filter(expr="status != 'ok'")
+    bad = failed.count()
+    if bad * 2 > table.num_rows:
+        sample = failed.select_columns(["error_type", "error_message"]).take(FAILURE_SAMPLE_ROWS)
+        failure = mass_failure([r["error_type"] for r in sample],
+                               [r["error_message"] for r in sample], table.num_rows, "images",
+                               failed_rows=bad)
+        raise TrainingError(f"most training images could not be read: {failure}")
     ok = ds.filter(expr="status == 'ok'").select_columns(["image", "label", "coarse_label"])
     return ok.materialize(), bad
 

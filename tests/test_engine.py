@@ -14,7 +14,7 @@ import pytest
 from pipeline import embeddings, evaluate, train
 from pipeline.artifact import load_metadata
 from pipeline.config import EmbedConfig, EvaluateConfig, RecategorizeConfig, TrainConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.recategorize import run
 from tests.conftest import committed_table, write_manifest
 
@@ -89,3 +89,20 @@ def test_evaluation_of_refused_images_names_the_cause_and_the_fix(ray_local, ins
     message = str(caught.value)
     assert "1 could not be read" in message and "failed as fetch_failed" in message
     assert REFUSED in message and "--allowed-uri-prefixes" in message
+
+
+def test_jobs_that_train_on_images_name_the_cause_when_most_cannot_be_read(
+        ray_local, inside_and_outside, tiny_model):
+    folder, rows = inside_and_outside
+    outside = [r for r in rows if r["product_id"] == "outside"]
+    table = pa.Table.from_pylist(outside).select(["product_id", "image_uri"])
+    with pytest.raises(TrainingError, match="most training images could not be read") as caught:
+        train.decoded_dataset(TrainConfig(), table.append_column("label", pa.array([0]))
+                              .append_column("coarse_label", pa.array([0])), 32, str(folder))
+    assert "1 of 1 images" in str(caught.value) and "--allowed-uri-prefixes" in str(caught.value)
+    with pytest.raises(ConfigError, match="no image could be read") as caught:
+        embeddings.embed(EmbedConfig(backbone=tiny_model),
+                         table.append_column("label", pa.array([0]))
+                         .append_column("is_val", pa.array([False])), str(folder),
+                         load_metadata(tiny_model).input_size)
+    assert "fetch_failed" in str(caught.value) and "--allowed-uri-prefixes" in str(caught.value)
