@@ -534,7 +534,18 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         return values
 
 
-class EvaluateConfig(LabelledImagesOptions, JobConfig):
+class ScoringPoolOptions(BaseModel):
+    """Jobs that score a labelled manifest with a model artifact on the engine's actor pool."""
+
+    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
+    num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
+    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Inference device"))
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
+    tta: Literal["none", "flip"] = Field(
+        "none", description="Test-time augmentation, as the nightly job's --tta.")
+
+
+class EvaluateConfig(ScoringPoolOptions, LabelledImagesOptions, JobConfig):
     manifest: str = Field(
         "manifests/grocery.parquet",
         description="Labelled manifest (product_id, image_uri, category; optional split).",
@@ -557,12 +568,6 @@ class EvaluateConfig(LabelledImagesOptions, JobConfig):
         0.95, gt=0.0, lt=1.0,
         description="The nightly job's --change-precision to measure the decisions at (the "
         "report also gives every target the model has thresholds for).")
-    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
-    num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
-    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Inference device"))
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
-    tta: Literal["none", "flip"] = Field(
-        "none", description="Test-time augmentation, as the nightly job's --tta.")
     corruptions: str = Field(
         "",
         description="Also measure accuracy under common image corruptions and an FGSM attack: "
@@ -593,7 +598,7 @@ class EvaluateConfig(LabelledImagesOptions, JobConfig):
         return self
 
 
-class CalibrateConfig(LabelledImagesOptions, JobConfig):
+class CalibrateConfig(ScoringPoolOptions, LabelledImagesOptions, JobConfig):
     manifest: str = Field(
         "manifests/grocery.parquet",
         description="Labelled manifest holding the held-out rows (product_id, image_uri, "
@@ -623,12 +628,6 @@ class CalibrateConfig(LabelledImagesOptions, JobConfig):
     )
     refit_temperature: bool = Field(
         True, description="Fit the softmax temperature on these rows too (the backend's own scores).")
-    batch_size: int = Field(64, ge=1, description="Images per inference batch.")
-    num_actors: int = Field(1, ge=1, description="Inference actor pool size.")
-    device: Device = Field(DEFAULT_DEVICE, description=DEVICE_HELP.format(what="Inference device"))
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per inference actor.")
-    tta: Literal["none", "flip"] = Field(
-        "none", description="Test-time augmentation, as the nightly job will run it.")
     overwrite: bool = Field(False, description="Replace a model artifact already in --output.")
 
 

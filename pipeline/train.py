@@ -73,9 +73,13 @@ class LabelledData:
     calibration: pa.Table | None = None
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows: `val_fraction` of each class (at least one where a class
-    has two or more rows), chosen with a seeded permutation."""
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int,
+                     block: bool = False) -> np.ndarray:
+    """Boolean mask of held-out rows: `val_fraction` of each class (at least one where a class
+    has two or more rows), chosen with a seeded permutation, or with `block` the class's last
+    rows in manifest order. Photo sets number consecutive shots of one product together: a
+    block is new photos, where a random share would be near-copies of training photos (and
+    would calibrate an over-confident model)."""
     rng = np.random.default_rng(seed)
     is_val = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):
@@ -83,23 +87,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
         if len(idx) < 2:
             continue
         k = max(1, round(len(idx) * val_fraction))
-        is_val[rng.permutation(idx)[:k]] = True
+        is_val[idx[-k:] if block else rng.permutation(idx)[:k]] = True
     return is_val
-
-
-def block_split(labels: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of the last `fraction` of each class's rows in manifest order (at least one
-    where a class has two or more rows). Photo sets number consecutive shots of one product
-    together: a held-out block is new photos, where a random share would be near-copies of
-    training photos and calibrate an over-confident model."""
-    held = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
-        if len(idx) < 2:
-            continue
-        k = max(1, round(len(idx) * fraction))
-        held[idx[-k:]] = True
-    return held
 
 
 def load_data(cfg: TrainConfig) -> LabelledData:
@@ -138,11 +127,10 @@ def load_data(cfg: TrainConfig) -> LabelledData:
         is_val[is_train] = stratified_split(labels[is_train], cfg.val_fraction, cfg.seed)
         is_train &= ~is_val
     if not is_calibration.any() and cfg.calibration_fraction > 0:
-        if cfg.calibration_sampling == "block":
-            is_calibration[is_train] = block_split(labels[is_train], cfg.calibration_fraction)
-        else:  # a seed of its own, so the rows do not depend on the validation split's
-            is_calibration[is_train] = stratified_split(labels[is_train],
-                                                        cfg.calibration_fraction, cfg.seed + 1)
+        # a seed of its own, so a random share does not depend on the validation split's
+        is_calibration[is_train] = stratified_split(
+            labels[is_train], cfg.calibration_fraction, cfg.seed + 1,
+            block=cfg.calibration_sampling == "block")
         is_train &= ~is_calibration
     rng = np.random.default_rng(cfg.seed)
     train_idx = rng.permutation(np.flatnonzero(is_train))  # shuffled: manifests are class-sorted

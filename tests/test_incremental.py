@@ -46,6 +46,14 @@ def night(folder, rows, name: str, out, model: str, **options) -> dict:
                                   batch_size=8, allowed_uri_prefixes=str(folder), **options))
 
 
+def iceberg_options(tmp_path) -> tuple[dict[str, str], dict[str, str]]:
+    """A pyiceberg SQL catalog on SQLite under tmp_path: its properties and the job's options."""
+    props = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db",
+             "warehouse": f"file://{tmp_path}/warehouse"}
+    return props, {"iceberg_table": "retail.predictions",
+                   "iceberg_catalog": ",".join(f"{k}={v}" for k, v in props.items())}
+
+
 def assert_same_rows(got, want) -> None:
     assert got.num_rows == want.num_rows
     for column in COMPARED:
@@ -130,10 +138,7 @@ def test_each_night_is_one_iceberg_snapshot_and_a_removed_product_leaves_the_tab
     from pyiceberg.catalog import load_catalog
 
     folder, rows = catalog
-    props = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db",
-             "warehouse": f"file://{tmp_path}/warehouse"}
-    options = {"iceberg_table": "retail.predictions",
-               "iceberg_catalog": ",".join(f"{k}={v}" for k, v in props.items())}
+    props, options = iceberg_options(tmp_path)
     out = tmp_path / "out"
     first = night(folder, rows, "n1", out, tiny_model, **options)
     second = night(folder, rows[1:], "n2", out, tiny_model, **options)  # p00 left the catalog
@@ -167,10 +172,7 @@ def test_a_table_left_ahead_of_success_is_reported_and_brought_back_in_line(cata
     from pipeline.sinks.parquet import committed_files
 
     folder, rows = catalog
-    props = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db",
-             "warehouse": f"file://{tmp_path}/warehouse"}
-    options = {"iceberg_table": "retail.predictions",
-               "iceberg_catalog": ",".join(f"{k}={v}" for k, v in props.items())}
+    props, options = iceberg_options(tmp_path)
     out = tmp_path / "out"
     first = night(folder, rows, "n1", out, tiny_model, **options)
     sink = IcebergSink("retail.predictions", props)
