@@ -11,7 +11,7 @@ each (`python -m jobs.recategorize`, its defaults), and prints, pooled over the 
 - review load: rows sent to a person, of all rows;
 - damage: right current categories that a change would overwrite.
 
-    python benchmarks/decisions.py                       # the bundled model, 5 seeds
+    python benchmarks/decisions.py --calibration-manifest manifests/grocery-cal.parquet
     python benchmarks/decisions.py --models examples/model,outputs/other/model --seeds 0,1,2
 """
 
@@ -33,11 +33,19 @@ SAMPLE = ROOT / "examples" / "sample-catalog"
 WRONG_SHARE, MISSING_SHARE = 0.05, 0.03
 
 
-def sample_rows() -> list[dict]:
-    """The sample catalog's photos with their true category (the folder they lie in)."""
+def sample_rows(calibration_manifest: str | None = None) -> list[dict]:
+    """The sample catalog's photos with their true category (the folder they lie in), less
+    the photos of `calibration_manifest`'s calibration split (the model's thresholds were
+    fitted on those)."""
     table = pq.read_table(SAMPLE / "manifest.parquet")
-    return [{"product_id": r["product_id"], "image_uri": str(SAMPLE / r["image_uri"]),
+    held: set[tuple[str, str]] = set()
+    if calibration_manifest:
+        for r in pq.read_table(calibration_manifest, columns=["image_uri", "category", "split"]).to_pylist():
+            if r["split"] == "calibration":
+                held.add((r["category"], Path(r["image_uri"]).name))
+    rows = [{"product_id": r["product_id"], "image_uri": str(SAMPLE / r["image_uri"]),
              "truth": Path(r["image_uri"]).parent.name} for r in table.to_pylist()]
+    return [r for r in rows if (r["truth"], Path(r["image_uri"]).name) not in held]
 
 
 def build_catalog(rows: list[dict], classes: list[str], coarse: dict[str, str], seed: int,
@@ -120,8 +128,11 @@ def main() -> None:
     parser.add_argument("--models", default="examples/model")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--output", default="outputs/bench-decisions")
+    parser.add_argument("--calibration-manifest", default=None,
+                        help="leave out the photos of this manifest's calibration split")
     args = parser.parse_args()
-    rows = sample_rows()
+    rows = sample_rows(args.calibration_manifest)
+    print(f"{len(rows)} photos of the sample catalog (the Grocery Store val split) per night")
     out_root = (ROOT / args.output).resolve()
     table = ["| model | nights | rows | wrong | no category | changes | change precision | caught "
              "(change or review) | fixed | review load | damage (right rows changed) | "

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
 
     splits = tuple(s.strip() for s in cfg.splits.split(",") if s.strip())
     rows, held = make_manifest(cfg.source, cfg.output, cfg.layout, splits, cfg.holdout_categories,
-                               cfg.holdout_seed)
+                               cfg.holdout_seed, cfg.calibration_share)
     print(f"wrote {rows} rows to {cfg.output}")
     if held:
         print(f"held out {len(held)} categories ({', '.join(held)}) in {holdout_uri(cfg.output)}")

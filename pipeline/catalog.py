@@ -41,6 +41,24 @@ class Manifest:
 VERSION_COLUMN = "image_version"
 
 
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int,
+                     block: bool = False) -> np.ndarray:
+    """Boolean mask of held-out rows: `val_fraction` of each class (at least one where a class
+    has two or more rows), chosen with a seeded permutation, or with `block` the class's last
+    rows in manifest order. Photo sets number consecutive shots of one product together: a
+    block is new photos, where a random share would be near-copies of training photos (and
+    would calibrate an over-confident model)."""
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        if len(idx) < 2:
+            continue
+        k = max(1, round(len(idx) * val_fraction))
+        is_val[idx[-k:] if block else rng.permutation(idx)[:k]] = True
+    return is_val
+
+
 def _is_version_type(t: pa.DataType) -> bool:
     """A scalar the night's plan can compare as text: not a list, struct or map."""
     return (_is_stringish(t) or pa.types.is_integer(t) or pa.types.is_temporal(t)

@@ -876,6 +876,14 @@ class MakeManifestConfig(BaseModel):
         "without them meets them as unfamiliar goods (open-set measurement).",
     )
     holdout_seed: int = Field(0, description="Seed of the held-out category choice.")
+    calibration_share: float = Field(
+        0.0, ge=0, lt=1,
+        description="Mark this share of each category's val rows (the last in file order) as "
+        "split 'calibration': training fits the temperature and the keep/change/review "
+        "thresholds there, and reports on the rest of val. The Grocery Store train split's "
+        "photos are near-copies of one another, so rows held out of it calibrate an "
+        "over-confident model.",
+    )
 
 
 C = TypeVar("C", bound=BaseModel)

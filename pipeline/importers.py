@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.catalog import CALIBRATION_SPLIT, stratified_split
 from pipeline.errors import ManifestError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -113,13 +114,28 @@ def split_holdout(rows: list[dict], count: int, seed: int) -> tuple[list[dict], 
             [r for r in rows if r["category"] in held], held)
 
 
+def mark_calibration(rows: list[dict], share: float) -> list[dict]:
+    """The rows with the last `share` of each category's val rows (in file order) marked split
+    'calibration': new photos the model never trains on, from the same sessions as val, where
+    the temperature and the decision thresholds are fitted."""
+    val = [i for i, r in enumerate(rows) if r.get("split") == "val"]
+    if not share or not val:
+        return rows
+    categories = sorted({rows[i]["category"] for i in val})
+    labels = np.array([categories.index(rows[i]["category"]) for i in val])
+    held = stratified_split(labels, share, seed=0, block=True)
+    marked = {val[k] for k in np.flatnonzero(held)}
+    return [{**r, "split": CALIBRATION_SPLIT} if i in marked else r for i, r in enumerate(rows)]
+
+
 def make_manifest(source: str, output: str, layout: str = "auto",
                   splits: tuple[str, ...] = ("train", "val"), holdout_categories: int = 0,
-                  holdout_seed: int = 0) -> tuple[int, list[str]]:
+                  holdout_seed: int = 0, calibration_share: float = 0.0) -> tuple[int, list[str]]:
     """Write the manifest; returns its row count and the held-out categories."""
     if layout == "auto":
         layout = "grocery-store" if (Path(source) / "classes.csv").exists() else "folders"
     rows = grocery_store_rows(source, list(splits)) if layout == "grocery-store" else folder_rows(source)
+    rows = mark_calibration(rows, calibration_share)
     held: list[str] = []
     if holdout_categories:
         rows, held_rows, held = split_holdout(rows, holdout_categories, holdout_seed)

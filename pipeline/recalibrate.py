@@ -1,7 +1,7 @@
-"""`jobs.calibrate`: refit an artifact's temperature and keep / change / review thresholds on
-held-out labelled rows, scored by the backend that will run them (an int8 export's scores are
-not the torch model's), and write the result as a new artifact (same weights, new
-model_version).
+"""`jobs.calibrate`: refit an artifact's temperature, open-set threshold and keep / change /
+review thresholds on held-out labelled rows, scored by the backend that will run them (an int8
+export's scores are not the torch model's), and write the result as a new artifact (same
+weights, new model_version).
 
 The rows are the calibration split that the model's training held out (recomputed from the
 manifest and the training config recorded in model.json), or a named split. Never the split a
@@ -13,10 +13,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import decide, storage
+from pipeline import decide, openset, storage
 from pipeline.artifact import check_output, load_metadata, rewrite_artifact
 from pipeline.calibration import expected_calibration_error, fit_temperature
 from pipeline.catalog import CALIBRATION_SPLIT
@@ -50,6 +51,20 @@ def calibration_rows(cfg: CalibrateConfig, training: dict[str, Any]) -> tuple[pa
             data.base_uri, CALIBRATION_SPLIT)
 
 
+def refit_open_set(record: dict[str, Any], logits: torch.Tensor, temperature: float,
+                   scores: np.ndarray) -> dict[str, Any]:
+    """The open-set record with its threshold refitted on these rows (products of learned
+    categories, so `known_keep_share` of them stay below it). The centroid score does not
+    depend on the temperature; the logit scores are recomputed at the new one."""
+    if not record:
+        return record
+    kind = record.get("score", openset.LOGIT_SCORE)
+    if kind != "centroid":
+        scores = openset.unfamiliarity(logits, temperature, kind).numpy()
+    share = record.get("known_keep_share", openset.KNOWN_KEEP_SHARE)
+    return {**record, "threshold": openset.threshold_for(scores, share)}
+
+
 def run(cfg: CalibrateConfig) -> dict[str, Any]:
     start = time.perf_counter()
     from pipeline.evaluate import score
@@ -76,7 +91,9 @@ def run(cfg: CalibrateConfig) -> dict[str, Any]:
         fitted_on={"split": split, "manifest": storage.normalize(cfg.manifest),
                    "backend": meta.format, "tta": cfg.tta, "source_model_version": meta.model_version},
         error_rate=cfg.catalog_error_rate, catch_target=cfg.catch_target)
-    new = rewrite_artifact(cfg.model, output, temperature=temperature, decisions=decisions)
+    open_set = refit_open_set(meta.open_set, logits, temperature, scored.unfamiliarity[use])
+    new = rewrite_artifact(cfg.model, output, temperature=temperature, decisions=decisions,
+                           open_set=open_set)
     point = decide.policy_for(decisions, decide.DEFAULT_CHANGE_PRECISION)
     return {"model": output, "model_version": new.model_version,
             "source_model_version": meta.model_version, "backend": meta.format,
@@ -84,5 +101,6 @@ def run(cfg: CalibrateConfig) -> dict[str, Any]:
             "accuracy": float(correct.mean()), "temperature": temperature,
             "ece": expected_calibration_error(probs.max(1), correct),
             "confusable_pairs": len(decisions["confusable_pairs"]),
+            "open_set_threshold": open_set.get("threshold"),
             f"policy_at_{decide.DEFAULT_CHANGE_PRECISION}": point.to_json(),
             "wall_time_s": round(time.perf_counter() - start, 1)}

@@ -36,7 +36,7 @@ from pipeline.artifact import (
 )
 from pipeline.budget import FAILURE_SAMPLE_ROWS, mass_failure
 from pipeline.calibration import expected_calibration_error, fit_temperature
-from pipeline.catalog import CALIBRATION_SPLIT, open_dataset, validate_manifest
+from pipeline.catalog import CALIBRATION_SPLIT, open_dataset, stratified_split, validate_manifest
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.models import (
@@ -71,24 +71,6 @@ class LabelledData:
     # and the decision thresholds are fitted here, so val reports them honestly. None: fitted on
     # val (--calibration-fraction 0), and the artifact says so.
     calibration: pa.Table | None = None
-
-
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int,
-                     block: bool = False) -> np.ndarray:
-    """Boolean mask of held-out rows: `val_fraction` of each class (at least one where a class
-    has two or more rows), chosen with a seeded permutation, or with `block` the class's last
-    rows in manifest order. Photo sets number consecutive shots of one product together: a
-    block is new photos, where a random share would be near-copies of training photos (and
-    would calibrate an over-confident model)."""
-    rng = np.random.default_rng(seed)
-    is_val = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
-        if len(idx) < 2:
-            continue
-        k = max(1, round(len(idx) * val_fraction))
-        is_val[idx[-k:] if block else rng.permutation(idx)[:k]] = True
-    return is_val
 
 
 def load_data(cfg: TrainConfig) -> LabelledData:

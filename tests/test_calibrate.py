@@ -1,5 +1,5 @@
-"""jobs.calibrate: refit the temperature and the decision thresholds of an artifact on held-out
-rows, scored by its own backend, as a new artifact."""
+"""jobs.calibrate: refit the temperature, open-set threshold and decision thresholds of an
+artifact on held-out rows, scored by its own backend, as a new artifact."""
 
 import pytest
 
@@ -37,6 +37,8 @@ def test_calibration_writes_a_new_artifact_with_fitted_thresholds(ray_local, gro
     assert after.decisions["fitted_on"]["backend"] == "torch-float32"
     assert after.decisions["fitted_on"]["source_model_version"] == before.model_version
     assert after.temperature == summary["temperature"] != before.temperature
+    assert after.open_set["score"] == before.open_set["score"] == "centroid"
+    assert after.open_set["threshold"] == summary["open_set_threshold"] != before.open_set["threshold"]
     assert after.model_version == summary["model_version"] != before.model_version
     weights = "model.safetensors"
     assert (out / weights).read_bytes() == (tmp_path / "source" / weights).read_bytes()

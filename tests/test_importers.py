@@ -55,3 +55,16 @@ def test_held_out_categories_leave_the_manifest_whole(grocery_root, tmp_path):
 def test_holding_out_too_many_categories_is_refused(grocery_root, tmp_path):
     with pytest.raises(ManifestError, match="only 60 have val rows"):
         make_manifest(str(grocery_root), str(tmp_path / "m.parquet"), holdout_categories=59)
+
+
+def test_calibration_share_marks_the_last_val_photos_of_each_category(grocery_root, tmp_path):
+    out = tmp_path / "m.parquet"
+    make_manifest(str(grocery_root), str(out), calibration_share=0.5)
+    rows = pq.read_table(out).to_pylist()
+    make_manifest(str(grocery_root), str(tmp_path / "p.parquet"))
+    plain = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert [r["product_id"] for r in rows] == [r["product_id"] for r in plain]
+    assert [r["split"] == "train" for r in rows] == [r["split"] == "train" for r in plain]
+    kiwi = [r["split"] for r in rows if r["category"] == "Kiwi" and r["split"] != "train"]
+    half = round(len(kiwi) * 0.5)
+    assert kiwi == ["val"] * (len(kiwi) - half) + ["calibration"] * half
