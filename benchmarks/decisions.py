@@ -74,9 +74,10 @@ def build_catalog(rows: list[dict], classes: list[str], coarse: dict[str, str], 
                      "true_category": [r["truth"] for r in rows]})
 
 
-def run_night(manifest: Path, model: str, output: Path) -> pa.Table:
+def run_night(manifest: Path, model: str, output: Path, change_precision: float) -> pa.Table:
     subprocess.run([sys.executable, "-m", "jobs.recategorize", "--manifest", str(manifest),
                     "--model", model, "--output", str(output), "--full",
+                    "--change-precision", str(change_precision),
                     "--allowed-uri-prefixes", str(SAMPLE / "images")],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return pq.read_table(output / "predictions")
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--models", default="examples/model")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--output", default="outputs/bench-decisions")
+    parser.add_argument("--change-precision", type=float, default=0.95,
+                        help="the nightly job's --change-precision (its default: 0.95)")
     parser.add_argument("--calibration-manifest", default=None,
                         help="leave out the photos of this manifest's calibration split")
     args = parser.parse_args()
@@ -148,14 +151,16 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             manifest = folder / "catalog.parquet"
             pq.write_table(catalog, manifest)
-            night = run_night(manifest, model, folder / "night")
+            night = run_night(manifest, model, folder / "night", args.change_precision)
             for name, rule in (("decisions", None),
                                ("previous rule", functools.partial(previous_rule,
                                                                    open_set_threshold=threshold))):
                 counts = score(night, catalog, rule)
                 totals[name] = {k: totals[name].get(k, 0) + v for k, v in counts.items()}
         for name, t in totals.items():
-            table.append(_row(f"{model} ({meta['model_version']}), {name}", len(seeds), t))
+            label = (f"{model} ({meta['model_version']}), "
+                     + (f"decisions at {args.change_precision:g}" if name == "decisions" else name))
+            table.append(_row(label, len(seeds), t))
     print("\n".join(table))
 
 

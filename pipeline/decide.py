@@ -69,8 +69,13 @@ class Policy:
     fitted: bool = True  # False: the fallback for an artifact without fitted thresholds
 
     def to_json(self) -> dict[str, Any]:
-        return {"keep_threshold": self.keep_threshold, "change_threshold": self.change_threshold,
-                "assign_threshold": self.assign_threshold,
+        """JSON values (null where no change or assignment is certified: never Infinity)."""
+        def finite(x: float) -> float | None:
+            return None if math.isinf(x) else x
+
+        return {"keep_threshold": self.keep_threshold,
+                "change_threshold": finite(self.change_threshold),
+                "assign_threshold": finite(self.assign_threshold),
                 "target_precision": self.target_precision, "fitted": self.fitted,
                 "confusable_pairs": len(self.confusable_pairs)}
 
@@ -85,8 +90,10 @@ def policy_for(record: dict[str, Any] | None, change_precision: float) -> Policy
     points = sorted(record.get("operating_points", []), key=lambda p: p["target_precision"])
     for point in points:
         if point["target_precision"] >= change_precision - 1e-9:
-            if point.get("change_threshold") is None:
-                break
+            if point.get("change_threshold") is None:  # no change certified; assignments may be
+                assign = point.get("assign_threshold")
+                return Policy(point["keep_threshold"], math.inf,
+                              assign if assign is not None else math.inf, pairs, change_precision)
             if point.get("review_within_group"):
                 pairs = pairs | {(c, p) for c, p in record.get("group_pairs", [])}
             return Policy(point["keep_threshold"], point["change_threshold"],

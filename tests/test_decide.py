@@ -50,6 +50,8 @@ def test_a_change_floor_sends_changes_below_it_to_review():
 def _record():
     points = [{"target_precision": t, "keep_threshold": 0.05 + t / 100,
                "change_threshold": t, "assign_threshold": t} for t in (0.9, 0.95, 0.97)]
+    points.append({"target_precision": 0.98, "keep_threshold": 0.15, "change_threshold": None,
+                   "assign_threshold": 0.97})
     points.append({"target_precision": 0.99, "keep_threshold": 0.2, "change_threshold": None,
                    "assign_threshold": None})
     return {"confusable_pairs": [["A", "B"]], "operating_points": points}
@@ -63,6 +65,9 @@ def test_the_job_takes_the_fitted_point_at_or_above_its_target():
     assert at.confusable_pairs == frozenset({("A", "B")})
     unreachable = decide.policy_for(record, 0.99)
     assert unreachable.change_threshold == math.inf and unreachable.keep_threshold == 0.2
+    assert unreachable.assign_threshold == math.inf
+    assign_only = decide.policy_for(record, 0.98)  # no change certified, assignments are
+    assert assign_only.change_threshold == math.inf and assign_only.assign_threshold == 0.97
     fallback = decide.policy_for({}, 0.95)
     assert not fallback.fitted and fallback.change_threshold == decide.FALLBACK["change_threshold"]
 
