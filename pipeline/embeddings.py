@@ -153,8 +153,9 @@ def run(cfg: EmbedConfig) -> dict:
     from pipeline.train import load_data
 
     start = time.perf_counter()
+    # The probe fits its temperature on its validation rows; it holds out no calibration rows.
     data = load_data(TrainConfig(manifest=cfg.manifest, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                 max_train_rows=cfg.max_train_rows))
+                                 max_train_rows=cfg.max_train_rows, calibration_fraction=0))
     model, arch, input_size, mean, std = load_backbone(cfg)
     output = storage.normalize(cfg.output)
     storage.check_writable(output)

@@ -134,9 +134,10 @@ def _carry_condition(version: str, current: str) -> str:
     """SQL: last night's row `p` may stand for manifest row `m` (image version `version`,
     current category `current`). A product whose current category changed (a change applied,
     a review decided) is scored again: its decision depends on that category."""
-    return (f"coalesce(p.status = 'ok' AND p.image_uri = m.image_uri AND "
+    # Parenthesized: it is negated for the rows to score ("NOT a AND b" would bind as "(NOT a) AND b").
+    return (f"(coalesce(p.status = 'ok' AND p.image_uri = m.image_uri AND "
             f"p.image_version = {version}, false) AND "
-            f"p.current_category IS NOT DISTINCT FROM {current}")
+            f"p.current_category IS NOT DISTINCT FROM {current})")
 
 
 def _carried_select(manifest: Manifest, run_id: str) -> str:

@@ -192,12 +192,17 @@ def test_train_exclude_leaves_out_flagged_training_rows(audited):
     full = load_data(cfg)
     cleaned = load_data(cfg.model_copy(update={"exclude": str(audited["out"])}))
     flagged = set().union(*flagged_products(str(audited["out"])).values())
-    kept = set(cleaned.train["product_id"].to_pylist())
+
+    def training_side(data) -> set[str]:  # the rows trained on and those held out to calibrate
+        return set(data.train["product_id"].to_pylist()) | set(
+            data.calibration["product_id"].to_pylist())
+
+    kept = training_side(cleaned)
     assert {"copy", "resized", "blank", *audited["flipped"]} <= flagged
     assert not kept & flagged
-    assert kept == set(full.train["product_id"].to_pylist()) - flagged
+    assert kept == training_side(full) - flagged
     assert cleaned.val["product_id"].to_pylist() == full.val["product_id"].to_pylist()
-    assert cleaned.excluded["rows"] == full.train.num_rows - cleaned.train.num_rows
+    assert cleaned.excluded["rows"] == len(training_side(full)) - len(kept)
 
 
 def test_perceptual_hash_is_close_for_a_reencode_and_far_for_another_photo():

@@ -331,7 +331,7 @@ def test_training_spreads_workers_over_both_nodes(ray_cluster, grocery_root, tmp
         sys.executable, "-m", "jobs.train", "--manifest", str(manifest),
         "--output", str(shared / "train"), "--num-workers", "2", "--placement-strategy",
         "STRICT_SPREAD", "--epochs", "1", "--max-train-rows", "64", "--input-size", "64",
-        "--batch-size", "16",
+        "--batch-size", "16", "--calibration-fraction", "0",  # every row of the cap trains
         # The "GPU" node advertises a GPU without CUDA: --device auto would ask Ray Train for a
         # GPU per worker, and two workers cannot have the cluster's one.
         "--device", "cpu"])
