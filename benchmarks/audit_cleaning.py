@@ -96,7 +96,7 @@ def breakdown(pids: set[str], truth: dict) -> dict[str, int]:
 def cleaning(audit: Path, train_ids: set[str], truth: dict) -> dict[str, dict[str, int]]:
     """Per finding and for all of them: the excluded training rows by what they truly are
     (the same rows `jobs.train --exclude` leaves out)."""
-    from pipeline.findings import flagged_products
+    from pipeline.analysis.findings import flagged_products
 
     flagged = {k: v & train_ids for k, v in flagged_products(str(audit)).items()}
     out = {k: breakdown(flagged[k], truth) for k in FINDINGS}
@@ -122,7 +122,7 @@ def main() -> None:
                         help="rebuild the (seeded) faults, skip the jobs, read the outputs there")
     args = parser.parse_args()
 
-    from pipeline.importers import grocery_store_rows, write_manifest
+    from pipeline.training.importers import grocery_store_rows, write_manifest
 
     root = Path(args.output).resolve()
     models = ["A", "B"] + (["C"] if args.reference else [])

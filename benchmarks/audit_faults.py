@@ -6,7 +6,7 @@ Faults injected into a copy of the manifest (seeded):
   cropped     2-6% trimmed from each side, re-encoded (quality 85)
   flipped     a share of the original rows given a random other category
   placeholder blank, single-colour, gradient and "no image" text pictures (not product photos)
-Each copy keeps its source's category. The audit (`pipeline.audit.run`, default options) runs
+Each copy keeps its source's category. The audit (`pipeline.analysis.audit.run`, default options) runs
 with each model named by --models, then one table per model prints each finding's precision and
 recall. A duplicate row counts as right when it and its `duplicate_of` are the same photo; a
 pair of two original photos found as duplicates counts against precision (it may be a real
@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.analysis.findings import DUPLICATES_FILE, LABEL_ISSUES_FILE, OUTLIERS_FILE
 from pipeline.config import BUNDLED_MODEL, GROCERY_DATASET, AuditConfig
-from pipeline.findings import DUPLICATES_FILE, LABEL_ISSUES_FILE, OUTLIERS_FILE
 
 RESIZE_SCALES = (0.6, 0.9)
 RESIZE_QUALITY = (60, 90)
@@ -125,8 +125,8 @@ def build(rows: list[dict], folder: Path, args, rng: random.Random,
 def imagenet_artifact(folder: Path) -> str:
     """EfficientNet-Lite0 with its offline ImageNet weights as one of our artifacts (the audit
     uses only its penultimate layer; the head is the ImageNet head's shape, never trained here)."""
-    from pipeline.artifact import ModelMetadata, save_artifact
-    from pipeline.models import create_model, describe_weights, get_spec
+    from pipeline.models.artifact import ModelMetadata, save_artifact
+    from pipeline.models.registry import create_model, describe_weights, get_spec
 
     spec = get_spec("efficientnet_lite0")
     model = create_model("efficientnet_lite0", 2, "imagenet")
@@ -193,8 +193,8 @@ def main() -> None:
                         help="rebuild the (seeded) faults, skip the audits, measure the outputs there")
     args = parser.parse_args()
 
-    from pipeline.audit import run
-    from pipeline.importers import grocery_store_rows, write_manifest
+    from pipeline.analysis.audit import run
+    from pipeline.training.importers import grocery_store_rows, write_manifest
 
     rng = random.Random(args.seed)
     root = Path(args.output).resolve()

@@ -1,4 +1,4 @@
-"""The audit's neighbour searches alone: faiss (what `pipeline.audit` runs) beside the exact
+"""The audit's neighbour searches alone: faiss (what `pipeline.analysis.audit` runs) beside the exact
 scikit-learn search it replaced (kept here only as the reference), on synthetic data of the
 bundled model's shape.
 
@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.audit import (
+from pipeline.analysis.audit import (
     NEIGHBOUR_BLOCK_ROWS,
     PHASH_BITS,
     embedding_index,

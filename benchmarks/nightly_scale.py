@@ -87,8 +87,8 @@ def small_model(folder: Path) -> str:
     """A random-weight MODEL_ARCH at MODEL_PX with the bundled model's classes."""
     import torch
 
-    from pipeline.artifact import ModelMetadata, load_metadata, save_artifact
-    from pipeline.models import create_model, get_spec
+    from pipeline.models.artifact import ModelMetadata, load_metadata, save_artifact
+    from pipeline.models.registry import create_model, get_spec
 
     uri = folder / "model"
     if not (uri / "model.json").exists():
@@ -205,8 +205,8 @@ def driver_path(rows: int, root: Path) -> list[str]:
     """Each driver-side step of an incremental night at `rows`, timed in this process."""
     from pipeline import storage
     from pipeline.catalog import validate_manifest
-    from pipeline.chunks import plan_chunks
-    from pipeline.incremental import plan_night
+    from pipeline.nightly.chunks import plan_chunks
+    from pipeline.nightly.incremental import plan_night
     from pipeline.sinks import parquet as run_folder
     from pipeline.sinks.rows import OUTPUT_SCHEMA
 

@@ -7,7 +7,7 @@ Each run is a fresh `python` process, timed from its start to its exit, Ray's st
 where it starts Ray: what a scheduler pays for a small night. Runs, side by side:
 - ours, `--executor auto`: a night this small scores in the job's own process (no Ray);
 - ours, `--executor ray`: the same night through the Ray Data plan;
-- the Ray Data documentation's recipe (`pipeline.benchmark.ray_docs_baseline`) on the same
+- the Ray Data documentation's recipe (`pipeline.analysis.benchmark.ray_docs_baseline`) on the same
   model and photos, in a process that starts its own Ray.
 Then the start-up budget of our local night, line by line: the interpreter and imports (timed
 as `python -c "import ..."` alone), then the job's own phases from its summary.
@@ -26,14 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.benchmark import build_catalog
+from pipeline.analysis.benchmark import build_catalog
 from pipeline.config import BUNDLED_MODEL, GROCERY_DATASET
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROWS = 1500
-JOB_IMPORTS = "import jobs.recategorize, pipeline.recategorize, pipeline.cluster"
+JOB_IMPORTS = "import jobs.recategorize, pipeline.nightly.recategorize, pipeline.inference.cluster"
 BASELINE = ("import sys, ray; from pathlib import Path; "
-            "from pipeline.benchmark import ray_docs_baseline; "
+            "from pipeline.analysis.benchmark import ray_docs_baseline; "
             "ray.init(address='local', include_dashboard=False, logging_level='ERROR'); "
             "print(ray_docs_baseline(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])))")
 

@@ -15,7 +15,7 @@ PROG = "python -m jobs.audit"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(AuditConfig, argv, __doc__, PROG)
     # torch, Ray, scikit-learn and cleanlab load only once the arguments are good
-    from pipeline.audit import run
+    from pipeline.analysis.audit import run
 
     print(json.dumps(run(cfg), indent=2))
 

@@ -14,7 +14,7 @@ PROG = "python -m jobs.benchmark"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(BenchmarkConfig, argv, __doc__, PROG)
     # torch and Ray load only once the arguments are good: --help answers at once
-    from pipeline.benchmark import run_benchmark
+    from pipeline.analysis.benchmark import run_benchmark
 
     print(run_benchmark(cfg))
 

@@ -16,7 +16,7 @@ PROG = "python -m jobs.calibrate"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(CalibrateConfig, argv, __doc__, PROG)
     # torch and Ray load only once the arguments are good: --help answers at once
-    from pipeline.recalibrate import run
+    from pipeline.training.recalibrate import run
 
     print(json.dumps(run(cfg), indent=2))
 

@@ -15,7 +15,7 @@ PROG = "python -m jobs.embed"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(EmbedConfig, argv, __doc__, PROG)
     # torch and Ray load only once the arguments are good: --help answers at once
-    from pipeline.embeddings import run
+    from pipeline.training.embeddings import run
 
     summary = run(cfg)
     summary.pop("config", None)

@@ -16,7 +16,7 @@ PROG = "python -m jobs.evaluate"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(EvaluateConfig, argv, __doc__, PROG)
     # torch and Ray load only once the arguments are good: --help answers at once
-    from pipeline.evaluate import run
+    from pipeline.analysis.evaluate import run
 
     metrics = run(cfg)
     keys = ("rows", "scored_rows", "error_rows", "accuracy", "top5_accuracy", "coarse_accuracy",

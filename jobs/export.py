@@ -17,7 +17,7 @@ PROG = "python -m jobs.export"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(ExportConfig, argv, __doc__, PROG)
     # torch and onnxruntime load only once the arguments are good: --help answers at once
-    from pipeline.export import export
+    from pipeline.inference.export import export
 
     meta = export(cfg)
     print(json.dumps({"output": cfg.output, "format": meta["export"]["format"],

@@ -16,7 +16,7 @@ PROG = "python -m jobs.recategorize"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(RecategorizeConfig, argv, __doc__, PROG)
     # torch and Ray load only once the arguments are good: --help answers at once
-    from pipeline.recategorize import format_summary, run
+    from pipeline.nightly.recategorize import format_summary, run
 
     print(format_summary(run(cfg)))
 

@@ -14,7 +14,7 @@ PROG = "python -m jobs.train"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(TrainConfig, argv, __doc__, PROG)
     # torch and Ray load only once the arguments are good: --help answers at once
-    from pipeline.train import run
+    from pipeline.training.train import run
 
     summary = run(cfg)
     summary.pop("history", None)

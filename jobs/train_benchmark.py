@@ -14,7 +14,7 @@ PROG = "python -m jobs.train_benchmark"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(TrainBenchmarkConfig, argv, __doc__, PROG)
     # torch and Ray load only once the arguments are good: --help answers at once
-    from pipeline.train_benchmark import run_train_benchmark
+    from pipeline.training.train_benchmark import run_train_benchmark
 
     policies = [p.strip() for p in cfg.policies.split(",") if p.strip()]
     sizes = [int(s) for s in cfg.sizes.split(",") if s.strip()]

@@ -22,7 +22,7 @@ REQUIRED = {"product_id": pa.string(), "image_uri": pa.string()}
 OPTIONAL = {"current_category": pa.string()}
 TRAINING_REQUIRED = {**REQUIRED, "category": pa.string()}
 TRAINING_OPTIONAL = {"coarse_category": pa.string(), "split": pa.string()}
-# Rows held out of training to fit the temperature and decision thresholds (pipeline.train).
+# Rows held out of training to fit the temperature and decision thresholds (pipeline.training.train).
 CALIBRATION_SPLIT = "calibration"
 SPLITS = ("train", "val", "test", CALIBRATION_SPLIT)
 

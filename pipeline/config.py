@@ -158,7 +158,7 @@ class RecategorizeConfig(ImageAccessOptions, ExecutorOptions, JobConfig):
     def _threshold_from_report(cls, values: Any) -> Any:
         """Read the threshold up front, so a bad report stops the job before it writes."""
         if isinstance(values, dict) and values.get("review_threshold_from"):
-            from pipeline.calibration import review_threshold_from_report
+            from pipeline.models.calibration import review_threshold_from_report
 
             values = {**values,
                       "review_threshold": review_threshold_from_report(values["review_threshold_from"])}
@@ -283,7 +283,7 @@ class RecategorizeConfig(ImageAccessOptions, ExecutorOptions, JobConfig):
         return self
 
 
-# Common corruptions `jobs.evaluate --corruptions` measures (pipeline.robustness: ImageNet-C's
+# Common corruptions `jobs.evaluate --corruptions` measures (pipeline.analysis.robustness: ImageNet-C's
 # recipes), their severity scale, and the FGSM strengths measured with them (pixel levels of 255).
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "jpeg", "brightness", "contrast")
 MAX_SEVERITY = 5
@@ -774,7 +774,7 @@ class BenchmarkConfig(JobConfig):
         DEFAULT_DEVICE, description="Inference device. 'auto': cuda when this machine has one, else cpu.")
 
 
-# jobs.export's formats (pipeline.export.FORMATS; kept here so parsing imports nothing heavy).
+# jobs.export's formats (pipeline.inference.export.FORMATS; kept here so parsing imports nothing heavy).
 ExportFormat = Literal["onnx", "onnx-int8", "onnx-fp16"]
 # Calibration sample of jobs.export: a few hundred images cover every category of a catalog of
 # ~100 categories a few times; more costs export time without changing the int8 ranges much.

@@ -81,14 +81,14 @@ def tiny_model(tmp_path_factory, sample_images) -> str:
     embeddings (weight imprinting), so predictions and confidences vary with the image. The photos
     other than `sample_images` play the training split, `sample_images` the validation split the
     centroid open-set threshold is set on. Same classes and coarse map as the bundled model;
-    written by pipeline.artifact.save_artifact. Built on one thread, so float sums do not depend
+    written by pipeline.models.artifact.save_artifact. Built on one thread, so float sums do not depend
     on the core count: the same model_version every session on a given kind of CPU."""
     import torch
 
-    from pipeline.artifact import ModelMetadata, load_metadata, save_artifact
-    from pipeline.decode import decode_image
-    from pipeline.models import get_spec
-    from pipeline.transforms import norm_tensors, to_model_input
+    from pipeline.images.decode import decode_image
+    from pipeline.models.artifact import ModelMetadata, load_metadata, save_artifact
+    from pipeline.models.registry import get_spec
+    from pipeline.models.transforms import norm_tensors, to_model_input
 
     bundled = load_metadata(BUNDLED_MODEL)
     spec = get_spec(TINY_ARCHITECTURE)
@@ -123,8 +123,8 @@ def _imprinted_model(x_train, y_train, x_val, num_classes: int):
     x_train's class-mean embeddings; and its centroids and open-set record (set on x_val)."""
     import torch
 
-    from pipeline import openset
-    from pipeline.models import create_model, get_spec
+    from pipeline.models import openset
+    from pipeline.models.registry import create_model, get_spec
 
     with torch.random.fork_rng(devices=[]):  # seeded without touching the session's RNG state
         torch.manual_seed(TINY_SEED)

@@ -6,18 +6,39 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 
+def module_names() -> dict[str, Path]:
+    """Every module of the package by its dotted name under `pipeline` ('inference.engine');
+    a package's __init__ is the package's name."""
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts) or "__init__"] = path
+    return names
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the pipeline modules it imports anywhere in its source."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    """Module -> the pipeline modules it imports anywhere in its source (a package that is
+    imported stands for its __init__)."""
+    modules = module_names()
     graph = {}
-    for name in modules:
+    for name, path in modules.items():
         deps = set()
-        for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-                deps |= {a.name for a in node.names if a.name in modules}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-                deps.add(node.module.split(".")[1])
-        graph[name] = deps - {name}
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and \
+                    (node.module or "").split(".")[0] == "pipeline":
+                base = node.module.removeprefix("pipeline").lstrip(".")
+                for a in node.names:
+                    full = f"{base}.{a.name}" if base else a.name
+                    targets.append(full if full in modules else base)
+            elif isinstance(node, ast.Import):
+                targets = [a.name.removeprefix("pipeline.") for a in node.names
+                           if a.name.startswith("pipeline.")]
+            deps |= {t for t in targets if t in modules}
+        # a package's __init__ is not a dependency of its own modules
+        graph[name] = {d for d in deps if d != name and not name.startswith(d + ".")}
     return graph
 
 
@@ -47,19 +68,20 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_pipeline_modules_import_no_cycle():
     graph = import_graph()
-    assert {"config", "evaluate", "train", "models"} <= set(graph)
+    assert {"config", "analysis.evaluate", "training.train", "models.registry",
+            "sinks.parquet"} <= set(graph)
     assert cycles(graph) == []
 
 
 # The library module behind each job that reads images: each must build its plan with the
 # scoring engine (README, "Architecture"), so every job shares the URI policy and the limits.
-IMAGE_JOBS = {"recategorize": "recategorize", "evaluate": "evaluate", "embed": "embeddings",
-              "audit": "audit"}
+IMAGE_JOBS = {"recategorize": "nightly.recategorize", "evaluate": "analysis.evaluate",
+              "embed": "training.embeddings", "audit": "analysis.audit"}
 
 
 def test_every_job_that_reads_images_scores_through_the_engine():
     graph = import_graph()
-    assert {module for module in IMAGE_JOBS.values() if "engine" not in graph[module]} == set()
+    assert {module for module in IMAGE_JOBS.values() if "inference.engine" not in graph[module]} == set()
 
 
 def test_every_job_that_reads_images_takes_the_uri_policy_options():
@@ -78,7 +100,7 @@ CLIENT_MODULES = ("aiohttp", "requests", "urllib.request", "http.client", "fsspe
 CLIENT_HOLDERS = {"fetch", "storage", "lease"}
 # Modules that read whole files by URI with storage.read_bytes: each reads this project's own
 # files (artifacts, configs, the audit's tables, pinned weights), never a manifest's image.
-OWN_FILE_READERS = {"artifact", "config", "export", "findings", "models", "pretrained", "storage"}
+OWN_FILE_READERS = {"artifact", "config", "export", "findings", "registry", "pretrained", "storage"}
 
 
 def _modules_and_calls(path: Path) -> tuple[set[str], set[str]]:
@@ -95,7 +117,7 @@ def _modules_and_calls(path: Path) -> tuple[set[str], set[str]]:
 
 
 def test_every_byte_read_from_a_uri_goes_through_the_fetch_path():
-    """Image bytes reach the pipeline only through pipeline.fetch (engine.ImageSettings.fetch,
+    """Image bytes reach the pipeline only through pipeline.images.fetch (engine.ImageSettings.fetch,
     the preprocessor): no other module holds a network or storage client, and whole-file reads
     by URI stay in the modules that read the project's own files."""
     offenders = []

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from pipeline.artifact import ModelMetadata, load_artifact, save_artifact
 from pipeline.errors import ModelError
-from pipeline.models import create_model
+from pipeline.models.artifact import ModelMetadata, load_artifact, save_artifact
+from pipeline.models.registry import create_model
 
 
 def _meta(classes=("a", "b", "c")):
@@ -65,8 +65,8 @@ def test_classifier_bf16_is_close_to_fp32(tmp_path, sample_images):
     on the CPU, where autocast to bf16 is also supported."""
     import numpy as np
 
-    from pipeline.decode import decode_image
-    from pipeline.predict import Classifier
+    from pipeline.images.decode import decode_image
+    from pipeline.inference.predict import Classifier
 
     save_artifact(create_model("mobilenet_v3_small", 3).eval(), _meta(), str(tmp_path / "m"))
     images = np.stack([decode_image(p.read_bytes(), 64) for p in sample_images[:8]])
@@ -80,8 +80,8 @@ def test_classifier_bf16_is_close_to_fp32(tmp_path, sample_images):
 def test_lite_artifact_keeps_provenance_open_set_and_half_precision(tmp_path):
     """A pretrained EfficientNet-Lite artifact stored in float16: half the bytes, the metadata
     round-trips, and its predictions match the float32 model's."""
-    from pipeline import pretrained
-    from pipeline.models import describe_weights, get_spec
+    from pipeline.models import pretrained
+    from pipeline.models.registry import describe_weights, get_spec
 
     name = "efficientnet_lite0"
     spec = get_spec(name)
@@ -117,7 +117,7 @@ def test_open_set_threshold_is_part_of_the_version(tmp_path):
 
 
 def test_centroids_travel_with_the_artifact_and_are_hashed(tmp_path):
-    from pipeline.artifact import CENTROIDS_FILE, load_centroids
+    from pipeline.models.artifact import CENTROIDS_FILE, load_centroids
 
     model = create_model("mobilenet_v3_small", 3)
     meta = _meta()
@@ -148,9 +148,9 @@ def test_tiny_model_fixture_is_a_real_artifact_that_tells_photos_apart(tiny_mode
     bundled model's categories, and its predictions and open-set scores depend on the photo."""
     import numpy as np
 
-    from pipeline.artifact import load_centroids
-    from pipeline.predict import Classifier
-    from pipeline.preprocess import Preprocessor
+    from pipeline.images.preprocess import Preprocessor
+    from pipeline.inference.predict import Classifier
+    from pipeline.models.artifact import load_centroids
 
     meta = load_artifact(tiny_model)[1]  # loads like any artifact: content hash verified
     bundled = load_artifact(bundled_model)[1]

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.audit import (
+from pipeline.analysis.audit import (
     IVF_PROBES,
     IVF_TRAIN_ROWS_PER_LIST,
     PHASH_BITS,
@@ -27,9 +27,7 @@ from pipeline.audit import (
     phash_value,
     run,
 )
-from pipeline.config import AuditConfig, TrainConfig
-from pipeline.decode import decode_image
-from pipeline.findings import (
+from pipeline.analysis.findings import (
     DUPLICATES_FILE,
     ERRORS_FILE,
     LABEL_ISSUES_FILE,
@@ -37,7 +35,9 @@ from pipeline.findings import (
     REPORT_FILE,
     flagged_products,
 )
-from pipeline.train import load_data
+from pipeline.config import AuditConfig, TrainConfig
+from pipeline.images.decode import decode_image
+from pipeline.training.train import load_data
 from tests.conftest import photos_by_category, reencode, upload_tree, write_manifest
 
 # One worker of a parallel run (--dist loadgroup) takes the module, so its module fixtures

@@ -13,12 +13,12 @@ from PIL import Image
 
 from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
-from pipeline import fetch
-from pipeline.decode import decode_image, open_reduced
 from pipeline.errors import ImageError
-from pipeline.fetch import fetch_bytes
-from pipeline.preprocess import Preprocessor
-from pipeline.security import UriPolicy
+from pipeline.images import fetch
+from pipeline.images.decode import decode_image, open_reduced
+from pipeline.images.fetch import fetch_bytes
+from pipeline.images.preprocess import Preprocessor
+from pipeline.images.security import UriPolicy
 from tests.conftest import _png_header_only, _save, odd_images, summary_json, write_manifest
 
 MAX_BYTES = 3_000_000

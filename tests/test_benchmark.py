@@ -2,10 +2,10 @@
 
 import pytest
 
-from pipeline.benchmark import run_benchmark
+from pipeline.analysis.benchmark import run_benchmark
 from pipeline.config import BenchmarkConfig, TrainBenchmarkConfig, validate
 from pipeline.errors import ConfigError
-from pipeline.train_benchmark import run_train_benchmark
+from pipeline.training.train_benchmark import run_train_benchmark
 
 
 @pytest.mark.slow

@@ -3,13 +3,13 @@ artifact on held-out rows, scored by its own backend, as a new artifact."""
 
 import pytest
 
-from pipeline import decide
-from pipeline.artifact import load_metadata, rewrite_artifact, verify_artifact
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.errors import ConfigError
-from pipeline.importers import make_manifest
-from pipeline.recalibrate import run
-from pipeline.train import load_data
+from pipeline.models import decide
+from pipeline.models.artifact import load_metadata, rewrite_artifact, verify_artifact
+from pipeline.training.importers import make_manifest
+from pipeline.training.recalibrate import run
+from pipeline.training.train import load_data
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def test_image_version_of_a_type_the_plan_cannot_compare_is_refused_before_work(
 def test_validation_and_chunk_planning_read_one_file_set(tmp_path):
     """Hidden and '_' names are skipped everywhere; files without a suffix (Hive, Trino) count
     everywhere."""
-    from pipeline.chunks import plan_chunks
+    from pipeline.nightly.chunks import plan_chunks
 
     folder = tmp_path / "manifest"
     rows = lambda prefix, n: [{"product_id": f"{prefix}{i}", "image_uri": f"{i}.jpg"}  # noqa: E731

@@ -10,16 +10,16 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipeline.cluster import NODE_ENV, actor_device, job_error
 from pipeline.config import REPO_ROOT, RecategorizeConfig, parse_args, validate
-from pipeline.engine import (
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.inference.cluster import NODE_ENV, actor_device, job_error
+from pipeline.inference.engine import (
     DECODE_RESOURCE_PER_TASK,
     Placement,
     actor_pool_bounds,
     decode_placement,
     inference_placement,
 )
-from pipeline.errors import ConfigError, PipelineError
 
 PROJECT_VERSION = re.search(r'^version = "(.+)"', (REPO_ROOT / "pyproject.toml").read_text(),
                             re.MULTILINE).group(1)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import decide
+from pipeline.models import decide
 
 POLICY = decide.Policy(keep_threshold=0.10, change_threshold=0.90, assign_threshold=0.80,
                        confusable_pairs=frozenset({("Cantaloupe", "Galia-Melon")}))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import decode_image
 from pipeline.errors import ImageError
+from pipeline.images.decode import decode_image
 from tests.conftest import reencode
 
 

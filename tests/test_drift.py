@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from pipeline.drift import (
+from pipeline.nightly.drift import (
     CONFIDENCE_BINS,
     TOP_MOVERS,
     UNKNOWN_ERROR_TYPE,

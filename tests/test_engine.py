@@ -11,11 +11,12 @@ import shutil
 import pyarrow as pa
 import pytest
 
-from pipeline import embeddings, evaluate, train
-from pipeline.artifact import load_metadata
+from pipeline.analysis import evaluate
 from pipeline.config import EmbedConfig, EvaluateConfig, RecategorizeConfig, TrainConfig
 from pipeline.errors import ConfigError, TrainingError
-from pipeline.recategorize import run
+from pipeline.models.artifact import load_metadata
+from pipeline.nightly.recategorize import run
+from pipeline.training import embeddings, train
 from tests.conftest import committed_table, write_manifest
 
 REFUSED = "not allowed"

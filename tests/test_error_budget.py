@@ -15,7 +15,8 @@ import pytest
 
 from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
-from pipeline.budget import (
+from pipeline.errors import ErrorBudgetError, FailFastError
+from pipeline.nightly.budget import (
     BUDGET_FREE_ERRORS,
     FAIL_FAST_MIN_ROWS,
     BudgetCheck,
@@ -24,7 +25,6 @@ from pipeline.budget import (
     fix_hint,
     night_errors,
 )
-from pipeline.errors import ErrorBudgetError, FailFastError
 from tests.conftest import committed_table, make_catalog, summary_json, write_manifest
 
 REFUSED = "not allowed: location is outside the allowed prefixes"

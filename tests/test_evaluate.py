@@ -21,13 +21,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from pipeline import decide
-from pipeline.artifact import load_artifact, load_metadata
-from pipeline.config import EvaluateConfig, RecategorizeConfig
-from pipeline.decode import decode_image
-from pipeline.engine import ImageSettings
-from pipeline.errors import ConfigError
-from pipeline.evaluate import (
+from pipeline.analysis.evaluate import (
     Scored,
     auto_accept,
     compute_metrics,
@@ -35,11 +29,17 @@ from pipeline.evaluate import (
     coverage_curve,
     write_report,
 )
-from pipeline.importers import grocery_store_rows
-from pipeline.models import get_spec
-from pipeline.predict import Classifier
-from pipeline.report import THUMBNAIL_PX, coarse_groups, open_set_html, split_per_class
-from pipeline.security import UriPolicy
+from pipeline.analysis.report import THUMBNAIL_PX, coarse_groups, open_set_html, split_per_class
+from pipeline.config import EvaluateConfig, RecategorizeConfig
+from pipeline.errors import ConfigError
+from pipeline.images.decode import decode_image
+from pipeline.images.security import UriPolicy
+from pipeline.inference.engine import ImageSettings
+from pipeline.inference.predict import Classifier
+from pipeline.models import decide
+from pipeline.models.artifact import load_artifact, load_metadata
+from pipeline.models.registry import get_spec
+from pipeline.training.importers import grocery_store_rows
 from tests.test_training_recipe import small_training_manifest
 
 
@@ -256,7 +256,7 @@ def eval_manifest(grocery_root, tmp_path) -> Path:
 @pytest.mark.slow
 def test_evaluation_report_matches_an_independent_computation(ray_local, eval_manifest, tmp_path,
                                                               bundled_model):
-    from pipeline.evaluate import run
+    from pipeline.analysis.evaluate import run
 
     out = tmp_path / "report"
     metrics = run(EvaluateConfig(manifest=str(eval_manifest), model=bundled_model, output=str(out),
@@ -318,8 +318,8 @@ def test_evaluation_report_matches_an_independent_computation(ray_local, eval_ma
 @pytest.mark.slow
 def test_corruptions_report_robust_accuracy_beside_the_clean(ray_local, eval_manifest, tmp_path,
                                                              bundled_model):
-    from pipeline.evaluate import run
-    from pipeline.robustness import corrupt
+    from pipeline.analysis.evaluate import run
+    from pipeline.analysis.robustness import corrupt
 
     out = tmp_path / "report"
     metrics = run(EvaluateConfig(manifest=str(eval_manifest), model=bundled_model, output=str(out),
@@ -362,7 +362,7 @@ def test_feature_route_exports_logistic_regression_as_a_linear_head(ray_local, g
                                                                     tiny_model):
     """The exported artifact gives the same probabilities as the fitted scikit-learn model."""
     from pipeline.config import EmbedConfig
-    from pipeline.embeddings import Embedder, run
+    from pipeline.training.embeddings import Embedder, run
 
     manifest = small_training_manifest(grocery_root, tmp_path / "m.parquet", train_per_class=6,
                                        val_per_class=2)
@@ -394,7 +394,7 @@ def test_feature_route_exports_logistic_regression_as_a_linear_head(ray_local, g
 def test_report_thumbnails_obey_the_uri_policy(tmp_path, sample_images, image_server):
     """A report reads its thumbnails through the job's guarded fetch path: nothing outside the
     manifest's folder, no address the policy refuses."""
-    from pipeline.report import pair_thumbnails
+    from pipeline.analysis.report import pair_thumbnails
 
     catalog = tmp_path / "catalog"
     catalog.mkdir()

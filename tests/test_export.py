@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from jobs._main import run_job
-from pipeline.artifact import load_artifact, load_metadata
 from pipeline.config import EvaluateConfig, ExportConfig, RecategorizeConfig, build_parser
 from pipeline.errors import ConfigError, ModelError
-from pipeline.export import FORMATS, TOLERANCES, ParityError, export
-from pipeline.onnx_backend import (
+from pipeline.images.preprocess import Preprocessor
+from pipeline.inference.export import FORMATS, TOLERANCES, ParityError, export
+from pipeline.inference.onnx_backend import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     TENSORRT_PROVIDER,
@@ -27,8 +27,8 @@ from pipeline.onnx_backend import (
     available_providers,
     providers_for,
 )
-from pipeline.predict import Classifier
-from pipeline.preprocess import Preprocessor
+from pipeline.inference.predict import Classifier
+from pipeline.models.artifact import load_artifact, load_metadata
 from tests.conftest import SAMPLE_DIR, photos_by_category, write_manifest
 
 # One worker of a parallel run (--dist loadgroup) takes the module, so its module fixtures
@@ -194,7 +194,7 @@ def test_exported_artifact_is_refused_where_torch_weights_are_needed(tiny_onnx):
 
 
 def test_torch_only_options_are_refused_before_the_night_writes(tiny_onnx, small_catalog, tmp_path):
-    from pipeline.recategorize import run
+    from pipeline.nightly.recategorize import run
 
     manifest, _, _ = small_catalog
     out = tmp_path / "out"
@@ -215,7 +215,7 @@ def _predictions(out: Path) -> dict[str, tuple]:
 
 def test_recategorize_picks_the_backend_from_the_artifact(tiny_model, tiny_onnx, small_catalog,
                                                           tmp_path):
-    from pipeline.recategorize import run
+    from pipeline.nightly.recategorize import run
 
     manifest, n, expected = small_catalog
     runs = {}
@@ -231,8 +231,8 @@ def test_recategorize_picks_the_backend_from_the_artifact(tiny_model, tiny_onnx,
 @pytest.mark.slow
 def test_int8_artifact_runs_on_a_ray_actor_pool_and_in_evaluate(ray_local, tiny_int8, small_catalog,
                                                                  tmp_path, sample_images):
-    from pipeline.evaluate import run as evaluate
-    from pipeline.recategorize import run
+    from pipeline.analysis.evaluate import run as evaluate
+    from pipeline.nightly.recategorize import run
 
     manifest, n, expected = small_catalog
     summary = run(RecategorizeConfig(manifest=str(manifest), model=tiny_int8,
@@ -313,7 +313,8 @@ def test_bundled_model_int8_export(bundled_model, grocery_root, tmp_path):
 
 
 def test_model_level_export_code_imports_no_ray():
-    code = ("import sys, pipeline.export, pipeline.predict, pipeline.onnx_backend; "
+    code = ("import sys, pipeline.inference.export, pipeline.inference.predict, "
+            "pipeline.inference.onnx_backend; "
             "print('ray' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -347,7 +348,7 @@ def test_fp16_export_stores_half_precision_and_runs_on_the_cpu_provider(tiny_mod
 def test_robustness_of_an_export_measures_corruptions_and_skips_the_attack(tiny_onnx, sample_images):
     """An ONNX export has no gradients: the scorer measures its corruptions in ONNX Runtime and
     leaves FGSM out rather than failing."""
-    from pipeline.robustness import RobustnessScorer, corrupt
+    from pipeline.analysis.robustness import RobustnessScorer, corrupt
 
     meta = load_metadata(tiny_onnx)
     batch = _batch(sample_images, meta.input_size)
@@ -364,7 +365,7 @@ def test_robustness_of_an_export_measures_corruptions_and_skips_the_attack(tiny_
 def test_calibration_images_obey_the_uri_policy(tmp_path, sample_images, image_server):
     """--calibration-source reads through the guarded fetch path: local files under the
     source's folder only; '../' and http(s) rows of a manifest are refused, never fetched."""
-    from pipeline.export import calibration_images
+    from pipeline.inference.export import calibration_images
 
     folder = tmp_path / "calib"
     folder.mkdir()

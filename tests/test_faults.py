@@ -22,7 +22,7 @@ import pytest
 from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
 from pipeline.config import RecategorizeConfig
-from pipeline.recategorize import run
+from pipeline.nightly.recategorize import run
 from tests.conftest import committed_table, summary_json, write_manifest
 
 COMPARED = ["product_id", "image_uri", "status", "error_type", "predicted_category",

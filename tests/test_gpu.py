@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifact import load_metadata
-from pipeline.decode import decode_image
-from pipeline.predict import Classifier
+from pipeline.images.decode import decode_image
+from pipeline.inference.predict import Classifier
+from pipeline.models.artifact import load_metadata
 
 
 @pytest.mark.gpu

@@ -16,10 +16,10 @@ import pytest
 
 from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
-from pipeline.engine import ImageSettings
 from pipeline.errors import ROW_ERROR_TYPES, ImageError
-from pipeline.export import calibration_images
-from pipeline.security import UriPolicy
+from pipeline.images.security import UriPolicy
+from pipeline.inference.engine import ImageSettings
+from pipeline.inference.export import calibration_images
 from tests.conftest import summary_json, write_manifest
 
 COUNT = 1000

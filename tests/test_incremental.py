@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from pipeline.config import RecategorizeConfig
-from pipeline.recategorize import run
+from pipeline.nightly.recategorize import run
 from tests.conftest import committed_table, write_manifest
 
 # Columns a carried row and a re-scored row must agree on (scores compared with a tolerance).

@@ -19,7 +19,7 @@ from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
 from pipeline import storage
 from pipeline.errors import OutputBusyError, OutputError
-from pipeline.lease import LEASE_FILE, OutputLease, lease_store
+from pipeline.nightly.lease import LEASE_FILE, OutputLease, lease_store
 from tests.conftest import make_catalog, summary_json
 
 TAKERS = 4
@@ -212,7 +212,7 @@ def test_a_run_that_stalled_past_its_lease_publishes_nothing(tmp_path, sample_im
     When A reaches its commit point, the fence (the lease's conditional renewal) stops it:
     exit 8, and `_SUCCESS` still names B."""
     from pipeline.config import RecategorizeConfig
-    from pipeline.recategorize import run
+    from pipeline.nightly.recategorize import run
     from pipeline.sinks import parquet as run_folder
 
     manifest, _ = make_catalog(tmp_path / "catalog", sample_images, good=4)

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.errors import ModelError
-from pipeline.models import create_model, list_models
+from pipeline.models.registry import create_model, list_models
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import decide, openset
+from pipeline.models import decide, openset
 from pipeline.sinks.rows import OUTPUT_SCHEMA, OutputFormatter
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifact import load_artifact
-from pipeline.models import create_model
-from pipeline.predict import Classifier, fold_batch_norms
-from pipeline.preprocess import Preprocessor
-from pipeline.transforms import norm_tensors, to_model_input
+from pipeline.images.preprocess import Preprocessor
+from pipeline.inference.predict import Classifier, fold_batch_norms
+from pipeline.models.artifact import load_artifact
+from pipeline.models.registry import create_model
+from pipeline.models.transforms import norm_tensors, to_model_input
 
 
 def _trained_like(model: torch.nn.Module) -> torch.nn.Module:

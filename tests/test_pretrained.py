@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import pretrained
-from pipeline.decode import decode_image
 from pipeline.errors import ModelError
-from pipeline.models import create_model, describe_weights, get_spec
-from pipeline.transforms import norm_tensors, to_model_input
+from pipeline.images.decode import decode_image
+from pipeline.models import pretrained
+from pipeline.models.registry import create_model, describe_weights, get_spec
+from pipeline.models.transforms import norm_tensors, to_model_input
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample-catalog" / "images"
 GRANNY_SMITH_IMAGENET = 948  # ImageNet-1k class "Granny Smith"

@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import decide
-from pipeline.artifact import load_metadata
 from pipeline.config import LOCAL_MAX_ROWS, RecategorizeConfig
-from pipeline.preprocess import Preprocessor
-from pipeline.recategorize import choose_executor, run
+from pipeline.images.preprocess import Preprocessor
+from pipeline.models import decide
+from pipeline.models.artifact import load_metadata
+from pipeline.nightly.recategorize import choose_executor, run
 from pipeline.sinks.rows import OUTPUT_SCHEMA
 from tests.conftest import SAMPLE_DIR
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.artifact import load_artifact, load_metadata
+from pipeline.analysis.robustness import RobustnessScorer, attack, conditions, corrupt, summarize
 from pipeline.config import CORRUPTIONS, MAX_SEVERITY, TrainConfig
-from pipeline.decode import decode_image
 from pipeline.errors import ConfigError
-from pipeline.models import create_model
-from pipeline.predict import Classifier
-from pipeline.robustness import RobustnessScorer, attack, conditions, corrupt, summarize
-from pipeline.train import Adversarial, ClassificationLoss, train_one_epoch
-from pipeline.transforms import EvalPreset, norm_tensors, to_model_input
+from pipeline.images.decode import decode_image
+from pipeline.inference.predict import Classifier
+from pipeline.models.artifact import load_artifact, load_metadata
+from pipeline.models.registry import create_model
+from pipeline.models.transforms import EvalPreset, norm_tensors, to_model_input
+from pipeline.training.train import Adversarial, ClassificationLoss, train_one_epoch
 
 ATTACK_EPSILON = 4.0
 

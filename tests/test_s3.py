@@ -113,8 +113,8 @@ def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, t
 @pytest.mark.slow
 def test_train_reads_its_manifest_and_writes_its_model_in_s3(ray_local, s3_bucket, tmp_path,
                                                             sample_images):
-    from pipeline.artifact import load_artifact
-    from pipeline.train import run as train
+    from pipeline.models.artifact import load_artifact
+    from pipeline.training.train import run as train
 
     labelled_catalog(tmp_path / "train", sample_images[:8] * 2, val_from=8)
     upload_tree(tmp_path / "train", f"{s3_bucket}/train")
@@ -171,7 +171,7 @@ def test_make_manifest_and_evaluate_read_and_write_s3(ray_local, s3_bucket, tmp_
 @pytest.mark.slow
 def test_embed_reads_and_writes_s3(ray_local, s3_bucket, tmp_path, sample_images, tiny_model):
     from jobs.embed import main as embed_main
-    from pipeline.artifact import load_artifact
+    from pipeline.models.artifact import load_artifact
 
     labelled_catalog(tmp_path / "embed", sample_images[:4] * 3, val_from=8)
     upload_tree(tmp_path / "embed", f"{s3_bucket}/embed")

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from pipeline.errors import ConfigError, ImageError
-from pipeline.fetch import fetch_bytes
-from pipeline.security import UriPolicy, safe_name
+from pipeline.images.fetch import fetch_bytes
+from pipeline.images.security import UriPolicy, safe_name
 
 
 class StubResolver:

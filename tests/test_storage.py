@@ -9,7 +9,7 @@ from pipeline import storage
 
 def test_remove_works_after_the_current_folder_is_deleted(tmp_path, monkeypatch):
     """What a Ray job's driver meets when its unpacked --working-dir is replaced under it
-    (pipeline.cluster.leave_working_dir): removing a run's staging folder at publish."""
+    (pipeline.inference.cluster.leave_working_dir): removing a run's staging folder at publish."""
     gone = tmp_path / "working_dir"
     gone.mkdir()
     staging = tmp_path / "out" / "_staging" / "key"

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import decide
-from pipeline.artifact import load_artifact
 from pipeline.config import TrainConfig
-from pipeline.decode import decode_image
-from pipeline.importers import make_manifest
-from pipeline.models import create_model
-from pipeline.train import load_data, run, stratified_split
+from pipeline.images.decode import decode_image
+from pipeline.models import decide
+from pipeline.models.artifact import load_artifact
+from pipeline.models.registry import create_model
+from pipeline.training.importers import make_manifest
+from pipeline.training.train import load_data, run, stratified_split
 
 
 def test_stratified_split_takes_a_share_of_every_class():

@@ -16,19 +16,18 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from pipeline.artifact import (
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError, ModelError
+from pipeline.images.decode import decode_image
+from pipeline.models.artifact import (
     ModelMetadata,
     load_artifact,
     load_centroids,
     save_artifact,
     transfer_from_artifact,
 )
-from pipeline.calibration import expected_calibration_error, fit_temperature
-from pipeline.config import TrainConfig
-from pipeline.decode import decode_image
-from pipeline.errors import ConfigError, ModelError
-from pipeline.importers import grocery_store_rows
-from pipeline.models import (
+from pipeline.models.calibration import expected_calibration_error, fit_temperature
+from pipeline.models.registry import (
     CoarseHeadModel,
     create_model,
     describe_weights,
@@ -37,7 +36,9 @@ from pipeline.models import (
     get_spec,
     param_groups,
 )
-from pipeline.train import (
+from pipeline.models.transforms import AUGMENT_PRESETS, TrainPreset, norm_tensors, to_model_input
+from pipeline.training.importers import grocery_store_rows
+from pipeline.training.train import (
     ClassificationLoss,
     CosinePlan,
     EarlyStopping,
@@ -46,7 +47,6 @@ from pipeline.train import (
     cosine_with_warmup,
     train_one_epoch,
 )
-from pipeline.transforms import AUGMENT_PRESETS, TrainPreset, norm_tensors, to_model_input
 
 SMALL_CLASSES = ("Banana", "Kiwi", "Granny-Smith", "Pink-Lady", "Oatly-Oat-Milk", "Arla-Standard-Milk")
 
@@ -407,7 +407,7 @@ def test_a_run_resumed_from_s3_checkpoints_matches_an_uninterrupted_one(ray_loca
     metrics of a run that was never interrupted (whose checkpoints sit beside its output)."""
     import boto3
 
-    from pipeline.train import run
+    from pipeline.training.train import run
 
     s3, bucket, checkpoints = boto3.client("s3"), s3_bucket.removeprefix("s3://"), f"{s3_bucket}/grocery"
 
@@ -440,7 +440,7 @@ def test_a_run_resumed_from_s3_checkpoints_matches_an_uninterrupted_one(ray_loca
 @pytest.mark.slow
 def test_linear_probe_from_our_artifact_with_early_stopping(ray_local, small_manifest, tmp_path,
                                                             bundled_model):
-    from pipeline.train import run
+    from pipeline.training.train import run
 
     parent_architecture = load_artifact(bundled_model)[1].architecture
     summary = run(_cfg(small_manifest, tmp_path / "probe", weights=bundled_model, train_stages=0,
@@ -470,8 +470,8 @@ def test_pretrained_lite_start_with_staged_unfreezing(ray_local, small_manifest,
     one head-only epoch first: after that epoch the backbone is still exactly ImageNet's, the
     head has learned, and the artifact records where the weights came from and its open-set
     threshold."""
-    from pipeline import pretrained
-    from pipeline.train import run
+    from pipeline.models import pretrained
+    from pipeline.training.train import run
 
     summary = run(_cfg(small_manifest, tmp_path / "lite", model_name="efficientnet_lite0",
                        weights=pretrained.IMAGENET, train_stages=2, layer_decay=0.5,
@@ -494,7 +494,7 @@ def test_pretrained_lite_start_with_staged_unfreezing(ray_local, small_manifest,
 def test_adversarial_training_run_on_ray(ray_local, small_manifest, tmp_path):
     """PGD adversarial training through Ray Train, coarse head included: the run exports a
     working artifact whose recorded config names the recipe."""
-    from pipeline.train import run
+    from pipeline.training.train import run
 
     summary = run(_cfg(small_manifest, tmp_path / "adv", epochs=1, adversarial="pgd",
                        adversarial_steps=2, adversarial_epsilon=4.0))

@@ -12,7 +12,7 @@ Layout of an output folder:
   complete night or the next. The previous night's folder stays until the night after.
 - `_staging/<key>/`: the run id and the incremental plan of a run in progress.
 
-Each file's statistics (`pipeline.drift.table_stats`) ride in its Parquet footer, so the run's
+Each file's statistics (`pipeline.nightly.drift.table_stats`) ride in its Parquet footer, so the run's
 counts come from the writes, never from reading the rows back.
 """
 
@@ -33,9 +33,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from pipeline import drift, storage
+from pipeline import storage
 from pipeline.errors import OutputError
-from pipeline.security import safe_name
+from pipeline.images.security import safe_name
+from pipeline.nightly import drift
 from pipeline.sinks.rows import CHUNK_COLUMN, OUTPUT_SCHEMA
 
 PREDICTIONS_DIR = "predictions"  # local outputs: a link to the committed run's folder

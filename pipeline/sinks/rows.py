@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import decide
+from pipeline.models import decide
 
 # Resumable chunk of a row on its way to the sink; not an output column.
 CHUNK_COLUMN = "_chunk"
@@ -37,7 +37,7 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("scored_run_id", pa.string(), nullable=False),
     pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    # The decision (pipeline.decide): keep, change or review, why, and the calibrated
+    # The decision (pipeline.models.decide): keep, change or review, why, and the calibrated
     # probability of the current category (null without one, or for one the model does not know).
     pa.field("action", pa.string(), nullable=False),
     pa.field("action_reason", pa.string(), nullable=False),

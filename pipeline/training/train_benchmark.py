@@ -9,8 +9,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from pipeline.models import create_model, freeze_backbone, freeze_batchnorm_stats
-from pipeline.predict import resolve_device
+from pipeline.inference.predict import resolve_device
+from pipeline.models.registry import create_model, freeze_backbone, freeze_batchnorm_stats
 
 FULL = "full"  # the policy name for "everything trains"
 NUM_CLASSES = 81  # the Grocery Store head; the head's size barely matters to the step time

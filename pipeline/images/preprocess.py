@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pipeline import storage
-from pipeline.decode import decode_image
 from pipeline.errors import ImageError
-from pipeline.fetch import RETRIES, TIMEOUT_S, fetch_bytes, image_signal
-from pipeline.security import UriPolicy
+from pipeline.images.decode import decode_image
+from pipeline.images.fetch import RETRIES, TIMEOUT_S, fetch_bytes, image_signal
+from pipeline.images.security import UriPolicy
 
 REMOTE_FETCH_THREADS = 16
 

@@ -2,10 +2,10 @@
 
 1. Check everything that can be checked before work starts (config, manifest, model artifact,
    output, warehouse table), so a bad argument fails fast and writes nothing.
-2. Plan (`pipeline.incremental`): against the output's committed run, carry forward the rows of
+2. Plan (`pipeline.nightly.incremental`): against the output's committed run, carry forward the rows of
    products whose image did not change, when the model and the row-affecting options are the
    same; score the rest. `--full`, a new model or new options score everything.
-3. Score (`pipeline.engine`): one Ray Data pass over the rows to score, in deterministic chunks,
+3. Score (`pipeline.inference.engine`): one Ray Data pass over the rows to score, in deterministic chunks,
    with one actor pool; write tasks put each chunk's rows straight into the run folder
    (`pipeline.sinks.parquet`). A killed run started again with the same arguments finds the run
    folder by its staging key and redoes only the chunks that are not complete.
@@ -29,22 +29,25 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import budget, decide, drift, engine, storage
-from pipeline.artifact import verify_artifact
+from pipeline import storage
 from pipeline.catalog import Manifest, manifest_files, validate_manifest
-from pipeline.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
 from pipeline.config import RecategorizeConfig
-from pipeline.engine import choose_executor, local_device, on_cluster
 from pipeline.errors import ConfigError, ErrorBudgetError, FailFastError
-from pipeline.incremental import (
+from pipeline.images.security import safe_name
+from pipeline.inference import engine
+from pipeline.inference.engine import choose_executor, local_device, on_cluster
+from pipeline.models import decide
+from pipeline.models.artifact import verify_artifact
+from pipeline.nightly import budget, drift
+from pipeline.nightly.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
+from pipeline.nightly.incremental import (
     KNOWN_ERROR_COLUMN,
     NightPlan,
     load_or_plan,
     options_key,
     plan_night,
 )
-from pipeline.lease import OutputLease
-from pipeline.security import safe_name
+from pipeline.nightly.lease import OutputLease
 from pipeline.sinks import parquet as run_folder
 from pipeline.sinks.rows import OUTPUT_SCHEMA
 
@@ -95,7 +98,7 @@ def load_artifact_checked(cfg: RecategorizeConfig):
     """Metadata of a model artifact whose weights were verified on the driver, so a missing or
     corrupt artifact, or an option its backend does not take, stops the job here rather than
     failing every inference actor."""
-    from pipeline.predict import check_backend_options
+    from pipeline.inference.predict import check_backend_options
 
     meta = verify_artifact(cfg.model)
     check_backend_options(meta, cfg.precision, cfg.compile)
@@ -168,7 +171,7 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
     the write tasks wrote (file, chunk, rows, stats) and Ray Data's stats of the pass."""
     import ray.data
 
-    from pipeline.cluster import InferenceActor, surface_job_errors
+    from pipeline.inference.cluster import InferenceActor, surface_job_errors
 
     ds = ray.data.from_items(chunk_items(chunks), override_num_blocks=len(chunks))
     ds = ds.map_batches(ChunkReader(source, source_columns(source, chunks)), batch_size=1,
@@ -198,7 +201,7 @@ def score_local(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
                 folder: str) -> list[dict]:
     """The same pass in this process, chunk by chunk into the same run folder files (so resume
     and commit do not know which executor ran). Returns what was written."""
-    from pipeline.cluster import InferenceActor
+    from pipeline.inference.cluster import InferenceActor
 
     score = engine.in_process_scorer(images, place, InferenceActor, inference_kwargs(
         cfg, place, run_id, sum(c.rows for c in chunks), scorers=1))
@@ -243,7 +246,7 @@ def run(cfg: RecategorizeConfig) -> dict:
 def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     start = time.perf_counter()
     phases = Phases()
-    from pipeline.cluster import init_ray, resolve_inference_device
+    from pipeline.inference.cluster import init_ray, resolve_inference_device
 
     phases.mark("import")
     manifest = validate_manifest(cfg.manifest)

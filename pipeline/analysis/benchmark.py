@@ -5,7 +5,7 @@ artifacts, e.g. a torch model and its ONNX exports, the model stages run once pe
 by side):
 - ceiling: the model alone on already-decoded uint8 tensors on the device;
 - decode: fetch + decode + resize/crop alone, one process, per core;
-- ours: `pipeline.recategorize.run`, manifest to committed Parquet;
+- ours: `pipeline.nightly.recategorize.run`, manifest to committed Parquet;
 - baseline: the same job written the way Ray Data's documentation writes batch inference
   (PIL decode and torchvision transforms per row with `Dataset.map`, float32 model, defaults);
 - torch loop: a plain PyTorch DataLoader (workers = cores) + the same model, no Ray.
@@ -35,10 +35,10 @@ import torch
 from PIL import Image
 
 from pipeline import storage
-from pipeline.artifact import load_metadata
-from pipeline.cluster import cpu_count
-from pipeline.decode import decode_image
-from pipeline.predict import Classifier
+from pipeline.images.decode import decode_image
+from pipeline.inference.cluster import cpu_count
+from pipeline.inference.predict import Classifier
+from pipeline.models.artifact import load_metadata
 
 
 @dataclass
@@ -166,7 +166,7 @@ def decode_only(manifest: Path, size: int, limit: int) -> int:
 
 def ours(manifest: Path, model_uri: str, output: Path, **options) -> int:
     from pipeline.config import RecategorizeConfig
-    from pipeline.recategorize import run
+    from pipeline.nightly.recategorize import run
 
     summary = run(RecategorizeConfig(manifest=str(manifest), model=model_uri, output=str(output),
                                      overwrite=True, **options))
@@ -194,7 +194,7 @@ def ray_docs_baseline(manifest: Path, model_uri: str, output: Path) -> int:
 
     class Predictor:
         def __init__(self):
-            from pipeline.artifact import load_artifact
+            from pipeline.models.artifact import load_artifact
 
             self.model, _ = load_artifact(model_uri)
 
@@ -286,11 +286,11 @@ def run_benchmark(cfg) -> str:
     --model then --compare-with); return the Markdown table."""
     import shutil
 
-    from pipeline.artifact import TORCH_BACKEND
-    from pipeline.cluster import init_ray
     from pipeline.config import EXAMPLES_DIR
     from pipeline.errors import ConfigError
-    from pipeline.predict import resolve_device
+    from pipeline.inference.cluster import init_ray
+    from pipeline.inference.predict import resolve_device
+    from pipeline.models.artifact import TORCH_BACKEND
 
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)

@@ -23,8 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import decide, openset, storage
-from pipeline.artifact import (
+from pipeline import storage
+from pipeline.catalog import CALIBRATION_SPLIT, open_dataset, stratified_split, validate_manifest
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.models import decide, openset
+from pipeline.models.artifact import (
     TORCH_BACKEND,
     ModelMetadata,
     artifact_start_record,
@@ -34,12 +38,8 @@ from pipeline.artifact import (
     transfer_from_artifact,
     weights_provenance,
 )
-from pipeline.budget import FAILURE_SAMPLE_ROWS, mass_failure
-from pipeline.calibration import expected_calibration_error, fit_temperature
-from pipeline.catalog import CALIBRATION_SPLIT, open_dataset, stratified_split, validate_manifest
-from pipeline.config import TrainConfig
-from pipeline.errors import ConfigError, TrainingError
-from pipeline.models import (
+from pipeline.models.calibration import expected_calibration_error, fit_temperature
+from pipeline.models.registry import (
     CoarseHeadModel,
     create_model,
     describe_weights,
@@ -48,7 +48,8 @@ from pipeline.models import (
     get_spec,
     param_groups,
 )
-from pipeline.transforms import EvalPreset, TrainPreset, norm_tensors, resize_batch, to_model_input
+from pipeline.models.transforms import EvalPreset, TrainPreset, norm_tensors, resize_batch, to_model_input
+from pipeline.nightly.budget import FAILURE_SAMPLE_ROWS, mass_failure
 
 DECODE_MARGIN = 1.15  # training images are decoded this much larger than the crop size
 # Ray Train settings the driver passes on to the controller and workers (Ray Train reads them
@@ -134,7 +135,7 @@ def exclude_flagged(table: pa.Table, audit_dir: str) -> tuple[pa.Table, dict[str
     """The manifest rows without the training rows an audit flagged (`jobs.audit`), and how many
     each finding removed. Validation rows stay, so accuracy is measured on the same rows with
     and without the cleaning."""
-    from pipeline.findings import flagged_products
+    from pipeline.analysis.findings import flagged_products
 
     flagged = flagged_products(audit_dir)
     ids = table.column("product_id").to_pylist()
@@ -310,7 +311,7 @@ def attacked_copies(model, adversarial: Adversarial, images, labels, mean, std, 
     """Adversarial copies of a training batch (float NHWC, 0..255). The attack runs the model in
     eval mode, so its forwards leave the BatchNorm statistics alone, and on the module inside
     DDP, so they wait for no gradient sync (only the input gets gradients)."""
-    from pipeline.robustness import adversarial_batch
+    from pipeline.analysis.robustness import adversarial_batch
 
     net = getattr(model, "module", model)
     net.eval()
@@ -582,7 +583,7 @@ def print_progress(metrics: dict, epochs: int, left_s: float) -> None:
 def decoded_dataset(cfg: TrainConfig, table: pa.Table, size: int, base_uri: str):
     """Ray Data: fetch + decode once with the scoring engine (the nightly job's URI policy and
     fetch limits), drop rows that fail (counted), cache in the object store."""
-    from pipeline import engine
+    from pipeline.inference import engine
 
     images = engine.ImageSettings.from_config(cfg, size, base_uri)
     ds = engine.decoded(engine.table_dataset(table), images, engine.Placement.from_config(cfg, "cpu"))
@@ -686,7 +687,7 @@ def run(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import init_ray, resolve_device
+    from pipeline.inference.cluster import init_ray, resolve_device
 
     start = time.perf_counter()
     spec = get_spec(cfg.model_name)

@@ -1,6 +1,6 @@
 """The evaluation report's page: plots, thumbnails and one self-contained HTML file.
 
-Everything here renders numbers that `pipeline.evaluate` already computed; nothing is measured
+Everything here renders numbers that `pipeline.analysis.evaluate` already computed; nothing is measured
 here. The page is written for a catalog team: which categories fail, what they are mistaken for
 (with pictures of the mistakes), and what can be auto-accepted. Images and plots are embedded as
 base64 so the page can be mailed or attached to a ticket as one file.

@@ -1,6 +1,6 @@
 """The audit's output tables: file names, schemas, and the products they flag.
 
-Kept apart from `pipeline.audit` (which imports the embedding route, and through it torch) so
+Kept apart from `pipeline.analysis.audit` (which imports the embedding route, and through it torch) so
 that training can read an audit's findings (`jobs.train --exclude`) without an import cycle.
 """
 

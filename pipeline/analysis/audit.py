@@ -37,14 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import engine, report, storage
-from pipeline.artifact import load_artifact
-from pipeline.budget import mass_failure
-from pipeline.catalog import open_dataset, validate_manifest
-from pipeline.config import AuditConfig, EmbedConfig
-from pipeline.embeddings import Embedder
-from pipeline.errors import ConfigError
-from pipeline.findings import (
+from pipeline import storage
+from pipeline.analysis import report
+from pipeline.analysis.findings import (
     DUPLICATES_FILE,
     DUPLICATES_SCHEMA,
     ERRORS_FILE,
@@ -56,6 +51,13 @@ from pipeline.findings import (
     REPORT_FILE,
     SUMMARY_FILE,
 )
+from pipeline.catalog import open_dataset, validate_manifest
+from pipeline.config import AuditConfig, EmbedConfig
+from pipeline.errors import ConfigError
+from pipeline.inference import engine
+from pipeline.models.artifact import load_artifact
+from pipeline.nightly.budget import mass_failure
+from pipeline.training.embeddings import Embedder
 
 if TYPE_CHECKING:
     import faiss
@@ -176,7 +178,7 @@ def embed_rows(cfg: AuditConfig, table: pa.Table, base_uri: str, input_size: int
         score = engine.in_process_scorer(images, place, AuditEmbedder,
                                          {**kwargs, "device": place.device})
         return score(table), executor, why
-    from pipeline.cluster import init_ray, resolve_device
+    from pipeline.inference.cluster import init_ray, resolve_device
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     place = engine.Placement.from_config(cfg, resolve_device(cfg.device))

@@ -1,4 +1,4 @@
-"""ONNX Runtime inference backend: an exported artifact's graph (pipeline.export) in an
+"""ONNX Runtime inference backend: an exported artifact's graph (pipeline.inference.export) in an
 InferenceSession.
 
 The graph takes the batch as the pipeline holds it (uint8 NHWC) and normalizes inside, so no

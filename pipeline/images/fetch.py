@@ -1,7 +1,7 @@
 """Bytes from an image URI, with bounded retries and backoff for transient failures.
 
 Object stores and local files go through fsspec. http(s) goes through a small client of our own
-so that every connection is made to an address the URI policy checked (see pipeline.security),
+so that every connection is made to an address the URI policy checked (see pipeline.images.security),
 redirects are re-checked hop by hop, and the byte limit holds while reading.
 """
 
@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlsplit
 
 from pipeline import storage
 from pipeline.errors import ImageError
-from pipeline.security import Resolver, UriPolicy, scheme_of
+from pipeline.images.security import Resolver, UriPolicy, scheme_of
 
 RETRIES = 3
 BACKOFF_S = 0.2

@@ -7,7 +7,7 @@ only; torch.fx finds the pairs by data flow), which saves a pass over every acti
 Top-k leaves as class indices (numeric arrays travel zero-copy); the output stage names them.
 uint8 NHWC images go to the device as they are (4x less to copy than float32) and are normalized
 there. Rows that failed preprocessing pass through with null predictions. An exported artifact
-(jobs.export) runs in ONNX Runtime instead (pipeline.onnx_backend); the artifact names its
+(jobs.export) runs in ONNX Runtime instead (pipeline.inference.onnx_backend); the artifact names its
 backend. No Ray imports, so the same class runs in a Ray actor pool, a plain script or a GPU
 benchmark.
 """
@@ -19,8 +19,9 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline import openset
-from pipeline.artifact import (
+from pipeline.errors import ConfigError
+from pipeline.models import openset
+from pipeline.models.artifact import (
     ONNX_BACKEND,
     TORCH_BACKEND,
     ModelMetadata,
@@ -29,9 +30,8 @@ from pipeline.artifact import (
     load_metadata,
     read_weights,
 )
-from pipeline.errors import ConfigError
-from pipeline.models import get_spec
-from pipeline.transforms import norm_tensors, to_model_input
+from pipeline.models.registry import get_spec
+from pipeline.models.transforms import norm_tensors, to_model_input
 
 
 def resolve_device(device: str) -> torch.device:
@@ -165,12 +165,12 @@ class TorchBackend:
 
 
 class OnnxRuntimeBackend:
-    """An exported artifact (pipeline.export) in ONNX Runtime: uint8 NHWC -> (logits,
+    """An exported artifact (pipeline.inference.export) in ONNX Runtime: uint8 NHWC -> (logits,
     embeddings), as torch tensors on the CPU."""
 
     def __init__(self, model_uri: str, meta: ModelMetadata, device: torch.device,
                  num_threads: int | None = None):
-        from pipeline.onnx_backend import OnnxBackend
+        from pipeline.inference.onnx_backend import OnnxBackend
 
         self.device = torch.device("cpu")  # where the outputs land
         self.session = OnnxBackend(read_weights(model_uri, meta), str(device), meta.model_version,

@@ -33,7 +33,7 @@ from pipeline.sinks.rows import OUTPUT_SCHEMA
 PLAN_FILE = "plan.json"
 # Column of the rows to re-score: the committed row was an error at the same image_uri (error
 # rows are never carried, so a catalog's broken images are re-tried every night). The error
-# budget (`pipeline.budget`) does not count them as the night's new errors.
+# budget (`pipeline.nightly.budget`) does not count them as the night's new errors.
 KNOWN_ERROR_COLUMN = "_known_error"
 RESCORE_FILE = "rescore.parquet"
 PROBED_DIR = "probed"

@@ -145,8 +145,8 @@ class RobustnessScorer:
     def __init__(self, model_uri: str, device: str = "auto", corruptions: str = "all",
                  severities: str = "1,3,5", attack_epsilons: str = "", tta: str = "none",
                  attacks: str = FGSM, num_threads: int | None = None):
-        from pipeline.predict import Classifier, TorchBackend
-        from pipeline.transforms import to_model_input
+        from pipeline.inference.predict import Classifier, TorchBackend
+        from pipeline.models.transforms import to_model_input
 
         self.classifier = Classifier(model_uri, device, num_threads=num_threads, tta=tta)
         backend = self.classifier.backend

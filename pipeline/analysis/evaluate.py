@@ -20,12 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline import decide, openset, report, storage
-from pipeline.artifact import TORCH_BACKEND, ModelMetadata, load_metadata
-from pipeline.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+from pipeline import storage
+from pipeline.analysis import report
 from pipeline.catalog import open_dataset, validate_manifest
 from pipeline.config import EvaluateConfig
 from pipeline.errors import ConfigError, ManifestError
+from pipeline.models import decide, openset
+from pipeline.models.artifact import TORCH_BACKEND, ModelMetadata, load_metadata
+from pipeline.models.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -46,7 +48,7 @@ class Scored:
     unknown_categories: dict[str, int]
     product_id: np.ndarray
     image_uri: np.ndarray
-    unfamiliarity: np.ndarray  # the model's open-set score (pipeline.openset); NaN on error rows
+    unfamiliarity: np.ndarray  # the model's open-set score (pipeline.models.openset); NaN on error rows
     logits: np.ndarray | None = None  # raw logits (rows x classes); NaN on error rows
     error_type: np.ndarray | None = None  # per row; None where ok
     error_message: np.ndarray | None = None
@@ -74,9 +76,9 @@ def labelled_rows(cfg: EvaluateConfig) -> tuple[pa.Table, str]:
 def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str]) -> Scored:
     """Score the rows with the scoring engine (the nightly job's URI policy, fetch limits and
     placement); collect top-k and the logits on the driver."""
-    from pipeline import engine
-    from pipeline.cluster import init_ray, resolve_device
-    from pipeline.predict import Classifier
+    from pipeline.inference import engine
+    from pipeline.inference.cluster import init_ray, resolve_device
+    from pipeline.inference.predict import Classifier
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     device = resolve_device(cfg.device)
@@ -171,15 +173,16 @@ def named_pairs(pairs: list[dict], classes: list[str], product_id: np.ndarray, i
 def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str,
                        meta: ModelMetadata) -> dict:
     """Accuracy on the clean images, under each corruption and severity, and under FGSM at each
-    epsilon (pipeline.robustness), scored on the engine's actor pool like the main pass."""
-    from pipeline import engine, robustness
-    from pipeline.cluster import resolve_device
+    epsilon (pipeline.analysis.robustness), scored on the engine's actor pool like the main pass."""
+    from pipeline.analysis import robustness
     from pipeline.config import (
         parse_attack_epsilons,
         parse_attacks,
         parse_corruptions,
         parse_severities,
     )
+    from pipeline.inference import engine
+    from pipeline.inference.cluster import resolve_device
 
     device = resolve_device(cfg.device)
     images = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri)
@@ -292,7 +295,7 @@ def open_set_section(scored: Scored, meta: ModelMetadata) -> dict:
 
 def decisions_section(scored: Scored, meta: ModelMetadata, change_precision: float,
                       split: str | None) -> dict:
-    """The keep / change / review rule measured on the evaluated rows (pipeline.decide.measure):
+    """The keep / change / review rule measured on the evaluated rows (pipeline.models.decide.measure):
     change precision, wrong categories caught, review load, at each target precision the
     artifact holds a fitted point for, and at `change_precision` (the job's default)."""
     use = scored.ok & (scored.labels >= 0)
@@ -320,10 +323,10 @@ def decisions_section(scored: Scored, meta: ModelMetadata, change_precision: flo
 
 
 def unreadable_reason(scored: Scored) -> str | None:
-    """The mass-failure line (pipeline.budget.mass_failure) when most rows could not be read."""
+    """The mass-failure line (pipeline.nightly.budget.mass_failure) when most rows could not be read."""
     if scored.error_type is None:
         return None
-    from pipeline.budget import mass_failure
+    from pipeline.nightly.budget import mass_failure
 
     return mass_failure(scored.error_type, scored.error_message, len(scored.ok), "rows")
 
@@ -354,7 +357,7 @@ def run(cfg: EvaluateConfig) -> dict:
              "version": meta.model_version, "temperature": meta.temperature, "tta": cfg.tta}
     metrics = {"manifest": storage.normalize(cfg.manifest), "split": cfg.split, "model": model,
                **metrics, "wall_time_s": round(time.perf_counter() - start, 1)}
-    from pipeline import engine
+    from pipeline.inference import engine
 
     # thumbnails through the job's guarded fetch path: its URI policy, redirects and limits
     fetch = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri).fetch

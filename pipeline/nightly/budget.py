@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import FailFastError
-from pipeline.incremental import KNOWN_ERROR_COLUMN, _connect, _dataset
+from pipeline.nightly.incremental import KNOWN_ERROR_COLUMN, _connect, _dataset
 
 # A night may always have this many new error rows, whatever its size: one broken image among
 # three re-scored rows is a broken image, not an outage.

@@ -17,8 +17,11 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline import openset, storage
-from pipeline.artifact import (
+from pipeline import storage
+from pipeline.config import EmbedConfig, TrainConfig
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.models import openset
+from pipeline.models.artifact import (
     ModelMetadata,
     is_artifact,
     load_artifact,
@@ -26,12 +29,10 @@ from pipeline.artifact import (
     save_artifact,
     weights_provenance,
 )
-from pipeline.budget import mass_failure
-from pipeline.calibration import expected_calibration_error, fit_temperature
-from pipeline.config import EmbedConfig, TrainConfig
-from pipeline.errors import ConfigError, TrainingError
-from pipeline.models import create_model, describe_weights, get_spec, remove_head, replace_head
-from pipeline.transforms import norm_tensors, to_model_input
+from pipeline.models.calibration import expected_calibration_error, fit_temperature
+from pipeline.models.registry import create_model, describe_weights, get_spec, remove_head, replace_head
+from pipeline.models.transforms import norm_tensors, to_model_input
+from pipeline.nightly.budget import mass_failure
 
 NO_TRAINING_ROWS_BIAS = -30.0  # logit bias for a class without training rows: never predicted
 
@@ -84,8 +85,8 @@ class Embedder:
 
 def embed(cfg: EmbedConfig, table: pa.Table, base_uri: str, input_size: int) -> dict[str, np.ndarray]:
     """Features, labels and split of every readable row (unreadable rows are counted)."""
-    from pipeline import engine
-    from pipeline.cluster import init_ray, resolve_device
+    from pipeline.inference import engine
+    from pipeline.inference.cluster import init_ray, resolve_device
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     device = resolve_device(cfg.device)
@@ -150,7 +151,7 @@ def run(cfg: EmbedConfig) -> dict:
     """Embed, fit, export `<output>/model`; return the summary (also in embedding_summary.json)."""
     from sklearn.metrics import f1_score
 
-    from pipeline.train import load_data
+    from pipeline.training.train import load_data
 
     start = time.perf_counter()
     # The probe fits its temperature on its validation rows; it holds out no calibration rows.

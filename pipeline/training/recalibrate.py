@@ -17,23 +17,24 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import decide, openset, storage
-from pipeline.artifact import check_output, load_metadata, rewrite_artifact
-from pipeline.calibration import expected_calibration_error, fit_temperature
+from pipeline import storage
 from pipeline.catalog import CALIBRATION_SPLIT
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.errors import ConfigError
+from pipeline.models import decide, openset
+from pipeline.models.artifact import check_output, load_metadata, rewrite_artifact
+from pipeline.models.calibration import expected_calibration_error, fit_temperature
 
 
 def calibration_rows(cfg: CalibrateConfig, training: dict[str, Any]) -> tuple[pa.Table, str, str]:
     """(product_id, image_uri, category) of the rows to fit on, their base URI, and which split
     they are."""
-    from pipeline.evaluate import labelled_rows
+    from pipeline.analysis.evaluate import labelled_rows
 
     if cfg.split:
         table, base_uri = labelled_rows(cfg)
         return table, base_uri, cfg.split
-    from pipeline.train import load_data
+    from pipeline.training.train import load_data
 
     recorded = training.get("config")
     if not recorded:
@@ -67,7 +68,7 @@ def refit_open_set(record: dict[str, Any], logits: torch.Tensor, temperature: fl
 
 def run(cfg: CalibrateConfig) -> dict[str, Any]:
     start = time.perf_counter()
-    from pipeline.evaluate import score
+    from pipeline.analysis.evaluate import score
 
     meta = load_metadata(cfg.model)
     output = storage.normalize(cfg.output)

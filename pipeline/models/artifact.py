@@ -1,5 +1,5 @@
 """Model artifact: a folder with `model.json` and the weights, `model.safetensors` (backend
-`torch`) or `model.onnx` (backend `onnxruntime`, written by pipeline.export); loading never
+`torch`) or `model.onnx` (backend `onnxruntime`, written by pipeline.inference.export); loading never
 unpickles (an ONNX file is a protobuf: data, not code).
 
 `model_version` is a content hash of the weights (or ONNX file) and of everything that changes
@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.errors import ConfigError, ModelError
-from pipeline.models import create_model, get_spec
+from pipeline.models.registry import create_model, get_spec
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
@@ -49,13 +49,13 @@ class ModelMetadata:
     # Where the starting weights came from (package, version, SHA-256, licence), for audits.
     provenance: dict[str, Any] = field(default_factory=dict)
     weights_dtype: str = "float32"  # storage precision of the weight matrices
-    # Open-set score kind and review threshold (pipeline.openset); empty: no open-set review.
+    # Open-set score kind and review threshold (pipeline.models.openset); empty: no open-set review.
     open_set: dict[str, Any] = field(default_factory=dict)
     # What runs the artifact: torch (model.safetensors) or onnxruntime (model.onnx).
     backend: str = TORCH_BACKEND
-    # An exported artifact's record (pipeline.export): format, source model_version, parity.
+    # An exported artifact's record (pipeline.inference.export): format, source model_version, parity.
     export: dict[str, Any] = field(default_factory=dict)
-    # The keep / change / review thresholds (pipeline.decide), fitted on held-out rows; empty in
+    # The keep / change / review thresholds (pipeline.models.decide), fitted on held-out rows; empty in
     # an older artifact, which the nightly job runs with a warning and conservative defaults.
     decisions: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
@@ -254,7 +254,7 @@ def transfer_from_artifact(uri: str, classes: list[str]) -> tuple[nn.Module, dic
     Rows of classes the artifact already knew are copied from its head, so they start from what
     it learned; new classes start fresh. Returns the model (in train mode) and its start record.
     """
-    from pipeline.models import replace_head
+    from pipeline.models.registry import replace_head
 
     model, meta = load_artifact(uri)
     start = artifact_start_record(uri, meta, classes)

@@ -23,14 +23,16 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline import decide, errors
-from pipeline.budget import FailFast, known_error_flags
+from pipeline import errors
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.predict import Classifier
+from pipeline.inference.predict import Classifier
+from pipeline.models import decide
+from pipeline.nightly.budget import FailFast, known_error_flags
 from pipeline.sinks.rows import OutputFormatter
 
 GPU_POLL_S = 5.0
+WORKER_SETUP_HOOK = "pipeline.inference.worker_setup.quiet_local_worker"
 ACTOR_ERROR_LINE = re.compile(r"^pipeline\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
@@ -68,8 +70,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
                  include_dashboard=False,
                  _system_config={"max_direct_call_object_size": INLINE_OBJECT_MAX_BYTES},
-                 runtime_env={"env_vars": WORKER_ENV,
-                              "worker_process_setup_hook": "pipeline.worker_setup.quiet_local_worker"})
+                 runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": WORKER_SETUP_HOOK})
 
 
 def leave_working_dir() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.report import STYLE, _e, _fmt, _img, _png, _pyplot, _table
+from pipeline.analysis.report import STYLE, _e, _fmt, _img, _png, _pyplot, _table
 
 CONFIDENCE_BINS = 20  # equal bins over [0, 1]; 0.05 wide is finer than any review threshold step
 CONFIDENCE_SUM_SCALE = 1_000_000  # micro-units: an exact integer sum; float sums depend on order

@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.cluster import cpu_count
 from pipeline.config import LOCAL_MAX_ROWS
-from pipeline.fetch import fetch_bytes, image_signal
-from pipeline.preprocess import Preprocessor
-from pipeline.security import UriPolicy
+from pipeline.images.fetch import fetch_bytes, image_signal
+from pipeline.images.preprocess import Preprocessor
+from pipeline.images.security import UriPolicy
+from pipeline.inference.cluster import cpu_count
 
 # Decoding a large upload needs a few hundred MB. Declaring it also keeps Ray from fusing the
 # decode tasks into the inference actors (fusion needs equal remote args), so decode runs in

@@ -1,0 +1,1 @@
+"""Evaluation, robustness, audit, reports and benchmarks."""

@@ -1,0 +1,1 @@
+"""Image bytes to model input: the guarded fetch path, decoding, the URI policy."""

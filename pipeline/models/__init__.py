@@ -1,0 +1,1 @@
+"""Model-level code: the registry, weights, artifacts, presets, calibration and decisions. No Ray."""

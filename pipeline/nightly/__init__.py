@@ -1,0 +1,1 @@
+"""The nightly job: plan, score, error budget, lease, commit, drift."""
