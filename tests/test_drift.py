@@ -14,18 +14,15 @@ import pyarrow as pa
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from pipeline.nightly.drift import (
+from pipeline.nightly.drift import TOP_MOVERS, drift, js_divergence, render_drift_html
+from pipeline.sinks.rows import OUTPUT_SCHEMA
+from pipeline.sinks.stats import (
     CONFIDENCE_BINS,
-    TOP_MOVERS,
     UNKNOWN_ERROR_TYPE,
-    drift,
     empty_stats,
-    js_divergence,
     merge_stats,
-    render_drift_html,
     table_stats,
 )
-from pipeline.sinks.rows import OUTPUT_SCHEMA
 
 NOW = dt.datetime(2024, 5, 1, 2, 0, tzinfo=dt.timezone.utc)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -16,15 +16,8 @@ import pytest
 from jobs._main import run_job
 from jobs.recategorize import main as recategorize_main
 from pipeline.errors import ErrorBudgetError, FailFastError
-from pipeline.nightly.budget import (
-    BUDGET_FREE_ERRORS,
-    FAIL_FAST_MIN_ROWS,
-    BudgetCheck,
-    FailFast,
-    fail_fast_rows,
-    fix_hint,
-    night_errors,
-)
+from pipeline.inference.fail_fast import FAIL_FAST_MIN_ROWS, FailFast, fail_fast_rows, fix_hint
+from pipeline.nightly.budget import BUDGET_FREE_ERRORS, BudgetCheck, night_errors
 from tests.conftest import committed_table, make_catalog, summary_json, write_manifest
 
 REFUSED = "not allowed: location is outside the allowed prefixes"

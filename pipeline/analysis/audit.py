@@ -55,8 +55,8 @@ from pipeline.catalog import open_dataset, validate_manifest
 from pipeline.config import AuditConfig, EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.inference import engine
+from pipeline.inference.fail_fast import mass_failure
 from pipeline.models.artifact import load_artifact
-from pipeline.nightly.budget import mass_failure
 from pipeline.training.embeddings import Embedder
 
 if TYPE_CHECKING:

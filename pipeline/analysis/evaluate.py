@@ -326,7 +326,7 @@ def unreadable_reason(scored: Scored) -> str | None:
     """The mass-failure line (pipeline.nightly.budget.mass_failure) when most rows could not be read."""
     if scored.error_type is None:
         return None
-    from pipeline.nightly.budget import mass_failure
+    from pipeline.inference.fail_fast import mass_failure
 
     return mass_failure(scored.error_type, scored.error_message, len(scored.ok), "rows")
 

@@ -26,9 +26,9 @@ import torch
 from pipeline import errors
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.inference.fail_fast import FailFast, known_error_flags
 from pipeline.inference.predict import Classifier
 from pipeline.models import decide
-from pipeline.nightly.budget import FailFast, known_error_flags
 from pipeline.sinks.rows import OutputFormatter
 
 GPU_POLL_S = 5.0

@@ -28,13 +28,9 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.catalog import Manifest, open_dataset
 from pipeline.sinks import parquet as run_folder
-from pipeline.sinks.rows import OUTPUT_SCHEMA
+from pipeline.sinks.rows import KNOWN_ERROR_COLUMN, OUTPUT_SCHEMA
 
 PLAN_FILE = "plan.json"
-# Column of the rows to re-score: the committed row was an error at the same image_uri (error
-# rows are never carried, so a catalog's broken images are re-tried every night). The error
-# budget (`pipeline.nightly.budget`) does not count them as the night's new errors.
-KNOWN_ERROR_COLUMN = "_known_error"
 RESCORE_FILE = "rescore.parquet"
 PROBED_DIR = "probed"
 # DuckDB's working memory for the join; beyond it, it spills to a temporary folder.

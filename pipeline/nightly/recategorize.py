@@ -34,14 +34,13 @@ from pipeline.catalog import Manifest, manifest_files, validate_manifest
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, ErrorBudgetError, FailFastError
 from pipeline.images.security import safe_name
-from pipeline.inference import engine
+from pipeline.inference import engine, fail_fast
 from pipeline.inference.engine import choose_executor, local_device, on_cluster
 from pipeline.models import decide
 from pipeline.models.artifact import verify_artifact
 from pipeline.nightly import budget, drift
 from pipeline.nightly.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
 from pipeline.nightly.incremental import (
-    KNOWN_ERROR_COLUMN,
     NightPlan,
     load_or_plan,
     options_key,
@@ -49,7 +48,7 @@ from pipeline.nightly.incremental import (
 )
 from pipeline.nightly.lease import OutputLease
 from pipeline.sinks import parquet as run_folder
-from pipeline.sinks.rows import OUTPUT_SCHEMA
+from pipeline.sinks.rows import KNOWN_ERROR_COLUMN, OUTPUT_SCHEMA
 
 STATS_FILE = "ray_data_stats.txt"
 DRIFT_FILE = "drift.html"
@@ -160,7 +159,7 @@ def inference_kwargs(cfg: RecategorizeConfig, place: engine.Placement, run_id: s
             "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
             "review_threshold": cfg.review_threshold, "change_precision": cfg.change_precision,
             "tta": cfg.tta,
-            "fail_fast_rows": budget.fail_fast_rows(rows, scorers) if cfg.max_error_rate < 1
+            "fail_fast_rows": fail_fast.fail_fast_rows(rows, scorers) if cfg.max_error_rate < 1
             else 0}
 
 

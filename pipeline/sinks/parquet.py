@@ -12,7 +12,7 @@ Layout of an output folder:
   complete night or the next. The previous night's folder stays until the night after.
 - `_staging/<key>/`: the run id and the incremental plan of a run in progress.
 
-Each file's statistics (`pipeline.nightly.drift.table_stats`) ride in its Parquet footer, so the run's
+Each file's statistics (`pipeline.sinks.stats.table_stats`) ride in its Parquet footer, so the run's
 counts come from the writes, never from reading the rows back.
 """
 
@@ -36,7 +36,7 @@ from ray.data import Datasink
 from pipeline import storage
 from pipeline.errors import OutputError
 from pipeline.images.security import safe_name
-from pipeline.nightly import drift
+from pipeline.sinks import stats as row_stats
 from pipeline.sinks.rows import CHUNK_COLUMN, OUTPUT_SCHEMA
 
 PREDICTIONS_DIR = "predictions"  # local outputs: a link to the committed run's folder
@@ -75,7 +75,7 @@ def write_table(uri: str, table: pa.Table) -> dict[str, Any]:
 
     Locally the file is written under a temporary name and renamed, so a killed writer never
     leaves a file that the progress listing would count; an object-store PUT is atomic."""
-    stats = drift.table_stats(table)
+    stats = row_stats.table_stats(table)
     table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
     fs, path = storage.arrow_filesystem(uri)
     target = path
@@ -186,9 +186,9 @@ def run_stats(folder: str, listing: Listing, written: list[dict[str, Any]]) -> d
     with ThreadPoolExecutor(FOOTER_THREADS) as pool:
         found = pool.map(lambda n: file_stats(storage.join(folder, n)), missing)
         known.update(zip(missing, found, strict=True))
-    total = drift.empty_stats()
+    total = row_stats.empty_stats()
     for name in names:
-        total = drift.merge_stats(total, known[name])
+        total = row_stats.merge_stats(total, known[name])
     return total
 
 

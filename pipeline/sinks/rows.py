@@ -17,6 +17,10 @@ from pipeline.models import decide
 
 # Resumable chunk of a row on its way to the sink; not an output column.
 CHUNK_COLUMN = "_chunk"
+# Column of the rows a night re-scores: the committed row was an error at the same image_uri
+# (error rows are never carried, so a catalog's broken images are re-tried every night). The
+# error budget does not count them as the night's new errors.
+KNOWN_ERROR_COLUMN = "_known_error"
 TOP_K_TYPE = pa.list_(pa.struct([("category", pa.string()), ("score", pa.float32())]))
 OUTPUT_SCHEMA = pa.schema([
     pa.field("product_id", pa.string(), nullable=False),

@@ -20,6 +20,7 @@ from torch import nn
 from pipeline import storage
 from pipeline.config import EmbedConfig, TrainConfig
 from pipeline.errors import ConfigError, TrainingError
+from pipeline.inference.fail_fast import mass_failure
 from pipeline.models import openset
 from pipeline.models.artifact import (
     ModelMetadata,
@@ -32,7 +33,6 @@ from pipeline.models.artifact import (
 from pipeline.models.calibration import expected_calibration_error, fit_temperature
 from pipeline.models.registry import create_model, describe_weights, get_spec, remove_head, replace_head
 from pipeline.models.transforms import norm_tensors, to_model_input
-from pipeline.nightly.budget import mass_failure
 
 NO_TRAINING_ROWS_BIAS = -30.0  # logit bias for a class without training rows: never predicted
 

@@ -27,6 +27,7 @@ from pipeline import storage
 from pipeline.catalog import CALIBRATION_SPLIT, open_dataset, stratified_split, validate_manifest
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, TrainingError
+from pipeline.inference.fail_fast import FAILURE_SAMPLE_ROWS, mass_failure
 from pipeline.models import decide, openset
 from pipeline.models.artifact import (
     TORCH_BACKEND,
@@ -49,7 +50,6 @@ from pipeline.models.registry import (
     param_groups,
 )
 from pipeline.models.transforms import EvalPreset, TrainPreset, norm_tensors, resize_batch, to_model_input
-from pipeline.nightly.budget import FAILURE_SAMPLE_ROWS, mass_failure
 
 DECODE_MARGIN = 1.15  # training images are decoded this much larger than the crop size
 # Ray Train settings the driver passes on to the controller and workers (Ray Train reads them
