@@ -12,7 +12,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.config import REPO_ROOT, RecategorizeConfig, parse_args, validate
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.inference.cluster import NODE_ENV, actor_device, job_error
+from pipeline.inference.actor import actor_device
+from pipeline.inference.cluster import NODE_ENV, job_error
 from pipeline.inference.engine import (
     DECODE_RESOURCE_PER_TASK,
     Placement,

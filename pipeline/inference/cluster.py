@@ -13,23 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pyarrow as pa
 import ray
-import torch
 
 from pipeline import errors
-from pipeline.config import RecategorizeConfig
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.inference.fail_fast import FailFast, known_error_flags
-from pipeline.inference.predict import Classifier
-from pipeline.models import decide
-from pipeline.sinks.rows import OutputFormatter
+from pipeline.errors import PipelineError
+from pipeline.inference.device import resolve_device as resolve_any_device
 
 GPU_POLL_S = 5.0
 WORKER_SETUP_HOOK = "pipeline.inference.worker_setup.quiet_local_worker"
@@ -111,78 +104,15 @@ def wait_for_gpus(needed: float, timeout_s: float) -> float:
     return gpus
 
 
-def resolve_device(requested: str) -> str:
-    """'cuda' or 'cpu' for a job's `--device` (auto, cpu, cuda), decided on the driver from the
-    cluster's resources: every job reads 'auto' the same way, cuda when the cluster has GPUs."""
+def cluster_device(requested: str, needed_gpus: float = 0.0, wait_s: float = 0.0) -> str:
+    """'cuda' or 'cpu' for a job on Ray, from the cluster's GPUs (`device.resolve_device`).
+    With `wait_s`, a job that asks for cuda first asks the autoscaler for `needed_gpus`."""
     gpus = cluster_gpus()
-    if requested == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda was requested but the Ray cluster has no GPUs; use "
-                          "--device auto (cuda only when there are GPUs) or --device cpu")
-    return "cuda" if requested == "cuda" or (requested == "auto" and gpus > 0) else "cpu"
-
-
-def resolve_inference_device(cfg: RecategorizeConfig) -> str:
-    """'cuda' or 'cpu' for the inference actors, decided on the driver from cluster resources."""
-    gpus = cluster_gpus()
-    low = cfg.min_actors if cfg.min_actors is not None else cfg.num_actors
-    needed = low * cfg.gpus_per_actor
-    if cfg.device == "cuda" and gpus < needed and cfg.gpu_wait_s > 0:
-        gpus = wait_for_gpus(needed, cfg.gpu_wait_s)
-    if cfg.device == "cuda" and gpus == 0:
-        waited = f" after waiting {cfg.gpu_wait_s:g}s for the autoscaler" if cfg.gpu_wait_s else ""
-        raise ConfigError(
-            f"--device cuda was requested but the Ray cluster has no GPUs{waited}; on an "
-            "autoscaling cluster pass --gpu-wait-s so the job asks for GPU nodes first")
-    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
-
-
-def actor_device(requested: str, allow_cpu_fallback: bool) -> str:
-    """The device an inference actor can use on the node Ray placed it on.
-
-    Ray schedules on declared resources: a node can advertise a GPU whose driver is missing or
-    broken, or run a CPU-only torch build. Running there silently on CPU would make the nightly
-    job many times slower without anyone noticing, so it is an error unless fallback is allowed.
-    """
-    if requested != "cuda" or torch.cuda.is_available():
-        return requested
-    where = (f"node {ray.get_runtime_context().get_node_id()} "
-             f"(Ray assigned GPU ids {ray.get_gpu_ids()})")
-    if allow_cpu_fallback:
-        print(f"warning: inference actor on {where}: CUDA is not available; running on CPU "
-              "(--allow-cpu-fallback)", file=sys.stderr, flush=True)
-        return "cpu"
-    raise ConfigError(
-        f"--device cuda: Ray placed an inference actor on {where}, but CUDA is not available "
-        "there (torch.cuda.is_available() is False: no NVIDIA driver or a CPU-only torch build). "
-        "Fix the GPU node image, or pass --allow-cpu-fallback to run inference on its CPUs")
-
-
-class InferenceActor(Classifier):
-    """The Classifier as the nightly job's actor pool runs it: the device is checked on the
-    actor's node, and predictions leave the actor already in the output schema (one stage and
-    one object-store hop fewer than a separate formatting stage)."""
-
-    def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
-                 num_threads: int | None = None, precision: str = "auto", compile: bool = False,
-                 allow_cpu_fallback: bool = False, run_id: str = "",
-                 review_threshold: float | None = None,
-                 change_precision: float = decide.DEFAULT_CHANGE_PRECISION,
-                 tta: str = "none", fail_fast_rows: int = 0):
-        super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
-                         precision, compile, tta)
-        self.format = OutputFormatter(self.meta.classes, self.meta.architecture,
-                                      self.meta.model_version, run_id,
-                                      decide.policy_for(self.meta.decisions, change_precision),
-                                      self.meta.open_set.get("threshold"), review_threshold)
-        # Raises FailFastError when this actor's first rows all fail the same way (0: never).
-        self.fail_fast = FailFast(fail_fast_rows) if fail_fast_rows else None
-
-    def __call__(self, batch: dict) -> pa.Table:  # type: ignore[override]
-        known = known_error_flags(batch)
-        table = self.format(super().__call__(batch))
-        if self.fail_fast is not None:
-            self.fail_fast.observe(table, known)
-        return table
+    if requested == "cuda" and gpus < needed_gpus and wait_s > 0:
+        gpus = wait_for_gpus(needed_gpus, wait_s)
+    hint = (f" after waiting {wait_s:g}s for the autoscaler" if wait_s else
+            "; on an autoscaling cluster pass --gpu-wait-s so the job asks for GPU nodes first")
+    return resolve_any_device(requested, gpus, "the Ray cluster", hint)
 
 
 def _error_in_actor_text(text: str) -> PipelineError | None:
@@ -237,6 +167,21 @@ def surface_job_errors() -> Iterator[None]:
         raise type(found)(*found.args) from exc
 
 
-def cpu_count() -> int:
-    """Cores this process may run on (respects affinity and container CPU sets)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# TEMPORARY (removed at integration): old names while callers move to the engine front door.
+def resolve_device(requested: str) -> str:
+    return cluster_device(requested)
+
+
+def resolve_inference_device(cfg) -> str:
+    low = cfg.min_actors if cfg.min_actors is not None else cfg.num_actors
+    return cluster_device(cfg.device, low * cfg.gpus_per_actor, cfg.gpu_wait_s)
+
+
+def __getattr__(name: str):
+    if name == "InferenceActor":
+        from pipeline.inference.actor import InferenceActor
+        return InferenceActor
+    if name == "cpu_count":
+        from pipeline.inference.device import cpu_count
+        return cpu_count
+    raise AttributeError(name)

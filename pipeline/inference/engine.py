@@ -5,8 +5,11 @@ a model on an actor pool -> rows out. The nightly job, the evaluation report, th
 route and training data preparation all build their plan here, so they share the URI policy,
 the fetch limits and retries, the batch sizes and the placement on the cluster.
 
-Settings are two small frozen dataclasses built from any job config that has the fields
-(`ImageSettings.from_config`, `Placement.from_config`), not the nightly job's whole config.
+The front door is `start` (choose local or Ray, resolve the device once) and `score` (a table
+through the predictors); the nightly job, which writes as it scores, uses `scored` and
+`in_process_scorer` directly. Settings are small frozen dataclasses built from any job config
+that has the fields (`ImageSettings.from_config`, `Placement.from_config`), and each predictor
+comes with its own typed settings (`Predictor`). Imports neither Ray nor torch at import time.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pipeline.config import LOCAL_MAX_ROWS
 from pipeline.images.fetch import fetch_bytes, image_signal
 from pipeline.images.preprocess import Preprocessor
 from pipeline.images.security import UriPolicy
-from pipeline.inference.cluster import cpu_count
+from pipeline.inference import device as devices
+from pipeline.inference.device import cpu_count
 
 # Decoding a large upload needs a few hundred MB. Declaring it also keeps Ray from fusing the
 # decode tasks into the inference actors (fusion needs equal remote args), so decode runs in
@@ -188,18 +192,43 @@ def inference_placement(place: Placement) -> dict[str, Any]:
             "num_gpus": place.gpus_per_actor if place.device == "cuda" else 0}
 
 
+@dataclass(frozen=True)
+class Predictor:
+    """A batch-dict -> batch-dict callable class and its settings: a frozen dataclass whose
+    fields are the class's keyword arguments. The engine adds `device` (resolved once, for the
+    whole job) and `num_threads` (from the placement), so no caller passes either."""
+
+    cls: type
+    settings: Any
+
+    def build(self, device: str, num_threads: int) -> Any:
+        # TEMPORARY: a plain dict of kwargs while callers move to typed settings
+        kwargs = self.settings if isinstance(self.settings, dict) else \
+            dataclasses.asdict(self.settings)
+        return self.cls(**{**kwargs, "device": device, "num_threads": num_threads})
+
+
+def _predictors(args: tuple) -> tuple[Predictor, ...]:
+    """TEMPORARY: the old (cls, kwargs) form as one Predictor."""
+    if len(args) == 2 and isinstance(args[0], type):
+        return (Predictor(args[0], args[1]),)
+    return args
+
+
 class ScoringActor:
-    """Any batch-dict -> batch-dict model callable as the actor pool runs it.
+    """Predictors as the actor pool runs them: one decoded batch through each, their columns
+    merged (the first predictor's rows, plus any column a later one adds). Several predictors
+    share one fetch and one decode per image.
 
     With `preprocess`, the actor also fetches and decodes its own batches: the CPU-only layout,
     where separate decode tasks would only add an object-store hop and a share of the
     scheduler's CPU budget. Ray Data then runs CALLS_IN_FLIGHT calls at once, so one batch
-    decodes while another is in the model; the model runs one batch at a time, on all its
+    decodes while another is in the model; the models run one batch at a time, on all their
     threads."""
 
-    def __init__(self, predictor: type, predictor_kwargs: dict[str, Any],
+    def __init__(self, predictors: tuple[Predictor, ...], device: str, num_threads: int,
                  preprocess: Preprocessor | None = None):
-        self.predictor = predictor(**predictor_kwargs)
+        self.predictors = [p.build(device, num_threads) for p in predictors]
         self.preprocess = preprocess
         self.model_lock = threading.Lock()
 
@@ -207,7 +236,14 @@ class ScoringActor:
         if self.preprocess is not None:
             batch = self.preprocess(batch)
         with self.model_lock:
-            return self.predictor(batch)
+            first, *rest = self.predictors
+            if not rest:
+                return first(batch)
+            out = first(dict(batch))
+            for predictor in rest:
+                more = predictor(dict(batch))
+                out.update({k: v for k, v in more.items() if k not in out})
+            return out
 
 
 def table_dataset(table: pa.Table):
@@ -225,11 +261,11 @@ def decoded(ds, images: ImageSettings, place: Placement):
                           **retry_args(place, actor=False))
 
 
-def scored(ds, images: ImageSettings, place: Placement, predictor: type,
-           predictor_kwargs: dict[str, Any]):
-    """rows -> fetch + decode -> `predictor(**predictor_kwargs, num_threads=...)` on the actor
-    pool -> whatever the predictor returns per batch. Error rows flow through with their reason
-    (the predictor must pass rows whose status is not 'ok' through)."""
+def scored(ds, images: ImageSettings, place: Placement, *predictors: Predictor):
+    """rows -> fetch + decode -> the predictors on the actor pool -> whatever they return per
+    batch. Error rows flow through with their reason (a predictor passes rows whose status is
+    not 'ok' through)."""
+    predictors = _predictors(predictors)
     threads, decode_threads = actor_threads(place)
     if place.in_actor:
         # A manifest file arrives as a few big blocks and a map task handles a whole block:
@@ -241,9 +277,7 @@ def scored(ds, images: ImageSettings, place: Placement, predictor: type,
         preprocess = None
     return ds.map_batches(
         ScoringActor,
-        fn_constructor_kwargs={"predictor": predictor,
-                               "predictor_kwargs": {**predictor_kwargs, "num_threads": threads},
-                               "preprocess": preprocess},
+        fn_constructor_args=(predictors, place.device, threads, preprocess),
         batch_size=place.batch_size, batch_format="numpy", zero_copy_batch=True,
         **inference_placement(place), **retry_args(place, actor=True))
 
@@ -255,20 +289,76 @@ def numpy_batch(batch: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
             for name, col in zip(batch.column_names, batch.columns, strict=True)}
 
 
-def in_process_scorer(images: ImageSettings, place: Placement, predictor: type,
-                      predictor_kwargs: dict[str, Any]):
+def in_process_scorer(images: ImageSettings, place: Placement, *predictors: Predictor):
     """`scored` without Ray: the same ScoringActor, built once in this process, fetching,
-    decoding and running the model on all this process's cores. Returns table -> list of the
-    predictor's per-batch outputs. For runs too small to repay starting Ray and an actor pool."""
+    decoding and running the models on all this process's cores. Returns table -> list of the
+    per-batch outputs. For runs too small to repay starting Ray and an actor pool."""
+    predictors = _predictors(predictors)
     cores = cpu_count()
-    actor = ScoringActor(predictor,
-                         {**predictor_kwargs, "num_threads": place.inference_threads or cores},
+    actor = ScoringActor(predictors, place.device, place.inference_threads or cores,
                          images.preprocessor(threads=cores))
 
     def score(rows: pa.Table) -> list[Any]:
         return [actor(numpy_batch(b)) for b in rows.to_batches(max_chunksize=place.batch_size)]
 
     return score
+
+
+@dataclass(frozen=True)
+class Session:
+    """Where a job scores: in this process or on Ray (joined once), and the placement there,
+    its device resolved once for the whole job."""
+
+    executor: str  # 'local' or 'ray'
+    reason: str
+    place: Placement
+
+
+def start(cfg: Any, rows_to_score: int, executor: str | None = None) -> Session:
+    """Choose the executor for a job config with the executor options (`choose_executor`),
+    join Ray when it is needed, and resolve the device there (`device.resolve_device`)."""
+    if executor is None:
+        executor, reason = choose_executor(cfg, rows_to_score)
+    else:
+        reason = f"{executor} executor"
+    if executor == "local":
+        return Session(executor, reason, Placement.from_config(cfg, devices.local_device(cfg.device)))
+    from pipeline.inference.cluster import cluster_device, init_ray
+
+    init_ray(cfg.ray_address, cfg.num_cpus)
+    low = getattr(cfg, "min_actors", None)
+    low = low if low is not None else getattr(cfg, "num_actors", 1)
+    device = cluster_device(cfg.device, low * getattr(cfg, "gpus_per_actor", 1.0),
+                            getattr(cfg, "gpu_wait_s", 0.0))
+    return Session(executor, reason, Placement.from_config(cfg, device))
+
+
+def score(session: Session, images: ImageSettings, rows: pa.Table, *predictors: Predictor,
+          columns: list[str] | None = None) -> list[dict[str, np.ndarray]]:
+    """The front door for jobs that score a table: rows -> fetch + decode -> the predictors,
+    in this process or on Ray as `session` says. Returns the scored batches as column ->
+    ndarray dicts, in row order, restricted to `columns` when given."""
+    if session.executor == "local":
+        parts = in_process_scorer(images, session.place, *predictors)(rows)
+        parts = [numpy_batch(p) if isinstance(p, (pa.Table, pa.RecordBatch)) else p
+                 for p in parts]
+        return [{c: p[c] for c in columns} if columns else p for p in parts]
+    from pipeline.inference.cluster import surface_job_errors
+
+    ds = scored(table_dataset(rows), images, session.place, *predictors)
+    if columns:
+        ds = ds.select_columns(columns)
+    with surface_job_errors():
+        return list(ds.iter_batches(batch_format="numpy", batch_size=None))
+
+
+def decode_rows(images: ImageSettings, rows: pa.Table, batch_rows: int = 64
+                ) -> list[dict[str, np.ndarray]]:
+    """rows -> image (uint8 NHWC) + status columns in this process, through the same guarded
+    fetch path and decoder as every job: for work too small for a Ray pass (an export's
+    calibration images)."""
+    preprocess = images.preprocessor(threads=cpu_count())
+    return [preprocess(numpy_batch(b)) for b in rows.to_batches(max_chunksize=batch_rows)]
 
 
 def on_cluster(cfg: Any) -> bool:
@@ -291,10 +381,8 @@ def choose_executor(cfg: Any, rows_to_score: int) -> tuple[str, str]:
 
 
 def local_device(cfg: Any) -> str:
-    """The device of the in-process executor: cuda only when asked for by 'auto' and present."""
-    import torch
-
-    return "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu"
+    """TEMPORARY: the old name, while the nightly job moves to `start`."""
+    return devices.local_device(cfg.device)
 
 
 class SignalProbe:

@@ -21,15 +21,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from pipeline import storage
 from pipeline.config import ExportConfig
-from pipeline.errors import ConfigError, ImageError, ModelError
-from pipeline.images.decode import decode_image
-from pipeline.images.fetch import fetch_bytes
+from pipeline.errors import ConfigError, ModelError
 from pipeline.images.security import UriPolicy
 from pipeline.inference.onnx_backend import EMBEDDINGS_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OnnxBackend
 from pipeline.inference.predict import fold_batch_norms
@@ -224,27 +223,26 @@ def sample_balanced(items: list[tuple[str, str]], count: int, seed: int) -> list
 
 
 def calibration_images(source: str, size: int, count: int, seed: int) -> tuple[np.ndarray, int]:
-    """A balanced sample of `source`'s training images, decoded as the pipeline decodes them
-    (uint8 NHWC); returns them and how many unreadable files were skipped."""
+    """A balanced sample of `source`'s training images, decoded by the scoring engine as every
+    job decodes them (uint8 NHWC); returns them and how many unreadable files were skipped."""
+    from pipeline.inference import engine
+
     # The guarded fetch path, as every job reads images: local files under the source's own
     # folder only (no http, no '../'), regular files, the byte limit.
-    root = source if Path(source).is_dir() else str(Path(source).parent)
-    policy = UriPolicy.from_options("file", "", "", os.path.abspath(root))
-    images, skipped, refused = [], 0, 0
-    for uri in sample_balanced(calibration_uris(source), count, seed):
-        try:
-            images.append(decode_image(fetch_bytes(uri, CALIBRATION_MAX_BYTES, retries=0,
-                                                   policy=policy), size))
-        except ImageError as exc:
-            skipped += 1
-            refused += exc.message.startswith("not allowed")
-        except OSError:
-            skipped += 1
-    if not images:
+    root = os.path.abspath(source if Path(source).is_dir() else str(Path(source).parent))
+    images = engine.ImageSettings(size, root, UriPolicy.from_options("file", "", "", root),
+                                  max_bytes=CALIBRATION_MAX_BYTES, fetch_retries=0)
+    uris = sample_balanced(calibration_uris(source), count, seed)
+    rows = pa.table({"product_id": [str(i) for i in range(len(uris))], "image_uri": uris})
+    batches = engine.decode_rows(images, rows)
+    ok = np.concatenate([b["status"] for b in batches]) == "ok" if batches else np.array([], bool)
+    if not ok.any():
+        messages = [m for b in batches for m in b["error_message"] if m]
+        refused = sum(str(m).startswith("not allowed") for m in messages)
         why = (f"; {refused} refused by the URI policy: images must be local files under {root}"
                if refused else "")
         raise ConfigError(f"--calibration-source {source}: no readable training images{why}")
-    return np.stack(images), skipped
+    return np.concatenate([b["image"] for b in batches])[ok], int((~ok).sum())
 
 
 # ---------------------------------------------------------------- parity
@@ -303,7 +301,7 @@ def export(cfg: ExportConfig) -> dict:
     """Export `cfg.model` as `cfg.format` into `cfg.output`; returns the new artifact's
     metadata as a dict (with its parity record). Nothing is written unless the export passes
     its parity check."""
-    from pipeline.inference.predict import resolve_device
+    from pipeline.inference.device import local_device
 
     check_output(cfg.output, cfg.overwrite)
     source = load_metadata(cfg.model)
@@ -315,7 +313,7 @@ def export(cfg: ExportConfig) -> dict:
     tolerance = Tolerance(
         default.min_top1_agreement if cfg.min_top1_agreement is None else cfg.min_top1_agreement,
         default.max_logit_error if cfg.max_logit_error is None else cfg.max_logit_error)
-    device = resolve_device(cfg.device).type
+    device = local_device(cfg.device).split(":")[0]
     images, skipped = calibration_images(cfg.calibration_source, source.input_size,
                                          cfg.calibration_images, cfg.calibration_seed)
 

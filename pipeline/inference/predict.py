@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.inference.device import local_device
 from pipeline.models import openset
 from pipeline.models.artifact import (
     ONNX_BACKEND,
@@ -35,12 +36,9 @@ from pipeline.models.transforms import norm_tensors, to_model_input
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        # Fail here, by name, rather than deep inside the first tensor copy.
-        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
-    return torch.device(device)
+    """`device` on this machine as a torch device (`device.local_device`): fails here, by
+    name, rather than deep inside the first tensor copy."""
+    return torch.device(local_device(device))
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
