@@ -270,43 +270,15 @@ def fit_policy(probs: np.ndarray, labels: np.ndarray, classes: list[str],
     predicted = probs.argmax(1)
     confidence = probs.max(1)
     sim = simulate(labels, k, coarse_groups(classes, coarse_classes), error_rate)
-    # Cross-fitted confusable pairs: each fold's scenarios see only the other folds' mistakes.
-    fold = np.random.default_rng(seed).permutation(n) % FOLDS
-    confusable = np.zeros(len(sim.row), dtype=bool)
-    for f in range(FOLDS):
-        others = fold != f
-        pairs = confused_pairs(labels[others], predicted[others])
-        here = fold[sim.row] == f
-        confusable[here] = _pair_mask(pairs, sim.current[here], predicted[sim.row[here]])
+    confusable = cross_fitted_confusable(sim, labels, predicted, seed)
     groups = coarse_groups(classes, coarse_classes)
     same_group = (np.zeros(len(sim.row), dtype=bool) if groups is None else
                   (groups[sim.current] == groups[predicted[sim.row]]) & (groups[sim.current] >= 0))
     # Two families of points: changes allowed within a coarse group (the look-alikes), or not.
     families = [_grid(sim, probs, labels, predicted, confidence, confusable | extra)
                 for extra in (np.zeros_like(same_group), same_group)]
-    points = []
-    for target in TARGET_PRECISIONS:
-        point = {"target_precision": target, "keep_threshold": None, "change_threshold": None,
-                 "review_within_group": False,
-                 "assign_threshold": assign_threshold(confidence, predicted == labels, target)}
-        best = max(((family, *_best(grid, target, catch_target)) for family, grid in
-                    enumerate(families)), key=lambda f: f[2])
-        family, score, (i, j) = best
-        grid = families[family]
-        if np.isfinite(score):
-            point.update(keep_threshold=KEEP_GRID[i], change_threshold=CHANGE_GRID[j],
-                         review_within_group=bool(family),
-                         expected={"precision": float(grid["precision"][i, j]),
-                                   "catch": float(grid["catch"][i]),
-                                   "review_load": float(grid["review"][i, j]),
-                                   "change_rate": float(grid["changes"][i, j])})
-        else:  # no point reaches the target: catch what the keep rule catches, all to review
-            catch = grid["catch"]
-            i = int(np.argmax(catch >= catch_target)) if (catch >= catch_target).any() else len(KEEP_GRID) - 1
-            point.update(keep_threshold=KEEP_GRID[i],
-                         expected={"precision": None, "catch": float(catch[i]),
-                                   "review_load": float(grid["flagged"][i]), "change_rate": 0.0})
-        points.append(point)
+    points = [operating_point(target, families, confidence, predicted == labels, catch_target)
+              for target in TARGET_PRECISIONS]
     all_pairs = confused_pairs(labels, predicted)
     group_pairs = [] if groups is None else sorted(
         [classes[a], classes[b]] for a in range(k) for b in range(k)
@@ -321,6 +293,46 @@ def fit_policy(probs: np.ndarray, labels: np.ndarray, classes: list[str],
         "fitted_on": {**(fitted_on or {}), "rows": int(n),
                       "accuracy": float((predicted == labels).mean())},
     }
+
+
+def cross_fitted_confusable(sim: Simulated, labels: np.ndarray, predicted: np.ndarray,
+                            seed: int) -> np.ndarray:
+    """Per simulated row: is its (current, predicted) pair a known mistake? Cross-fitted, so
+    each fold's scenarios see only the other folds' mistakes."""
+    fold = np.random.default_rng(seed).permutation(len(labels)) % FOLDS
+    confusable = np.zeros(len(sim.row), dtype=bool)
+    for f in range(FOLDS):
+        others = fold != f
+        pairs = confused_pairs(labels[others], predicted[others])
+        here = fold[sim.row] == f
+        confusable[here] = _pair_mask(pairs, sim.current[here], predicted[sim.row[here]])
+    return confusable
+
+
+def operating_point(target: float, families: list[dict[str, np.ndarray]], confidence: np.ndarray,
+                    right: np.ndarray, catch_target: float) -> dict[str, Any]:
+    """The least review load that reaches `target` precision and catches `catch_target` of the
+    wrong categories, over both families of points; all to review when none reaches it."""
+    point = {"target_precision": target, "keep_threshold": None, "change_threshold": None,
+             "review_within_group": False,
+             "assign_threshold": assign_threshold(confidence, right, target)}
+    family, score, (i, j) = max(((family, *_best(grid, target, catch_target))
+                                 for family, grid in enumerate(families)), key=lambda f: f[2])
+    grid = families[family]
+    if np.isfinite(score):
+        point.update(keep_threshold=KEEP_GRID[i], change_threshold=CHANGE_GRID[j],
+                     review_within_group=bool(family),
+                     expected={"precision": float(grid["precision"][i, j]),
+                               "catch": float(grid["catch"][i]),
+                               "review_load": float(grid["review"][i, j]),
+                               "change_rate": float(grid["changes"][i, j])})
+    else:  # no point reaches the target: catch what the keep rule catches, all to review
+        catch = grid["catch"]
+        i = int(np.argmax(catch >= catch_target)) if (catch >= catch_target).any() else len(KEEP_GRID) - 1
+        point.update(keep_threshold=KEEP_GRID[i],
+                     expected={"precision": None, "catch": float(catch[i]),
+                               "review_load": float(grid["flagged"][i]), "change_rate": 0.0})
+    return point
 
 
 def _grid(sim: Simulated, probs: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
