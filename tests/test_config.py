@@ -1,11 +1,14 @@
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from pipeline.config import (
-    GROCERY_DATASET,
+    DEFAULT_GROCERY_DATASET,
+    GROCERY_STORE_ENV,
     REPO_ROOT,
     BenchmarkConfig,
     EmbedConfig,
@@ -84,7 +87,7 @@ def test_help_states_each_default_once_as_typed(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     text = " ".join(build_parser(RecategorizeConfig, "").format_help().split())
     assert "(default: <checkout>/examples/model)" in text
-    assert display_path(GROCERY_DATASET) == "<checkout>/../shared/datasets/grocery-store"
+    assert display_path(DEFAULT_GROCERY_DATASET) == "<checkout>/../shared/datasets/grocery-store"
 
 
 def test_every_job_takes_the_same_device_default():
@@ -111,3 +114,24 @@ def test_local_paths_are_absolute_after_parsing(tmp_path, monkeypatch):
     assert cfg.allowed_uri_prefixes == f"{tmp_path / 'images'},s3://vendor/,/mnt/x"
     assert cfg.model == os.path.abspath(cfg.model) and cfg.output.startswith("s3://")
     assert parse_args(RecategorizeConfig, [], "").output == str(tmp_path / "outputs" / "recategorize")
+
+
+GROCERY_DEFAULTS = """
+from pipeline.config import ExportConfig, MakeManifestConfig, TrainConfig
+print(MakeManifestConfig().source, TrainConfig().dataset_root, ExportConfig().calibration_source)
+"""
+
+
+def test_the_grocery_store_folder_comes_from_the_environment(tmp_path):
+    """The dataset's folder is this machine's business: GROCERY_STORE_DIR sets every option that
+    defaults to it (a relative value from the folder the job starts in), and --help names the
+    variable, not a path."""
+    (tmp_path / "grocery").mkdir()
+    env = {**os.environ, GROCERY_STORE_ENV: "grocery",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", GROCERY_DEFAULTS], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(tmp_path / "grocery")] * 3
+    text = " ".join(build_parser(MakeManifestConfig, "").format_help().split())
+    assert f"${GROCERY_STORE_ENV} when set, else <checkout>/../shared/datasets/grocery-store" in text

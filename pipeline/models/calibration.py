@@ -13,9 +13,6 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pipeline import storage
-from pipeline.errors import ConfigError
-
 ECE_BINS = 15
 # A model no better than chance drives the NLL optimum towards infinity; keep T sane.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 50.0
@@ -68,23 +65,3 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     optimizer.step(closure)
     return float(min(max(log_t.exp().item(), MIN_TEMPERATURE), MAX_TEMPERATURE))
-
-
-def review_threshold_from_report(uri: str) -> float:
-    """The auto-accept threshold of an evaluation report's metrics.json, for the nightly job's
-    needs_review rule. Problems raise ConfigError naming --review-threshold-from."""
-    where = f"--review-threshold-from {uri!r}"
-    try:
-        metrics = storage.read_json(uri)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{where}: file not found") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{where}: not valid JSON ({exc})") from exc
-    accept = metrics.get("auto_accept") if isinstance(metrics, dict) else None
-    if not isinstance(accept, dict) or "threshold" not in accept:
-        raise ConfigError(f"{where}: not an evaluation metrics.json (no auto_accept.threshold)")
-    if accept["threshold"] is None:
-        raise ConfigError(
-            f"{where}: no confidence threshold reached the target accuracy "
-            f"{accept.get('target_accuracy')}; set --review-threshold instead")
-    return float(accept["threshold"])
