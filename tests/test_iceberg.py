@@ -13,12 +13,9 @@ from pyiceberg.catalog import load_catalog
 
 from pipeline.errors import ConfigError, OutputError
 from pipeline.sinks import rows
-from pipeline.sinks.iceberg import (
-    RUN_ID_PROPERTY,
-    IcebergSink,
-    parse_catalog_properties,
-    parse_table_name,
-)
+from pipeline.sinks.base import NightRun
+from pipeline.sinks.iceberg import RUN_ID_PROPERTY, IcebergSink
+from pipeline.sinks.iceberg_options import parse_catalog_properties, parse_table_name
 
 TABLE = "retail.categories"
 NIGHT_1 = {"p1": "Apple", "p2": "Banana", "p3": "Kiwi", "p4": "Lemon"}
@@ -74,6 +71,11 @@ def write_night(folder: Path, run_id: str, categories: dict[str, str]) -> list[s
     return files
 
 
+def night(files: list[str], run_id: str, properties: dict[str, str] | None = None) -> NightRun:
+    """What the job hands the sink at commit time: the run's checked files."""
+    return NightRun(run_id, tuple(files), properties or {})
+
+
 def sorted_rows(table: pa.Table) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: r["product_id"])
 
@@ -124,11 +126,11 @@ def test_nights_replace_the_current_state_one_snapshot_each(tmp_path, catalog_pr
     sink.check(rows.OUTPUT_SCHEMA)  # a table that does not exist yet is fine, and not created
     assert not load_catalog("default", **catalog_props).table_exists(TABLE)
 
-    first = sink.commit(write_night(tmp_path / "runs", "night-1", NIGHT_1), "night-1",
-                        {"catalog-recategorizer.manifest": "s3://m/1/"})
+    first = sink.commit(night(write_night(tmp_path / "runs", "night-1", NIGHT_1), "night-1",
+                              {"catalog-recategorizer.manifest": "s3://m/1/"}))
     assert first["rows"] == len(NIGHT_1) and first["table"] == TABLE
     files_1 = sink.committed_files()
-    second = sink.commit(write_night(tmp_path / "runs", "night-2", NIGHT_2), "night-2")
+    second = sink.commit(night(write_night(tmp_path / "runs", "night-2", NIGHT_2), "night-2"))
     assert second["rows"] == len(NIGHT_2)
 
     table = load_table(catalog_props)
@@ -161,8 +163,8 @@ def test_nights_replace_the_current_state_one_snapshot_each(tmp_path, catalog_pr
 def test_same_run_twice_adds_no_snapshot(tmp_path, catalog_props):
     sink = IcebergSink(TABLE, catalog_props)
     files = write_night(tmp_path / "runs", "night-1", NIGHT_1)
-    first = sink.commit(files, "night-1")
-    again = IcebergSink(TABLE, catalog_props).commit(files, "night-1")
+    first = sink.commit(night(files, "night-1"))
+    again = IcebergSink(TABLE, catalog_props).commit(night(files, "night-1"))
     assert again == {**first, "already_committed": True}
     assert len(load_table(catalog_props).snapshots()) == 1
 
@@ -170,10 +172,10 @@ def test_same_run_twice_adds_no_snapshot(tmp_path, catalog_props):
 def test_an_older_run_is_not_committed_over_a_newer_one(tmp_path, catalog_props):
     sink = IcebergSink(TABLE, catalog_props)
     files_1 = write_night(tmp_path / "runs", "night-1", NIGHT_1)
-    sink.commit(files_1, "night-1")
-    sink.commit(write_night(tmp_path / "runs", "night-2", NIGHT_2), "night-2")
+    sink.commit(night(files_1, "night-1"))
+    sink.commit(night(write_night(tmp_path / "runs", "night-2", NIGHT_2), "night-2"))
     with pytest.raises(OutputError, match="roll the table back"):
-        sink.commit(files_1, "night-1")
+        sink.commit(night(files_1, "night-1"))
     assert len(load_table(catalog_props).snapshots()) == 2
 
 
@@ -184,8 +186,8 @@ def test_many_data_files_still_one_snapshot(tmp_path, catalog_props):
     catalog.create_table(TABLE, schema=rows.OUTPUT_SCHEMA,
                          properties={"write.target-file-size-bytes": "1"})
     products = {f"p{i:03d}": "Apple" for i in range(40)}
-    result = IcebergSink(TABLE, catalog_props).commit(
-        write_night(tmp_path / "runs", "night-1", products), "night-1")
+    result = IcebergSink(TABLE, catalog_props).commit(night(
+        write_night(tmp_path / "runs", "night-1", products), "night-1"))
     table = load_table(catalog_props)
     assert result["rows"] == len(products) == table.scan().to_arrow().num_rows
     assert len(table.snapshots()) == 1
@@ -199,7 +201,7 @@ def test_new_output_columns_are_added_to_an_existing_table(tmp_path, catalog_pro
     catalog.create_table(TABLE, schema=older)
     sink = IcebergSink(TABLE, catalog_props)
     sink.check(rows.OUTPUT_SCHEMA)
-    sink.commit(write_night(tmp_path / "runs", "night-1", NIGHT_1), "night-1")
+    sink.commit(night(write_night(tmp_path / "runs", "night-1", NIGHT_1), "night-1"))
     table = load_table(catalog_props)
     assert not table.schema().find_field("current_category").required
     assert sorted_rows(table.scan().to_arrow()) == sorted_rows(night_table("night-1", NIGHT_1))
@@ -218,7 +220,7 @@ def test_check_refuses_an_incompatible_table(tmp_path, catalog_props, change, me
     with pytest.raises(OutputError, match=f"incompatible.*{message}.*--iceberg-table"):
         sink.check(rows.OUTPUT_SCHEMA)
     with pytest.raises(OutputError, match="incompatible"):
-        sink.commit(write_night(tmp_path / "runs", "night-1", NIGHT_1), "night-1")
+        sink.commit(night(write_night(tmp_path / "runs", "night-1", NIGHT_1), "night-1"))
     assert load_table(catalog_props).snapshots() == []
 
 
@@ -243,5 +245,5 @@ def test_unreadable_run_file_is_an_output_error(tmp_path, catalog_props):
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"not parquet")
     with pytest.raises(OutputError, match="cannot read run file"):
-        IcebergSink(TABLE, catalog_props).commit([str(broken)], "night-1")
+        IcebergSink(TABLE, catalog_props).commit(night([str(broken)], "night-1"))
     assert load_table(catalog_props).snapshots() == []

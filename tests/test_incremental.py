@@ -168,15 +168,17 @@ def test_a_table_left_ahead_of_success_is_reported_and_brought_back_in_line(cata
                                                                            tiny_model, capsys):
     """A run that stopped between its table commit and `_SUCCESS` leaves them on different
     runs; the next night says so and commits both."""
+    from pipeline.sinks.base import NightRun
     from pipeline.sinks.iceberg import IcebergSink
-    from pipeline.sinks.parquet import committed_files
+    from pipeline.sinks.parquet import RunFolderSink
 
     folder, rows = catalog
     props, options = iceberg_options(tmp_path)
     out = tmp_path / "out"
     first = night(folder, rows, "n1", out, tiny_model, **options)
     sink = IcebergSink("retail.predictions", props)
-    sink.commit(committed_files(str(out)), "stopped-run")  # its _SUCCESS never came
+    files = tuple(RunFolderSink(str(out)).committed_files())
+    sink.commit(NightRun("stopped-run", files))  # its _SUCCESS never came
     assert sink.current_run_id() == "stopped-run"
     second = night(folder, rows, "n2", out, tiny_model, **options)
     assert second["table_run_split"] == {"table_run_id": "stopped-run",

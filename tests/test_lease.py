@@ -213,7 +213,7 @@ def test_a_run_that_stalled_past_its_lease_publishes_nothing(tmp_path, sample_im
     exit 8, and `_SUCCESS` still names B."""
     from pipeline.config import RecategorizeConfig
     from pipeline.nightly.recategorize import run
-    from pipeline.sinks import parquet as run_folder
+    from pipeline.sinks.parquet import RunFolderSink
 
     manifest, _ = make_catalog(tmp_path / "catalog", sample_images, good=4)
     out = str(tmp_path / "out")
@@ -225,7 +225,7 @@ def test_a_run_that_stalled_past_its_lease_publishes_nothing(tmp_path, sample_im
     assert storage.read_json(f"{out}/_SUCCESS")["run_id"] == "night-b"
     marker = {"run_id": "night-a", "rows": 1, "files": []}
     with pytest.raises(OutputBusyError, match=r"taken over|removed") as caught:
-        run_folder.publish(out, marker, "key-a", fence=stalled.renew)
+        RunFolderSink(out).publish(marker, "key-a", fence=stalled.renew)
     assert caught.value.exit_code == 8
     assert storage.read_json(f"{out}/_SUCCESS")["run_id"] == night_b["run_id"] == "night-b"
     assert os.readlink(f"{out}/predictions") == "runs/night-b"

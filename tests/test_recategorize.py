@@ -152,19 +152,20 @@ def test_rerun_commits_a_new_run_and_a_new_manifest_is_the_normal_case(ray_local
 
 
 def test_publish_removes_the_staging_folder_unless_another_run_stages(tmp_path):
-    from pipeline.sinks.parquet import publish
+    from pipeline.sinks.parquet import RunFolderSink
 
     out = tmp_path / "out"
+    publish = RunFolderSink(str(out)).publish
     (out / "runs" / "night1").mkdir(parents=True)
     for key in ("mine", "other"):
         (out / "_staging" / key).mkdir(parents=True)
         (out / "_staging" / key / "plan.json").write_text("{}")
-    publish(str(out), {"run_id": "night1", "files": []}, "mine")
+    publish({"run_id": "night1", "files": []}, "mine")
     assert not (out / "_staging" / "mine").exists()
     assert (out / "_staging" / "other" / "plan.json").exists()  # another run's staging stays
 
     (out / "runs" / "night2").mkdir()
-    publish(str(out), {"run_id": "night2", "files": []}, "other")
+    publish({"run_id": "night2", "files": []}, "other")
     assert not (out / "_staging").exists()  # nothing left in it: no empty folder behind
     assert json.loads((out / "_SUCCESS").read_text())["run_id"] == "night2"
 

@@ -122,8 +122,9 @@ class ExecutorOptions(BaseModel):
     )
 
 
-class ScoringPoolOptions(BaseModel):
-    """Jobs that score a labelled manifest with a model artifact on the engine's actor pool."""
+class ScoringPoolOptions(ExecutorOptions):
+    """Jobs that score a labelled manifest with a model artifact through the scoring engine
+    (in their own process, or on its actor pool)."""
 
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
     num_actors: int = Field(1, ge=1, description="Inference actor pool size.")

@@ -15,6 +15,7 @@ from pipeline.config.options import (
     GROCERY_DATASET,
     GROCERY_DATASET_HELP,
     Device,
+    ExecutorOptions,
     JobConfig,
     LabelledImagesOptions,
     ScoringPoolOptions,
@@ -215,7 +216,7 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         return values
 
 
-class EmbedConfig(LabelledImagesOptions, JobConfig):
+class EmbedConfig(LabelledImagesOptions, ExecutorOptions, JobConfig):
     """Settings of `jobs.embed`: a classifier fitted on a model's embeddings."""
 
     manifest: str = Field(

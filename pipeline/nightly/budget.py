@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.inference.fail_fast import fix_hint
-from pipeline.nightly.incremental import _connect, _dataset
+from pipeline.nightly import tables
 
 # A night may always have this many new error rows, whatever its size: one broken image among
 # three re-scored rows is a broken image, not an outage.
 BUDGET_FREE_ERRORS = 3
-# Examples kept per error type in the run folder's error sample.
+# Examples kept per error type in the error sample (kept with a refused night's rows).
 SAMPLE_PER_TYPE = 5
-ERROR_SAMPLE_FILE = "_errors.json"
+
 
 @dataclass
 class BudgetCheck:
@@ -85,10 +85,10 @@ def night_errors(scored: list[str], previous_files: list[str] | None,
     error rows (same product_id and image_uri): counts and a sample of a few rows per type."""
     if not scored:
         return NightErrors()
-    con = _connect()
-    con.register("t", _dataset(scored))
+    con = tables.connect()
+    con.register("t", tables.dataset(scored))
     if previous_files:
-        con.register("p", _dataset(previous_files))
+        con.register("p", tables.dataset(previous_files))
         con.execute(
             "CREATE TEMP VIEW e AS SELECT t.product_id, t.image_uri, t.status, t.error_type, "
             "t.error_message, coalesce(k.known, false) AS known FROM t LEFT JOIN (SELECT "

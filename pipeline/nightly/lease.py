@@ -26,18 +26,18 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Protocol
 
 from pipeline import storage
 from pipeline.errors import OutputBusyError, OutputError
+from pipeline.nightly.lease_record import LeaseRecord, busy_message, iso, lost_message, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -57,61 +57,6 @@ CONDITION_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKe
 
 class LeaseConflict(Exception):
     """The lease file is not the version the caller read (changed or removed meanwhile)."""
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.isoformat(timespec="seconds")
-
-
-@dataclass
-class LeaseRecord:
-    """What the lease file holds."""
-
-    token: str
-    run_id: str | None
-    host: str
-    pid: int
-    acquired_at: str
-    renewed_at: str
-    expires_at: str
-    heartbeat_s: float
-    # Counts this holder's writes, so every write has new content (hence a new version) even
-    # when two fall in the same second.
-    writes: int
-
-    def expired(self, now: dt.datetime | None = None) -> bool:
-        return (now or _now()) >= dt.datetime.fromisoformat(self.expires_at)
-
-    def holder_gone(self) -> bool:
-        """The holder ran on this host and its process no longer exists. (A reused pid reads
-        as alive: the lease then waits for its expiry, never the other way round.)"""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def to_bytes(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2) + "\n").encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, uri: str) -> LeaseRecord:
-        try:
-            fields = json.loads(data)
-            record = cls(**{k: fields[k] for k in cls.__dataclass_fields__})
-            record.expired()
-        except (ValueError, KeyError, TypeError) as exc:
-            raise OutputError(f"{uri} is not a lease this job wrote ({exc!r}); if no run is "
-                              "writing the output, remove it and start again") from exc
-        return record
 
 
 class LeaseStore(Protocol):
@@ -305,9 +250,9 @@ class OutputLease:
         self._beat: threading.Thread | None = None
 
     def _stamped(self, **changes: Any) -> bytes:
-        now = _now()
-        self.record = LeaseRecord(**{**asdict(self.record), "renewed_at": _iso(now),
-                                     "expires_at": _iso(now + self.ttl),
+        now = utc_now()
+        self.record = LeaseRecord(**{**asdict(self.record), "renewed_at": iso(now),
+                                     "expires_at": iso(now + self.ttl),
                                      "writes": self.record.writes + 1, **changes})
         return self.record.to_bytes()
 
@@ -325,7 +270,7 @@ class OutputLease:
         """Take the lease, or raise OutputBusyError naming its live holder."""
         with self._mutex:
             for _ in range(ACQUIRE_ATTEMPTS):
-                now = _iso(_now())
+                now = iso(utc_now())
                 try:
                     self.version = self.store.create(self._stamped(acquired_at=now))
                     return self
@@ -421,21 +366,3 @@ class OutputLease:
             except OSError as exc:  # must not hide the run's own outcome
                 log.warning("could not release the lease %s (it expires by itself at %s): %s",
                             self.store.uri, self.record.expires_at, exc)
-
-
-def busy_message(output: str, uri: str, holder: LeaseRecord) -> str:
-    who = f"run {holder.run_id}" if holder.run_id else "a run (its run id not yet chosen)"
-    return (f"output {output!r} is being written by another run: {who} on host {holder.host} "
-            f"(pid {holder.pid}), since {holder.acquired_at}. Its lease {uri} expires at "
-            f"{holder.expires_at} unless that run renews it (every {holder.heartbeat_s:.0f} s "
-            "while it lives); once expired, the next run takes it over by itself. Wait for that "
-            "run to finish, or, if that process is known to be dead, remove the lease file and "
-            "start again")
-
-
-def lost_message(output: str, uri: str, taker: LeaseRecord) -> str:
-    who = f"run {taker.run_id}" if taker.run_id else "another run"
-    return (f"output {output!r}: this run's lease {uri} expired and was taken over by {who} on "
-            f"host {taker.host} (pid {taker.pid}) at {taker.acquired_at}; this run stalled past "
-            "its lease and stops without committing. Its rows stay staged; start it again once "
-            "the other run is done")

@@ -6,10 +6,12 @@
    products whose image did not change, when the model and the row-affecting options are the
    same; score the rest. `--full`, a new model or new options score everything.
 3. Score (`pipeline.inference.engine`): one Ray Data pass over the rows to score, in deterministic chunks,
-   with one actor pool; write tasks put each chunk's rows straight into the run folder
-   (`pipeline.sinks.parquet`). A killed run started again with the same arguments finds the run
-   folder by its staging key and redoes only the chunks that are not complete.
-4. Commit: counts come from the writes; the Iceberg table (if any) commits the night's snapshot,
+   with one actor pool (`pipeline.nightly.scoring`); write tasks put each chunk's rows straight
+   into the run folder (`pipeline.sinks.parquet.RunFolderSink`). A killed run started again
+   with the same arguments finds the run folder by its staging key and redoes only the chunks
+   that are not complete.
+4. Commit: counts come from the writes; then the sinks (`pipeline.sinks.base.Sink`) commit in
+   order, each fenced by the lease: the Iceberg table (if any) commits the night's snapshot,
    then `_SUCCESS` publishes the run folder; the summary and the drift report say what changed.
 """
 
@@ -19,49 +21,36 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
-import gc
 import hashlib
 import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.catalog import Manifest, manifest_files, validate_manifest
 from pipeline.config import RecategorizeConfig
-from pipeline.errors import ConfigError, ErrorBudgetError, FailFastError
+from pipeline.errors import ErrorBudgetError
 from pipeline.images.security import safe_name
-from pipeline.inference import engine, fail_fast
+from pipeline.inference import engine
 from pipeline.inference.engine import choose_executor, local_device, on_cluster
 from pipeline.models import decide
 from pipeline.models.artifact import verify_artifact
 from pipeline.nightly import budget, drift
-from pipeline.nightly.chunks import Chunk, ChunkReader, chunk_items, plan_chunks
-from pipeline.nightly.incremental import (
-    NightPlan,
-    load_or_plan,
-    options_key,
-    plan_night,
-)
+from pipeline.nightly.chunks import Chunk, plan_chunks
+from pipeline.nightly.incremental import NightPlan, load_or_plan, options_key, plan_night
 from pipeline.nightly.lease import OutputLease
-from pipeline.sinks import parquet as run_folder
-from pipeline.sinks.rows import KNOWN_ERROR_COLUMN, OUTPUT_SCHEMA
+from pipeline.nightly.scoring import score_chunks, score_local
+from pipeline.sinks.base import NightRun, Sink, commit_in_order
+from pipeline.sinks.parquet import NightDocuments, RunFolderSink, SealedRun
 
-STATS_FILE = "ray_data_stats.txt"
-DRIFT_FILE = "drift.html"
-RUN_FILE = "run.json"
-RUN_SUMMARY_FILE = "_summary.json"
-# Write tasks gather at least this many rows (fewer, larger files), and at most a chunk's worth,
-# so a chunk's rows land on storage soon after they are scored.
-WRITE_BLOCK_ROWS = 32_768
-# Reading a chunk and writing files is I/O: a small CPU request keeps them from holding a slot
-# that decoding or the model needs.
-IO_TASK_CPUS = 0.1
+# Categories listed in the printed summary (summary.json has them all).
 TOP_CATEGORIES = 10
-REDACTED = "<redacted>"  # categories listed in the printed summary (summary.json has them all)
+# Catalog properties can hold credentials: the saved config says only that there were some.
+REDACTED = "<redacted>"
 
 
 def new_run_id() -> str:
@@ -79,18 +68,6 @@ def staging_key(cfg: RecategorizeConfig, manifest_uri: str, model_version: str, 
                        "run_id": cfg.run_id, "full": cfg.full,
                        "previous": (previous or {}).get("run_id")}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def staged_run_id(output: str, key: str, requested: str | None) -> str:
-    """The run id of an interrupted run with this key, else a new one (recorded)."""
-    info = storage.join(run_folder.staging_uri(output, key), RUN_FILE)
-    if storage.exists(info):
-        return storage.read_json(info)["run_id"]
-    run_id = safe_name(requested or new_run_id(), "--run-id")
-    if storage.exists(run_folder.run_uri(output, run_id)):
-        raise ConfigError(f"--run-id {run_id!r} is already used in output {output!r}; choose another")
-    storage.write_json(info, {"run_id": run_id})
-    return run_id
 
 
 def load_artifact_checked(cfg: RecategorizeConfig):
@@ -111,113 +88,33 @@ def load_artifact_checked(cfg: RecategorizeConfig):
     return meta
 
 
-def iceberg_sink(cfg: RecategorizeConfig):
-    """The warehouse table sink, checked (catalog reachable, schema compatible) before work."""
+def iceberg_sink(cfg: RecategorizeConfig) -> Sink | None:
+    """The warehouse table sink when --iceberg-table is set (checked by `check_night`)."""
     if not cfg.iceberg_table:
         return None
-    from pipeline.sinks.iceberg import IcebergSink, parse_catalog_properties
+    from pipeline.sinks.iceberg import IcebergSink
+    from pipeline.sinks.iceberg_options import parse_catalog_properties
 
-    sink = IcebergSink(cfg.iceberg_table, parse_catalog_properties(cfg.iceberg_catalog or ""))
-    sink.check(OUTPUT_SCHEMA)
-    return sink
+    return IcebergSink(cfg.iceberg_table, parse_catalog_properties(cfg.iceberg_catalog or ""))
 
 
-def table_run_split(warehouse, previous: dict[str, Any] | None) -> dict[str, Any] | None:
-    """When the table's current snapshot and `_SUCCESS` name different runs (a run stopped
-    between its table commit, which comes first, and `_SUCCESS`), say so: this night's commit
-    brings both to the same run. None when they agree."""
-    if warehouse is None:
+def table_run_split(held: dict[str, Any] | None,
+                    previous: dict[str, Any] | None) -> dict[str, Any] | None:
+    """When the table's current snapshot (`held`, from the table sink's check) and `_SUCCESS`
+    name different runs (a run stopped between its table commit, which comes first, and
+    `_SUCCESS`), say so: this night's commit brings both to the same run. None when they
+    agree."""
+    if held is None:
         return None
-    table_run = warehouse.current_run_id()
+    table_run = held.get("run_id")
     parquet_run = (previous or {}).get("run_id")
     if table_run == parquet_run or table_run is None:
         return None
-    print(f"warning: Iceberg table {warehouse.identifier} is at run {table_run} while the "
+    print(f"warning: Iceberg table {held['table']} is at run {table_run} while the "
           f"output's _SUCCESS names run {parquet_run}: a run stopped between its table commit "
           "and its Parquet commit. This night commits both, which brings them together again",
           file=sys.stderr, flush=True)
     return {"table_run_id": table_run, "parquet_run_id": parquet_run}
-
-
-def source_columns(uri: str, chunks: list[Chunk]) -> list[str]:
-    """The columns the night reads from its source (the manifest or the rows to re-score)."""
-    fs, _ = storage.arrow_filesystem(uri)
-    with fs.open_input_file(chunks[0].path) as f:
-        names = pq.read_schema(f).names
-    return ["product_id", "image_uri"] + [c for c in ("current_category", "image_version",
-                                                      KNOWN_ERROR_COLUMN) if c in names]
-
-
-def inference_kwargs(cfg: RecategorizeConfig, place: engine.Placement, run_id: str,
-                     rows: int, scorers: int | None = None) -> dict:
-    """What each scorer (an actor of the pool, or this process) builds its InferenceActor with;
-    `rows` to score in all, over `scorers` (default: the largest actor pool) for the fail-fast
-    watch."""
-    scorers = scorers or engine.actor_pool_bounds(place)[1]
-    return {"model_uri": storage.normalize(cfg.model), "device": place.device, "top_k": cfg.top_k,
-            "precision": cfg.precision, "compile": cfg.compile,
-            "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
-            "review_threshold": cfg.review_threshold, "change_precision": cfg.change_precision,
-            "tta": cfg.tta,
-            "fail_fast_rows": fail_fast.fail_fast_rows(rows, scorers) if cfg.max_error_rate < 1
-            else 0}
-
-
-def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
-                 images: engine.ImageSettings, place: engine.Placement, run_id: str,
-                 folder: str) -> tuple[list[dict], str]:
-    """One streaming pass: chunks -> rows -> the scoring engine -> the run folder. Returns what
-    the write tasks wrote (file, chunk, rows, stats) and Ray Data's stats of the pass."""
-    import ray.data
-
-    from pipeline.inference.cluster import InferenceActor, surface_job_errors
-
-    ds = ray.data.from_items(chunk_items(chunks), override_num_blocks=len(chunks))
-    ds = ds.map_batches(ChunkReader(source, source_columns(source, chunks)), batch_size=1,
-                        batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
-                        **engine.retry_args(place, actor=False))
-    ds = engine.scored(ds, images, place, InferenceActor, inference_kwargs(
-        cfg, place, run_id, sum(c.rows for c in chunks)))
-    sink = run_folder.ChunkSink(folder, min(WRITE_BLOCK_ROWS, cfg.rows_per_file, cfg.chunk_rows))
-    stopped: FailFastError | None = None
-    try:
-        with surface_job_errors():  # e.g. an inference actor on a GPU node without CUDA
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
-    except FailFastError as exc:
-        stopped = FailFastError(*exc.args)
-    if stopped is not None:
-        # Ray Data frees an aborted pass's actors by reference counting, and the Ray error's
-        # traceback holds them in reference cycles: a driver that runs again (a test, a
-        # notebook) would wait for their CPUs. Raised unchained, after collecting the cycles.
-        del ds
-        gc.collect()
-        raise stopped
-    return sink.written, ds.stats()
-
-
-def score_local(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
-                images: engine.ImageSettings, place: engine.Placement, run_id: str,
-                folder: str) -> list[dict]:
-    """The same pass in this process, chunk by chunk into the same run folder files (so resume
-    and commit do not know which executor ran). Returns what was written."""
-    from pipeline.inference.cluster import InferenceActor
-
-    score = engine.in_process_scorer(images, place, InferenceActor, inference_kwargs(
-        cfg, place, run_id, sum(c.rows for c in chunks), scorers=1))
-    reader = ChunkReader(source, source_columns(source, chunks))
-    sink = run_folder.ChunkSink(folder, cfg.rows_per_file)
-    written: list[dict] = []
-    for chunk in chunks:
-        written += sink.write(score(reader.read(chunk)), None)
-    return written
-
-
-def previous_stats(output: str, previous: dict[str, Any] | None) -> dict | None:
-    """Last night's statistics, from its run summary (kept until the night after)."""
-    if not previous:
-        return None
-    uri = storage.join(run_folder.run_uri(output, previous["run_id"]), RUN_SUMMARY_FILE)
-    return storage.read_json(uri).get("stats") if storage.exists(uri) else None
 
 
 class Phases:
@@ -242,35 +139,59 @@ def run(cfg: RecategorizeConfig) -> dict:
         return run_night(cfg, held)
 
 
-def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
-    start = time.perf_counter()
-    phases = Phases()
-    from pipeline.inference.cluster import init_ray, resolve_inference_device
+@dataclass
+class Checked:
+    """What the checks before any work found: the inputs, the sinks, what they hold now."""
 
-    phases.mark("import")
+    manifest: Manifest
+    meta: Any
+    images: engine.ImageSettings
+    folder: RunFolderSink
+    warehouse: Sink | None  # the Iceberg table, when --iceberg-table is set
+    previous: dict[str, Any] | None  # the output's committed run (its _SUCCESS)
+    split: dict[str, Any] | None  # the table and _SUCCESS at different runs (table_run_split)
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """In commit order: the table first, so a run stopped between the two commits is found
+        again by its restart (_SUCCESS still names the previous run)."""
+        return [s for s in (self.warehouse, self.folder) if s is not None]
+
+
+def check_night(cfg: RecategorizeConfig, phases: Phases) -> Checked:
+    """Everything that can be checked before work starts, so a bad argument fails fast and
+    writes nothing."""
     manifest = validate_manifest(cfg.manifest)
     phases.mark("validate manifest")
     meta = load_artifact_checked(cfg)
     phases.mark("check model")
-    output = storage.normalize(cfg.output)
     # The nightly job records each scored image's change signal for the next night's plan.
     images = dataclasses.replace(
         engine.ImageSettings.from_config(cfg, meta.input_size, manifest.base_uri),
         record_signal=True)
     if cfg.run_id:
         safe_name(cfg.run_id, "--run-id")
-    previous = run_folder.check_output(output, cfg.overwrite)
+    folder = RunFolderSink(storage.normalize(cfg.output), cfg.overwrite)
+    previous = folder.check()
     warehouse = iceberg_sink(cfg)
-    split = table_run_split(warehouse, previous)
-    # One writer per output: a second run stops here (exit 8) before it writes anything.
-    lease = held.enter_context(OutputLease(output, cfg.run_id).hold())
+    split = table_run_split(warehouse.check() if warehouse else None, previous)
+    return Checked(manifest, meta, images, folder, warehouse, previous, split)
 
+
+def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
+    """Check, take the lease, stage, plan, score, seal, check the error budget, commit."""
+    start = time.perf_counter()
+    phases = Phases()
+    from pipeline.inference.cluster import init_ray, resolve_inference_device
+
+    phases.mark("import")
+    night = check_night(cfg, phases)
+    # One writer per output: a second run stops here (exit 8) before it writes anything.
+    lease = held.enter_context(OutputLease(night.folder.output, cfg.run_id).hold())
     opts = options_key(cfg)
-    key = staging_key(cfg, manifest.uri, meta.model_version, opts, previous)
-    staging = run_folder.staging_uri(output, key)
-    run_id = staged_run_id(output, key, cfg.run_id)
+    run_id = night.folder.stage(staging_key(cfg, night.manifest.uri, night.meta.model_version,
+                                            opts, night.previous), cfg.run_id or new_run_id())
     lease.renew(run_id)  # the lease names the run from here on
-    folder = run_folder.run_uri(output, run_id)
     phases.mark("check output")
 
     @functools.cache
@@ -279,107 +200,111 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
         init_ray(cfg.ray_address, cfg.num_cpus)
         return engine.Placement.from_config(cfg, resolve_inference_device(cfg))
 
-    plan = load_or_plan(staging, lambda: plan_night(
-        manifest, previous, output, model_version=meta.model_version, opts_key=opts,
-        full=cfg.full, run_id=run_id, staging=staging, rows_per_file=cfg.rows_per_file,
-        probe=lambda src, out: (engine.probe_signals(src, out, images, on_ray())
+    plan = load_or_plan(night.folder.plan_folder(), lambda: plan_night(
+        night.manifest, night.previous, night.folder, model_version=night.meta.model_version,
+        opts_key=opts, full=cfg.full, run_id=run_id, rows_per_file=cfg.rows_per_file,
+        probe=lambda src, out: (engine.probe_signals(src, out, night.images, on_ray())
                                 if on_cluster(cfg) or cfg.executor == "ray"
-                                else engine.probe_signals_local(src, out, images))))
-
+                                else engine.probe_signals_local(src, out, night.images))))
     chunks = plan_chunks(plan.source, cfg.chunk_rows)
-    sizes = [c.rows for c in chunks]
-    done = run_folder.finished_chunks(folder, sizes)
+    done = night.folder.finished_chunks(run_id, [c.rows for c in chunks])
     todo = [c for c in chunks if c.index not in done]
     executor, executor_reason = choose_executor(cfg, sum(c.rows for c in todo))
     phases.mark("plan")
     try:
-        if executor == "local":
-            place = engine.Placement.from_config(cfg, local_device(cfg))
-            written, ray_stats = score_local(cfg, plan.source, todo, images, place, run_id,
-                                             folder) if todo else [], ""
-        else:
-            place = on_ray()
-            phases.mark("start ray")
-            written, ray_stats = score_chunks(cfg, plan.source, todo, images, place, run_id,
-                                              folder) if todo else ([], "")
+        place, written, ray_stats = score_night(cfg, night, plan.source, todo, run_id,
+                                                executor == "local", on_ray, phases)
     except ErrorBudgetError:  # failed fast: this attempt's rows are not resumed (see below)
-        storage.remove(staging)
+        abort_night(night.sinks, run_id)
         raise
     phases.mark("score")
-    listing = run_folder.list_run(folder)
-    stats = run_folder.run_stats(folder, listing, written)
-    marker = run_folder.commit(output, run_id, listing, sizes, plan.rows_carried,
-                               manifest.num_rows, {"manifest": manifest.uri,
-                                                   "model_version": meta.model_version,
-                                                   "options_key": opts})
-    summary = summarize(cfg, manifest, meta, place, plan, marker, stats, len(chunks),
-                        len(done), time.perf_counter() - start)
-    summary["executor"], summary["executor_reason"] = executor, executor_reason
-    if split:
-        summary["table_run_split"] = split
-    summary["drift"] = drift.drift(previous_stats(output, previous), stats,
-                                   plan.new_products, plan.removed_products)
+    sealed = night.folder.seal(run_id, [c.rows for c in chunks], plan.rows_carried,
+                               night.manifest.num_rows,
+                               written, {"manifest": night.manifest.uri,
+                                         "model_version": night.meta.model_version,
+                                         "options_key": opts})
+    summary = summarize(cfg, night, place, plan, sealed, len(chunks), len(done),
+                        time.perf_counter() - start, (executor, executor_reason))
     phases.mark("commit")
     lease.renew()  # a run that stalled past its lease and lost it must not commit
-    check_error_budget(cfg, output, folder, staging, listing, marker, previous, summary)
-    if warehouse is not None:  # before the Parquet commit: a restart finds this run again
-        lease.renew()  # fenced: the table's snapshot is a visible commit too
-        summary["iceberg"] = warehouse.commit(run_folder.committed_uris(output, marker), run_id,
-                                              {"model_version": meta.model_version})
-        # _SUCCESS names the table snapshot it matches: readers (and the next night) can tell
-        # whether the table and the Parquet run agree.
-        marker["iceberg"] = {"table": summary["iceberg"]["table"],
-                             "snapshot_id": summary["iceberg"]["snapshot_id"]}
-        phases.mark("iceberg commit")
-    storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), summary)
+    check_error_budget(cfg, night, sealed, summary)
+    ray_stats = ray_stats or f"No Ray Data pass: {executor} executor ({executor_reason}).\n"
+    return commit_night(cfg, night, sealed, summary, ray_stats, lease.renew, phases)
+
+
+def score_night(cfg: RecategorizeConfig, night: Checked, source: str, todo: list[Chunk],
+                run_id: str, local: bool, on_ray: Callable[[], engine.Placement],
+                phases: Phases) -> tuple[engine.Placement, list[dict], str]:
+    """Score the chunks still to do, in this process or on Ray: (where it ran, what the
+    writes wrote, Ray Data's stats of the pass or "")."""
+    if local:
+        place = engine.Placement.from_config(cfg, local_device(cfg))
+        written = score_local(cfg, source, todo, night.images, place, run_id,
+                              night.folder) if todo else []
+        return place, written, ""
+    place = on_ray()
+    phases.mark("start ray")
+    written, ray_stats = score_chunks(cfg, source, todo, night.images, place, run_id,
+                                      night.folder) if todo else ([], "")
+    return place, written, ray_stats
+
+
+def abort_night(sinks: list[Sink], run_id: str) -> None:
+    """Drop what the run staged in every sink: started again, it scores afresh."""
+    for sink in sinks:
+        sink.abort(NightRun(run_id))
+
+
+def commit_night(cfg: RecategorizeConfig, night: Checked, sealed: SealedRun, summary: dict,
+                 ray_stats: str, fence: Callable[[], None], phases: Phases) -> dict:
+    """Commit the night to every sink in order, each commit fenced by the lease; returns the
+    summary, with what each sink committed."""
     # Catalog properties can hold credentials: the written config names the table only.
     saved = cfg.model_copy(update={"iceberg_catalog": REDACTED if cfg.iceberg_catalog else None})
-    saved.save(storage.join(folder, "_config.yaml"))
     report = drift.render_drift_html(summary["drift"])
     phases.mark("drift report")
-    # "_" keeps it out of Parquet readers that read the whole run folder.
-    storage.write_text(storage.join(folder, "_" + DRIFT_FILE), report)
-    run_folder.publish(output, marker, key, fence=lease.renew)
-    saved.save(storage.join(output, "config.yaml"))
-    storage.write_text(storage.join(output, DRIFT_FILE), report)
-    # Per-operator wall/CPU time and memory from Ray Data: where this run's time went.
-    storage.write_text(storage.join(output, STATS_FILE),
-                       ray_stats or f"No Ray Data pass: {executor} executor ({executor_reason}).\n")
-    phases.mark("publish")
+    night.folder.attach(NightDocuments(summary, saved.to_yaml(), report, ray_stats))
+    run_id = sealed.marker["run_id"]
+    run = NightRun(run_id, tuple(night.folder.run_files(sealed.marker)),
+                   {"model_version": night.meta.model_version}, fence=fence)
+    commits = commit_in_order(night.sinks, run, after=lambda sink: phases.mark(
+        "publish" if sink is night.folder else f"{sink.name} commit"))
+    summary.update((name, c) for name, c in commits.items() if name != night.folder.name)
     summary["phases_s"] = phases.seconds
-    storage.write_json(storage.join(output, run_folder.SUMMARY_FILE), summary)
+    night.folder.write_summary(summary)
     return summary
 
 
-def check_error_budget(cfg: RecategorizeConfig, output: str, folder: str, staging: str,
-                       listing: run_folder.Listing, marker: dict, previous: dict[str, Any] | None,
+def check_error_budget(cfg: RecategorizeConfig, night: Checked, sealed: SealedRun,
                        summary: dict[str, Any]) -> None:
     """Before any commit: refuse a night whose new error rows exceed --max-error-rate of the
-    rows it scored. A refused night keeps its rows, `_summary.json` and an error sample in its
+    rows it scored. A refused night keeps its rows, its summary and an error sample in its
     run folder, and drops its staging, so started again it scores afresh under a new run id
     rather than resuming into the same refusal (or, once the cause is fixed, publishing the
     failed rows)."""
-    scored = [storage.join(folder, n) for files in listing.chunks.values() for n, _ in files]
-    found = budget.night_errors(scored, run_folder.committed_uris(output, previous)
-                                if previous else None) if summary["errors"] else budget.NightErrors()
-    check = budget.check_budget(marker["rows_rescored"], summary["errors"], found,
+    previous = night.folder.run_files(night.previous) if night.previous else None
+    found = (budget.night_errors(list(sealed.scored_files), previous) if summary["errors"]
+             else budget.NightErrors())
+    check = budget.check_budget(sealed.marker["rows_rescored"], summary["errors"], found,
                                 cfg.max_error_rate)
     summary["error_budget"] = check.to_json()
     if not check.over:
         return
     summary["error_budget"]["new_errors_by_type"] = found.new_by_type
-    storage.write_json(storage.join(folder, budget.ERROR_SAMPLE_FILE), found.sample)
-    storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), summary)
-    storage.remove(staging)
+    run_id = sealed.marker["run_id"]
+    folder = night.folder.keep_refused(run_id, summary, found.sample)
+    abort_night(night.sinks, run_id)
     raise ErrorBudgetError(budget.refusal(check, found, folder))
 
 
-def summarize(cfg: RecategorizeConfig, manifest: Manifest, meta, place: engine.Placement,
-              plan: NightPlan, marker: dict, stats: dict, chunks: int, resumed: int,
-              wall_time_s: float) -> dict[str, Any]:
-    """The run summary: counts from the writes (never read back), the plan, where it ran."""
+def summarize(cfg: RecategorizeConfig, night: Checked, place: engine.Placement, plan: NightPlan,
+              sealed: SealedRun, chunks: int, resumed: int, wall_time_s: float,
+              executor: tuple[str, str]) -> dict[str, Any]:
+    """The run summary: counts from the writes (never read back), the plan, where it ran
+    (`executor`: which and why), and the drift against the committed run."""
+    marker, stats, meta = sealed.marker, sealed.stats, night.meta
     rows = marker["rows"]
-    return {
+    summary = {
         "run_id": marker["run_id"], "rows": rows, "ok": stats["ok"], "errors": stats["errors"],
         "errors_by_type": stats["errors_by_type"], "category_changed": stats["category_changed"],
         "needs_review": stats["needs_review"],
@@ -391,13 +316,17 @@ def summarize(cfg: RecategorizeConfig, manifest: Manifest, meta, place: engine.P
         "mode": plan.mode, "mode_reason": plan.reason, "previous_run_id": plan.previous_run_id,
         "wall_time_s": round(wall_time_s, 2),
         "images_per_s": round(rows / wall_time_s, 1) if wall_time_s > 0 else None,
-        "manifest": manifest.uri, "model": storage.normalize(cfg.model),
+        "manifest": night.manifest.uri, "model": storage.normalize(cfg.model),
         "model_name": meta.architecture, "model_version": meta.model_version,
-        "device": place.device, "output": run_folder.run_uri(storage.normalize(cfg.output),
-                                                             marker["run_id"]),
+        "device": place.device, "output": night.folder.run_uri(marker["run_id"]),
         "chunks": chunks, "chunks_resumed": resumed, "stats": stats,
     }
-
+    summary["executor"], summary["executor_reason"] = executor
+    if night.split:
+        summary["table_run_split"] = night.split
+    summary["drift"] = drift.drift(night.folder.run_statistics(night.previous), stats,
+                                   plan.new_products, plan.removed_products)
+    return summary
 
 
 def format_summary(summary: dict) -> str:

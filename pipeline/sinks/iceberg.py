@@ -1,40 +1,32 @@
-"""The Iceberg table sink: commits a night's committed Parquet run to a warehouse table.
+"""The Iceberg table sink: commits each night to a warehouse table, one snapshot per night.
 
-After the Parquet run folder is committed, `IcebergSink.commit` copies its rows into an Iceberg
-table through pyiceberg, as ONE snapshot whose current state is exactly the night's products:
-the snapshot deletes every data file of the previous night and adds the new ones (an Iceberg
-OVERWRITE operation; the first night is an APPEND). Products that left the catalog are thus gone
-from the current state, and every earlier night stays readable by time travel until its
-snapshot expires. The run id rides in the snapshot summary (`RUN_ID_PROPERTY`), which makes the
-commit idempotent: a re-run after a crash between the Parquet and the Iceberg commit finds its
-snapshot already current and adds none.
+`IcebergSink` implements the sink interface (`pipeline.sinks.base.Sink`). Its commit copies the
+night's rows from the run folder's checked files (`NightRun.files`) into the table through
+pyiceberg, as ONE snapshot whose current state is exactly the night's products: the snapshot
+deletes every data file of the previous night and adds the new ones (an Iceberg OVERWRITE
+operation; the first night is an APPEND). Products that left the catalog are thus gone from the
+current state, and every earlier night stays readable by time travel until its snapshot expires.
+The run id rides in the snapshot summary (`RUN_ID_PROPERTY`), which makes the commit
+idempotent: a re-run after a crash between the table commit and `_SUCCESS` finds its snapshot
+already current and adds none.
 
 Why a full overwrite and not pyiceberg's upsert: `benchmarks/iceberg_commit.py` measures both;
-upsert is orders of magnitude slower (it scans the table with a predicate listing every key),
-commits several snapshots, and still leaves departed products in place.
+upsert is far slower (it scans the table with a predicate listing every key), commits several
+snapshots, and still leaves departed products in place.
 
-Memory stays flat whatever the night's size: the run's files are read batch by batch and written
-one Iceberg data file at a time (pyiceberg's own streaming path hands every file to a thread
-pool's `map`, which queues the whole input first). The data is copied into the table's location
-because run folders are deleted a few nights later, so zero-copy `add_files` cannot be used.
-
-Catalog properties are pyiceberg's own (`load_catalog(name, **properties)`); an optional `name`
-key picks the catalog name (default `default`, which also merges `~/.pyiceberg.yaml` and
-`PYICEBERG_CATALOG__DEFAULT__*` environment variables, the place for credentials).
+Why a copy: the run folder keeps only the current and the previous night, so data files the
+table's snapshots reference must live in the table's own location; zero-copy `add_files` on the
+run's files would leave older snapshots pointing at deleted files (and let the table's snapshot
+expiry delete run files). The copy streams (`pipeline.sinks.iceberg_files`), so memory stays flat.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import itertools
-import re
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyiceberg.catalog import Catalog, MetastoreCatalog, load_catalog
 from pyiceberg.exceptions import (
     CommitFailedException,
@@ -44,45 +36,37 @@ from pyiceberg.exceptions import (
     ValidationException,
 )
 from pyiceberg.expressions import AlwaysTrue
-from pyiceberg.io import FileIO
-from pyiceberg.io.pyarrow import (
-    _check_pyarrow_schema_compatible,
-    bin_pack_record_batches,
-    pyarrow_to_schema,
-    write_file,
-)
-from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent
-from pyiceberg.table import Table, TableProperties, WriteTask
-from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible
+from pyiceberg.manifest import DataFile
+from pyiceberg.table import Table, TableProperties, Transaction
 from pyiceberg.table.snapshots import Snapshot, ancestors_of
-from pyiceberg.utils.properties import property_as_int
 
-from pipeline import storage
 from pipeline.errors import ConfigError, OutputError
+from pipeline.sinks.base import NightRun
+from pipeline.sinks.iceberg_files import (
+    RowCounter,
+    data_files,
+    delete_quietly,
+    read_batches,
+    write_data_files,
+)
+from pipeline.sinks.iceberg_options import CATALOG_HELP, parse_table_name
 
 # Snapshot summary key holding the run id of the night a snapshot committed.
 RUN_ID_PROPERTY = "catalog-recategorizer.run-id"
-# The product key: declared as the table's identifier field so engines (and pyiceberg's upsert)
-# know it without being told.
 # Data files are written one at a time from Arrow batches, and the writer holds about three
 # times this many Arrow bytes at its peak: a smaller target keeps the commit's memory flat
 # however large the night (BENCHMARKS.md, "Warehouse table").
 TARGET_FILE_BYTES = 64 * 1024**2
+# The product key: declared as the table's identifier field so engines (and pyiceberg's upsert)
+# know it without being told.
 KEY_COLUMN = "product_id"
 # Optional key of --iceberg-catalog naming the catalog for load_catalog (not a catalog property).
 CATALOG_NAME_KEY = "name"
 DEFAULT_CATALOG_NAME = "default"
 WAREHOUSE_KEY = "warehouse"
-# Rows per batch read from the run's Parquet files: small enough to keep the reader's memory
-# a few tens of MB, large enough that per-batch overhead does not show.
-READ_BATCH_ROWS = 64 * 1024
-# One part of a table identifier (a namespace level or the table name).
-_NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
-_TABLE_HELP = "pass --iceberg-table NAMESPACE.TABLE, e.g. --iceberg-table retail.categories"
-_CATALOG_HELP = ("pass --iceberg-catalog KEY=VALUE,... with pyiceberg catalog properties, e.g. "
-                 "type=sql,uri=sqlite:////abs/catalog.db,warehouse=file:///abs/warehouse")
-_SCHEMA_FIX = ("choose a new table with --iceberg-table, or migrate the existing table to the "
-               "pipeline's output schema (or drop it) with your warehouse's ALTER TABLE")
+SCHEMA_FIX = ("choose a new table with --iceberg-table, or migrate the existing table to the "
+              "pipeline's output schema (or drop it) with your warehouse's ALTER TABLE")
 
 
 def _output_schema() -> pa.Schema:
@@ -92,51 +76,10 @@ def _output_schema() -> pa.Schema:
     return rows.OUTPUT_SCHEMA
 
 
-def parse_catalog_properties(text: str) -> dict[str, str]:
-    """`KEY=VALUE,KEY=VALUE` -> pyiceberg catalog properties; ConfigError on malformed input.
-
-    Values may contain `=` (split at the first one) but not `,`. Error messages name keys and
-    positions, never values: properties may hold credentials.
-    """
-    if not text or not text.strip():
-        raise ConfigError(f"--iceberg-catalog is empty; {_CATALOG_HELP}")
-    properties: dict[str, str] = {}
-    for position, entry in enumerate(text.split(","), start=1):
-        entry = entry.strip()
-        if not entry:
-            raise ConfigError(f"--iceberg-catalog entry {position} is empty; remove the extra comma")
-        key, sep, value = entry.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep:
-            raise ConfigError(f"--iceberg-catalog entry {position} ({entry!r}) has no '='; "
-                              f"write it as KEY=VALUE ({_CATALOG_HELP})")
-        if not key:
-            raise ConfigError(f"--iceberg-catalog entry {position} has no key before '='; "
-                              "write it as KEY=VALUE")
-        if not value:
-            raise ConfigError(f"--iceberg-catalog key {key!r} has an empty value; give it a value "
-                              "or leave the key out")
-        if key in properties:
-            raise ConfigError(f"--iceberg-catalog sets key {key!r} twice; keep one of them")
-        properties[key] = value
-    return properties
-
-
-def parse_table_name(text: str) -> tuple[str, str]:
-    """`NAMESPACE.TABLE` -> (namespace, table); the last dot splits, so namespaces may nest."""
-    namespace, dot, table = (text or "").strip().rpartition(".")
-    if not dot:
-        raise ConfigError(f"Iceberg table {text!r} has no namespace; {_TABLE_HELP}")
-    for part in [*namespace.split("."), table]:
-        if not _NAME_PART.match(part):
-            raise ConfigError(
-                f"Iceberg table {text!r} has an empty or invalid name part {part!r} (letters, digits, "
-                f"'_' and '-' only, dot-separated); {_TABLE_HELP}")
-    return namespace, table
-
-
 class IcebergSink:
-    """Commits committed Parquet runs to one Iceberg table, one snapshot per night."""
+    """Commits nights to one Iceberg table, one snapshot per night."""
+
+    name = "iceberg"
 
     def __init__(self, table: str, catalog_properties: dict[str, str]):
         self.namespace, self.table_name = parse_table_name(table)
@@ -156,7 +99,7 @@ class IcebergSink:
                 keys = ", ".join(sorted(self._properties)) or "none"
                 raise ConfigError(
                     f"cannot load Iceberg catalog {self.catalog_name!r} (properties given: {keys}): "
-                    f"{type(exc).__name__}: {exc}; check --iceberg-catalog ({_CATALOG_HELP})"
+                    f"{type(exc).__name__}: {exc}; check --iceberg-catalog ({CATALOG_HELP})"
                 ) from exc
         return self._catalog
 
@@ -225,7 +168,7 @@ class IcebergSink:
                                 "in the pipeline's output")
         if problems:
             raise OutputError(f"existing Iceberg table {self.identifier!r} is incompatible with "
-                              f"the pipeline's output: {'; '.join(problems)}; {_SCHEMA_FIX}")
+                              f"the pipeline's output: {'; '.join(problems)}; {SCHEMA_FIX}")
         added = [f.name for f in schema if f.name not in table_columns]
         evolution = pa.schema([f.with_nullable(True) if f.name in added else f for f in schema])
         try:
@@ -237,20 +180,27 @@ class IcebergSink:
                                                  format_version=table.metadata.format_version)
         except Exception as exc:  # ValidationError, ValueError: a type that cannot change
             raise OutputError(f"existing Iceberg table {self.identifier!r} is incompatible with "
-                              f"the pipeline's output: {exc}; {_SCHEMA_FIX}") from exc
+                              f"the pipeline's output: {exc}; {SCHEMA_FIX}") from exc
         return evolution if evolved != current else None
 
     # -- the sink interface ------------------------------------------------------------------
 
-    def check(self, schema: pa.Schema) -> None:
+    def check(self, schema: pa.Schema | None = None) -> dict[str, Any] | None:
         """Fail fast, before the job does any work: the catalog must load, and the table must
-        either be creatable or take `schema` rows. Creates nothing (beyond what the catalog
-        itself sets up on load, e.g. the SQL catalog's bookkeeping tables)."""
+        either be creatable or take `schema` rows (default: the output schema). Creates
+        nothing (beyond what the catalog itself sets up on load, e.g. the SQL catalog's
+        bookkeeping tables). Returns the current snapshot's run ({"table", "run_id",
+        "snapshot_id"}), or None before the first."""
         table = self._load_table()
         if table is None:
             self._check_creatable(self._load_catalog())
-            return
-        self._schema_evolution(table, schema)
+            return None
+        self._schema_evolution(table, schema if schema is not None else _output_schema())
+        current = table.current_snapshot()
+        if current is None:
+            return None
+        return {"table": self.identifier, "run_id": _run_id(current),
+                "snapshot_id": current.snapshot_id}
 
     def current_run_id(self) -> str | None:
         """The run id of the table's current snapshot (None before the first)."""
@@ -258,37 +208,68 @@ class IcebergSink:
         current = table.current_snapshot() if table is not None else None
         return _run_id(current) if current is not None else None
 
-    def commit(self, files: list[str], run_id: str,
-               properties: dict[str, str] | None = None) -> dict[str, Any]:
-        """Make the rows of `files` (a committed run's Parquet files, in the output schema) the
-        table's current state, in one snapshot tagged with `run_id` and `properties`.
+    def commit(self, run: NightRun) -> dict[str, Any]:
+        """Make the rows of `run.files` (the run's checked Parquet files, in the output
+        schema) the table's current state, in one snapshot tagged with the run id and
+        `run.properties`; `run.fence` runs first.
 
-        Idempotent: when the current snapshot already carries `run_id`, it is returned and
+        Idempotent: when the current snapshot already carries the run id, it is returned and
         nothing is written. Returns {"table", "snapshot_id", "rows", "already_committed"}, rows
         counted from the data files written.
         """
+        run.fence()  # the table's snapshot is a visible commit: a run that lost its lease stops
         schema = _output_schema()
-        catalog = self._load_catalog()
-        table = self._load_table()
-        if table is None:
-            self._check_creatable(catalog)
-            try:
-                table = self._create_table(catalog, schema)
-            except Exception as exc:
-                raise OutputError(f"cannot create Iceberg table {self.identifier!r}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        done = self._committed_run(table, run_id)
+        table = self._open_table(schema)
+        done = self._committed_run(table, run.run_id)
         if done is not None:
             return done
         evolution = self._schema_evolution(table, schema)
-        previous = _data_files(table, table.current_snapshot())
-
         # Snapshot summaries hold strings; the run id is set last so no property can mask it.
-        summary = {**{str(k): str(v) for k, v in (properties or {}).items()}, RUN_ID_PROPERTY: run_id}
+        summary = {**{str(k): str(v) for k, v in run.properties.items()},
+                   RUN_ID_PROPERTY: run.run_id}
         txn = table.transaction()
         if evolution is not None:
             with txn.update_schema() as update:
                 update.union_by_name(evolution)
+        written, rows = self._stage_snapshot(txn, table, schema, list(run.files), summary,
+                                             run.run_id)
+        snapshot = self._commit_transaction(txn, table, written, run.run_id)
+        return {"table": self.identifier, "snapshot_id": snapshot.snapshot_id, "rows": rows,
+                "already_committed": False}
+
+    def abort(self, run: NightRun) -> None:
+        """Nothing to drop: the table is written only inside `commit`, which removes its own
+        data files when its snapshot does not land."""
+
+    def committed_files(self) -> list[str]:
+        """Paths of the data files of the table's current snapshot (empty before the first)."""
+        table = self._load_table()
+        if table is None:
+            return []
+        return sorted(f.file_path for f in data_files(table, table.current_snapshot()))
+
+    # -- committing ----------------------------------------------------------------------------
+
+    def _open_table(self, schema: pa.Schema) -> Table:
+        """The table, created for `schema` rows when it does not exist yet."""
+        catalog = self._load_catalog()
+        table = self._load_table()
+        if table is not None:
+            return table
+        self._check_creatable(catalog)
+        try:
+            return self._create_table(catalog, schema)
+        except Exception as exc:
+            raise OutputError(f"cannot create Iceberg table {self.identifier!r}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def _stage_snapshot(self, txn: Transaction, table: Table, schema: pa.Schema,
+                        files: list[str], summary: dict[str, str],
+                        run_id: str) -> tuple[list[DataFile], int]:
+        """Stage the overwrite in `txn`: the previous night's data files out, the run's rows
+        written as new ones; returns them and their row count. Nothing is committed: on any
+        failure the new files are removed again."""
+        previous = data_files(table, table.current_snapshot())
         written: list[DataFile] = []
         try:
             with txn.update_snapshot(snapshot_properties=summary).overwrite() as overwrite:
@@ -297,10 +278,10 @@ class IcebergSink:
                     overwrite.delete_by_predicate(AlwaysTrue())
                     for data_file in previous:
                         overwrite.delete_data_file(data_file)
-                rows_read = _RowCounter()
-                for data_file in _write_data_files(txn.table_metadata, table.io, schema,
-                                                   rows_read.count(_read_batches(files, schema)),
-                                                   overwrite.commit_uuid):
+                rows_read = RowCounter()
+                for data_file in write_data_files(txn.table_metadata, table.io, schema,
+                                                  rows_read.count(read_batches(files, schema)),
+                                                  overwrite.commit_uuid):
                     written.append(data_file)
                     overwrite.append_data_file(data_file)
                 rows = sum(f.record_count for f in written)
@@ -308,16 +289,22 @@ class IcebergSink:
                     raise OutputError(f"wrote {rows} rows to Iceberg table {self.identifier!r} but "
                                       f"read {rows_read.rows} from the run's files")
         except Exception as exc:
-            _delete_quietly(table.io, written)  # nothing references them: nothing was committed
+            delete_quietly(table.io, written)  # nothing references them: nothing was committed
             if isinstance(exc, OutputError):
                 raise
             raise OutputError(f"writing run {run_id!r} to Iceberg table {self.identifier!r} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
+        return written, rows
+
+    def _commit_transaction(self, txn: Transaction, table: Table, written: list[DataFile],
+                            run_id: str) -> Snapshot:
+        """Commit the staged snapshot; returns it. OutputError says whether it may have
+        landed."""
         try:
             committed = txn.commit_transaction()
         except (CommitFailedException, ValidationException) as exc:
             # Both guarantee the commit did not land, so our files are unreferenced.
-            _delete_quietly(table.io, written)
+            delete_quietly(table.io, written)
             raise OutputError(
                 f"committing run {run_id!r} to Iceberg table {self.identifier!r} failed: {exc}; "
                 "neither the table nor the Parquet output changed (the table commit comes first, "
@@ -328,16 +315,7 @@ class IcebergSink:
                 f"committing run {run_id!r} to Iceberg table {self.identifier!r} failed: "
                 f"{type(exc).__name__}: {exc}; re-run the job: it finds the snapshot if it "
                 "landed") from exc
-        snapshot = committed.current_snapshot()
-        return {"table": self.identifier, "snapshot_id": snapshot.snapshot_id, "rows": rows,
-                "already_committed": False}
-
-    def committed_files(self) -> list[str]:
-        """Paths of the data files of the table's current snapshot (empty before the first)."""
-        table = self._load_table()
-        if table is None:
-            return []
-        return sorted(f.file_path for f in _data_files(table, table.current_snapshot()))
+        return committed.current_snapshot()
 
     def _committed_run(self, table: Table, run_id: str) -> dict[str, Any] | None:
         """The commit result when `run_id` is the current snapshot's run; OutputError when it is
@@ -360,69 +338,3 @@ class IcebergSink:
 
 def _run_id(snapshot: Snapshot) -> str | None:
     return snapshot.summary.additional_properties.get(RUN_ID_PROPERTY) if snapshot.summary else None
-
-
-def _data_files(table: Table, snapshot: Snapshot | None) -> list[DataFile]:
-    """The live data files of `snapshot` (not delete files), from its manifests."""
-    if snapshot is None:
-        return []
-    return [entry.data_file
-            for manifest in snapshot.manifests(table.io) if manifest.content == ManifestContent.DATA
-            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
-            if entry.data_file.content == DataFileContent.DATA]
-
-
-class _RowCounter:
-    """Counts the rows that pass through a batch stream."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-
-    def count(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            self.rows += batch.num_rows
-            yield batch
-
-
-def _read_batches(files: list[str], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """The rows of `files`, batch by batch, in `schema` (column order and types)."""
-    for uri in files:
-        fs, path = storage.arrow_filesystem(uri)
-        try:
-            with fs.open_input_file(path) as f:
-                parquet = pq.ParquetFile(f)
-                missing = [name for name in schema.names if name not in parquet.schema_arrow.names]
-                if missing:
-                    raise OutputError(f"run file {uri!r} lacks output columns {missing}; it is not "
-                                      "a file of this pipeline's output schema")
-                for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=schema.names):
-                    yield batch.select(schema.names).cast(schema)
-        except OutputError:
-            raise
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            raise OutputError(f"cannot read run file {uri!r} for the Iceberg commit: "
-                              f"{type(exc).__name__}: {exc}") from exc
-
-
-def _write_data_files(metadata: TableMetadata, file_io: FileIO, schema: pa.Schema,
-                      batches: Iterator[pa.RecordBatch], write_uuid: uuid.UUID) -> Iterator[DataFile]:
-    """Write `batches` as Iceberg data files of the table's target size, one file at a time so
-    that memory holds at most one file's rows."""
-    target_bytes = property_as_int(metadata.properties, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
-                                   TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT)
-    # Field ids of the batches' columns, matched by name against the (evolved) table schema.
-    batch_schema = pyarrow_to_schema(schema, name_mapping=metadata.schema().name_mapping,
-                                     format_version=metadata.format_version)
-    task_ids = itertools.count()
-    for group in bin_pack_record_batches(batches, target_bytes):
-        task = WriteTask(write_uuid=write_uuid, task_id=next(task_ids), record_batches=group,
-                         schema=batch_schema)
-        yield from write_file(file_io, metadata, iter([task]))
-
-
-def _delete_quietly(file_io: FileIO, data_files: list[DataFile]) -> None:
-    """Best-effort removal of data files no snapshot references (else orphan-file cleanup
-    gets them)."""
-    for data_file in data_files:
-        with contextlib.suppress(Exception):
-            file_io.delete(data_file.file_path)

@@ -1,54 +1,56 @@
 """The Parquet run folder: the night's rows, written once, published by one atomic marker.
 
-Layout of an output folder:
-- `runs/<run_id>/part-<chunk>-<digest>-<rows>.parquet`: scored rows, written straight here by
-  the write tasks (nothing is moved at commit, which on object stores is a copy and a delete).
-  The name says which resumable chunk the rows belong to and how many there are, so the
-  folder's listing is the run's progress log: a chunk is done when its files hold all its rows.
-  The digest is of the rows' product ids, so a retried write task replaces its file.
-- `runs/<run_id>/carried-<n>-<rows>.parquet`: rows an incremental night carried forward.
+`RunFolderSink` is the only code that knows an output folder's layout:
+- `runs/<run_id>/`: the run's Parquet files (`pipeline.sinks.files`: chunk files written by the
+  scoring pass, carried files written by the plan), and its own copies of the run summary
+  (`_summary.json`), the config (`_config.yaml`), the drift report (`_drift.html`) and, for a
+  night over its error budget, an error sample (`_errors.json`). "_" keeps them out of Parquet
+  readers that read the whole folder.
 - `_SUCCESS`: the commit point (run id, files, counts), replaced in one atomic write; locally
   the `predictions` link then flips to the run's folder. Readers follow either and so see one
   complete night or the next. The previous night's folder stays until the night after.
-- `_staging/<key>/`: the run id and the incremental plan of a run in progress.
-
-Each file's statistics (`pipeline.sinks.stats.table_stats`) ride in its Parquet footer, so the run's
-counts come from the writes, never from reading the rows back.
+- `_staging/<key>/`: a run in progress: its id (`run.json`) and its plan (the planner's files).
+  The key is a digest of the run's arguments, so a restarted run with the same arguments finds
+  them.
+- `summary.json`, `config.yaml`, `drift.html`, `ray_data_stats.txt`: the committed night's
+  summary, config, drift report and Ray Data statistics, next to `_SUCCESS`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
-import re
-import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from ray.data import Datasink
 
 from pipeline import storage
-from pipeline.errors import OutputError
+from pipeline.errors import ConfigError, OutputError
 from pipeline.images.security import safe_name
-from pipeline.sinks import stats as row_stats
-from pipeline.sinks.rows import CHUNK_COLUMN, OUTPUT_SCHEMA
+from pipeline.sinks.base import NightRun
+from pipeline.sinks.files import (
+    ChunkSink,
+    check_complete,
+    finished_chunks,
+    list_run,
+    run_stats,
+    write_carried,
+)
 
 PREDICTIONS_DIR = "predictions"  # local outputs: a link to the committed run's folder
 RUNS_DIR = "runs"
 STAGING_DIR = "_staging"
 SUCCESS_FILE = "_SUCCESS"
 SUMMARY_FILE = "summary.json"
-STATS_KEY = b"catalog_recategorizer.stats"
-CHUNK_FILE = re.compile(r"^part-(\d{6})-([0-9a-f]{16})-(\d+)\.parquet$")
-CARRIED_FILE = re.compile(r"^carried-(\d{5})-(\d+)\.parquet$")
-# Footers of files an earlier attempt wrote are read in parallel (object-store latency).
-FOOTER_THREADS = 16
+RUN_ID_FILE = "run.json"
+RUN_SUMMARY_FILE = "_summary.json"
+ERROR_SAMPLE_FILE = "_errors.json"
+CONFIG_FILE = "config.yaml"
+DRIFT_FILE = "drift.html"
+STATS_FILE = "ray_data_stats.txt"
+# What `_SUCCESS` records of each sink committed before the run folder: where to find its commit.
+EARLIER_COMMIT_KEYS = ("table", "snapshot_id")
 
 
 def run_uri(output: str, run_id: str) -> str:
@@ -61,188 +63,6 @@ def staging_uri(output: str, key: str) -> str:
     return storage.join(output, STAGING_DIR, safe_name(key, "staging key"))
 
 
-def chunk_file_name(chunk: int, product_ids: pa.Array) -> str:
-    digest = hashlib.sha256("\n".join(product_ids.to_pylist()).encode()).hexdigest()[:16]
-    return f"part-{chunk:06d}-{digest}-{len(product_ids)}.parquet"
-
-
-def carried_file_name(index: int, rows: int) -> str:
-    return f"carried-{index:05d}-{rows}.parquet"
-
-
-def write_table(uri: str, table: pa.Table) -> dict[str, Any]:
-    """Write one output file with its statistics in the footer; returns the statistics.
-
-    Locally the file is written under a temporary name and renamed, so a killed writer never
-    leaves a file that the progress listing would count; an object-store PUT is atomic."""
-    stats = row_stats.table_stats(table)
-    table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
-    fs, path = storage.arrow_filesystem(uri)
-    target = path
-    if storage.is_local(uri):
-        storage.makedirs(storage.parent(uri))
-        path = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(table, path, filesystem=fs)
-    if path != target:
-        fs.move(path, target)
-    return stats
-
-
-def file_stats(uri: str) -> dict[str, Any]:
-    """The statistics a file's writer left in its footer (metadata only, no rows read)."""
-    fs, path = storage.arrow_filesystem(uri)
-    with fs.open_input_file(path) as f:
-        meta = pq.read_schema(f).metadata or {}
-    if STATS_KEY not in meta:
-        raise OutputError(f"{uri} has no row statistics in its footer; it was not written by "
-                          "this job: remove it or write to another --output")
-    return json.loads(meta[STATS_KEY])
-
-
-class ChunkSink(Datasink):
-    """A Ray Data datasink: each write task splits its rows by chunk and writes one file per
-    chunk into the run folder; its statistics come back to the driver with the write."""
-
-    def __init__(self, folder: str, rows_per_write: int):
-        self.folder = folder
-        self.rows_per_write = rows_per_write
-        self.written: list[dict[str, Any]] = []
-
-    def on_write_start(self, schema: pa.Schema | None = None) -> None:
-        self.written = []
-
-    def write(self, blocks: Iterable[pa.Table], ctx: Any) -> list[dict[str, Any]]:
-        tables = [b for b in blocks if b.num_rows]
-        if not tables:
-            return []
-        table = pa.concat_tables(tables)
-        out = []
-        for chunk in pc.unique(table.column(CHUNK_COLUMN)).to_pylist():
-            rows = table.filter(pc.equal(table.column(CHUNK_COLUMN), chunk)).drop_columns(
-                [CHUNK_COLUMN])
-            rows = rows.sort_by("product_id")
-            name = chunk_file_name(chunk, rows.column("product_id").combine_chunks())
-            stats = write_table(storage.join(self.folder, name), rows.cast(OUTPUT_SCHEMA))
-            out.append({"file": name, "chunk": chunk, "rows": rows.num_rows, "stats": stats})
-        return out
-
-    def on_write_complete(self, write_result: Any) -> None:
-        self.written = [w for task in write_result.write_returns for w in task]
-
-    def get_name(self) -> str:
-        return "RunFolder"
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_write
-
-
-@dataclass
-class Listing:
-    """A run folder's Parquet files, from one listing: scored files by chunk
-    ({chunk: [(name, rows), ...]}) and carried files ([(name, rows), ...])."""
-
-    chunks: dict[int, list[tuple[str, int]]]
-    carried: list[tuple[str, int]]
-
-    @property
-    def names(self) -> list[str]:
-        scored = sorted(n for files in self.chunks.values() for n, _ in files)
-        return scored + [n for n, _ in self.carried]
-
-
-def list_run(folder: str) -> Listing:
-    listing = Listing({}, [])
-    for uri in storage.list_files(folder, suffix=".parquet"):
-        name = uri.rsplit("/", 1)[-1]
-        if match := CHUNK_FILE.match(name):
-            listing.chunks.setdefault(int(match.group(1)), []).append((name, int(match.group(3))))
-        elif match := CARRIED_FILE.match(name):
-            listing.carried.append((name, int(match.group(2))))
-    listing.carried.sort()
-    return listing
-
-
-def finished_chunks(folder: str, sizes: list[int]) -> set[int]:
-    """Chunks whose files hold all their rows. The files of a chunk a killed run left half
-    written are removed, so it is scored again from scratch."""
-    done = set()
-    for chunk, files in list_run(folder).chunks.items():
-        rows = sum(r for _, r in files)
-        if chunk < len(sizes) and rows == sizes[chunk]:
-            done.add(chunk)
-        else:
-            for name, _ in files:
-                storage.remove(storage.join(folder, name))
-    return done
-
-
-def run_stats(folder: str, listing: Listing, written: list[dict[str, Any]]) -> dict[str, Any]:
-    """Statistics of every listed file: from this attempt's writes, and from the footers of
-    files an earlier attempt (or the night's plan) wrote."""
-    known = {w["file"]: w["stats"] for w in written}
-    names = listing.names
-    missing = [n for n in names if n not in known]
-    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
-        found = pool.map(lambda n: file_stats(storage.join(folder, n)), missing)
-        known.update(zip(missing, found, strict=True))
-    total = row_stats.empty_stats()
-    for name in names:
-        total = row_stats.merge_stats(total, known[name])
-    return total
-
-
-def commit(output: str, run_id: str, listing: Listing, sizes: list[int], carried_rows: int,
-           expected_rows: int, info: dict[str, Any]) -> dict[str, Any]:
-    """The marker of a finished run, after checking from the listing that every chunk holds
-    exactly its rows and the run holds one row per manifest row."""
-    for chunk, size in enumerate(sizes):
-        rows = sum(r for _, r in listing.chunks.get(chunk, []))
-        if rows != size:
-            raise OutputError(f"run {run_id}: chunk {chunk} holds {rows} rows for {size} "
-                              "manifest rows; not committing")
-    carried = sum(r for _, r in listing.carried)
-    scored_rows = sum(sizes)
-    rows = scored_rows + carried
-    if carried != carried_rows or rows != expected_rows:
-        raise OutputError(f"run {run_id} holds {rows} rows for a manifest of {expected_rows}; "
-                          "not committing")
-    return {**info, "run_id": run_id, "rows": rows, "rows_rescored": scored_rows,
-            "rows_carried": carried_rows,
-            "files": [f"{RUNS_DIR}/{run_id}/{n}" for n in listing.names]}
-
-
-def previous_run(output: str) -> dict[str, Any] | None:
-    marker = storage.join(output, SUCCESS_FILE)
-    return storage.read_json(marker) if storage.exists(marker) else None
-
-
-def publish(output: str, marker: dict[str, Any], staging_key: str,
-            fence: Callable[[], None] | None = None) -> None:
-    """The commit point: write `_SUCCESS` (atomic), then point the local link, then tidy up:
-    runs other than this night's and the previous one, and this run's staging (and `_staging/`
-    itself when no other run's staging is left in it). `fence` (the lease's renewal) runs
-    immediately before each visible write and raises when this run no longer holds the
-    output, so a run that stalled past its lease never overwrites the run that took it."""
-    fence = fence or (lambda: None)
-    marker = {**marker, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    try:
-        previous = previous_run(output)
-    except (ValueError, OSError):  # an unreadable marker being replaced under --overwrite
-        previous = None
-    fence()
-    storage.write_json(storage.join(output, SUCCESS_FILE), marker)
-    if storage.is_local(output):
-        fence()
-        storage.point_link(storage.join(output, PREDICTIONS_DIR), f"{RUNS_DIR}/{marker['run_id']}")
-    keep = {marker["run_id"], (previous or {}).get("run_id")}
-    for old in storage.list_dirs(storage.join(output, RUNS_DIR)):
-        if old not in keep:
-            storage.remove(storage.join(output, RUNS_DIR, old))
-    storage.remove(staging_uri(output, staging_key))
-    storage.remove_if_empty(storage.join(output, STAGING_DIR))  # kept while another run stages
-
-
 def committed_uris(output: str, marker: dict[str, Any]) -> list[str]:
     """URIs of the Parquet files a `_SUCCESS` marker lists."""
     return [storage.join(output, *f.split("/")) for f in marker["files"]]
@@ -250,19 +70,211 @@ def committed_uris(output: str, marker: dict[str, Any]) -> list[str]:
 
 def committed_files(output: str) -> list[str]:
     """URIs of the Parquet files of the completed run in `output` (what readers should read)."""
-    marker = previous_run(output)
-    if not marker:
-        raise OutputError(f"output {output!r} holds no completed run (no {SUCCESS_FILE})")
-    return committed_uris(output, marker)
+    return RunFolderSink(output).committed_files()
 
 
-def check_output(output: str, overwrite: bool) -> dict[str, Any] | None:
-    """The output's committed run, if any, checked readable before any work."""
-    storage.check_writable(output)
-    try:
-        return previous_run(output)
-    except (ValueError, OSError) as exc:
-        if overwrite:
+@dataclass(frozen=True)
+class SealedRun:
+    """A run folder checked complete: what `_SUCCESS` will say, the counts from the writes,
+    and this night's scored files (not the carried ones)."""
+
+    marker: dict[str, Any]
+    stats: dict[str, Any]
+    scored_files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NightDocuments:
+    """What a night says about itself, kept in its run folder and, once committed, next to
+    `_SUCCESS`: the summary, the config (yaml), the drift report (html), Ray Data's stats."""
+
+    summary: dict[str, Any]
+    config_yaml: str
+    report_html: str
+    ray_stats: str
+
+
+class RunFolderSink:
+    """The output folder of the nightly job, one run folder per night (see the module doc).
+
+    One instance serves one night: `check`, `stage`, write (`datasink`, `write_carried`),
+    `seal`, `attach`, then `commit`, or (`keep_refused` and) `abort`."""
+
+    name = "parquet"
+
+    def __init__(self, output: str, overwrite: bool = False):
+        self.output = output
+        self.overwrite = overwrite
+        self.key: str | None = None
+        self._sealed: SealedRun | None = None
+        self._documents: NightDocuments | None = None
+
+    # -- the sink interface --------------------------------------------------------------
+
+    def check(self) -> dict[str, Any] | None:
+        """The output's committed run (its `_SUCCESS`), if any, checked readable before any
+        work; under --overwrite an unreadable one counts as none."""
+        storage.check_writable(self.output)
+        try:
+            return self.committed_run()
+        except (ValueError, OSError) as exc:
+            if self.overwrite:
+                return None
+            raise OutputError(f"output {self.output!r} has an unreadable {SUCCESS_FILE}: {exc}; "
+                              "remove it or pass --overwrite") from exc
+
+    def commit(self, run: NightRun) -> dict[str, Any]:
+        """Keep the night's documents in its run folder, publish it (`publish`, fenced by
+        `run.fence`), then put the documents next to `_SUCCESS`. Returns the marker."""
+        sealed, docs = self._sealed, self._documents
+        if sealed is None or docs is None or sealed.marker["run_id"] != run.run_id:
+            raise OutputError(f"run {run.run_id} was not sealed and documented before its commit")
+        folder = run_uri(self.output, run.run_id)
+        storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), {**docs.summary, **run.earlier})
+        storage.write_text(storage.join(folder, "_" + CONFIG_FILE), docs.config_yaml)
+        storage.write_text(storage.join(folder, "_" + DRIFT_FILE), docs.report_html)
+        marker = dict(sealed.marker)
+        for name, result in run.earlier.items():
+            # _SUCCESS names the commits it matches: readers (and the next night) can tell
+            # whether the table and the Parquet run agree.
+            marker[name] = {k: result[k] for k in EARLIER_COMMIT_KEYS if k in result}
+        self.publish(marker, self._staged_key(), fence=run.fence)
+        storage.write_text(storage.join(self.output, CONFIG_FILE), docs.config_yaml)
+        storage.write_text(storage.join(self.output, DRIFT_FILE), docs.report_html)
+        storage.write_text(storage.join(self.output, STATS_FILE), docs.ray_stats)
+        return marker
+
+    def abort(self, run: NightRun) -> None:
+        """Drop the run's staging: started again, it scores afresh under a new run id. Its
+        rows stay in its run folder until a later night tidies up."""
+        if self.key is not None:
+            storage.remove(staging_uri(self.output, self.key))
+
+    def committed_files(self) -> list[str]:
+        marker = self.committed_run()
+        if not marker:
+            raise OutputError(f"output {self.output!r} holds no completed run (no {SUCCESS_FILE})")
+        return committed_uris(self.output, marker)
+
+    # -- the committed run ---------------------------------------------------------------
+
+    def committed_run(self) -> dict[str, Any] | None:
+        """The `_SUCCESS` marker of the committed run, or None."""
+        marker = storage.join(self.output, SUCCESS_FILE)
+        return storage.read_json(marker) if storage.exists(marker) else None
+
+    def run_files(self, marker: dict[str, Any]) -> list[str]:
+        """URIs of the Parquet files a marker (e.g. last night's) lists."""
+        return committed_uris(self.output, marker)
+
+    def run_uri(self, run_id: str) -> str:
+        """The run's folder (for messages and the summary; its files are the sink's)."""
+        return run_uri(self.output, run_id)
+
+    def run_statistics(self, marker: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A committed run's statistics, from its run summary (kept until the night after)."""
+        if not marker:
             return None
-        raise OutputError(f"output {output!r} has an unreadable {SUCCESS_FILE}: {exc}; "
-                          "remove it or pass --overwrite") from exc
+        uri = storage.join(run_uri(self.output, marker["run_id"]), RUN_SUMMARY_FILE)
+        return storage.read_json(uri).get("stats") if storage.exists(uri) else None
+
+    # -- staging and writing -------------------------------------------------------------
+
+    def stage(self, key: str, new_run_id: str) -> str:
+        """The run id of an interrupted run staged under `key`, else `new_run_id` (checked
+        unused, then recorded)."""
+        self.key = key
+        info = storage.join(staging_uri(self.output, key), RUN_ID_FILE)
+        if storage.exists(info):
+            return storage.read_json(info)["run_id"]
+        run_id = safe_name(new_run_id, "--run-id")
+        if storage.exists(run_uri(self.output, run_id)):
+            raise ConfigError(f"--run-id {run_id!r} is already used in output {self.output!r}; "
+                              "choose another")
+        storage.write_json(info, {"run_id": run_id})
+        return run_id
+
+    def plan_folder(self) -> str:
+        """A folder for the night's plan, kept until the run commits or is aborted; the
+        planner names the files inside it (the sink's own is `run.json`)."""
+        return staging_uri(self.output, self._staged_key())
+
+    def finished_chunks(self, run_id: str, sizes: list[int]) -> set[int]:
+        """Chunks a killed attempt of the run finished (the rest of its files are removed)."""
+        return finished_chunks(run_uri(self.output, run_id), sizes)
+
+    def datasink(self, run_id: str, rows_per_write: int) -> ChunkSink:
+        """The Ray Data datasink whose write tasks put scored rows into the run folder."""
+        return ChunkSink(run_uri(self.output, run_id), rows_per_write)
+
+    def write_carried(self, run_id: str, batches: Iterable[pa.RecordBatch],
+                      rows_per_file: int) -> int:
+        """Rows carried forward unchanged into the run folder; returns the row count."""
+        return write_carried(batches, run_uri(self.output, run_id), rows_per_file)
+
+    def seal(self, run_id: str, sizes: list[int], carried_rows: int, expected_rows: int,
+             written: list[dict[str, Any]], info: dict[str, Any]) -> SealedRun:
+        """Check the run folder holds every chunk's rows and one row per manifest row, and
+        gather the run's statistics; OutputError (nothing committed) otherwise."""
+        folder = run_uri(self.output, run_id)
+        listing = list_run(folder)
+        stats = run_stats(folder, listing, written)
+        rows = check_complete(run_id, listing, sizes, carried_rows, expected_rows)
+        marker = {**info, "run_id": run_id, "rows": rows, "rows_rescored": sum(sizes),
+                  "rows_carried": carried_rows,
+                  "files": [f"{RUNS_DIR}/{run_id}/{n}" for n in listing.names]}
+        scored = tuple(storage.join(folder, n) for files in listing.chunks.values()
+                       for n, _ in files)
+        self._sealed = SealedRun(marker, stats, scored)
+        return self._sealed
+
+    def attach(self, documents: NightDocuments) -> None:
+        """The documents the commit keeps with the run."""
+        self._documents = documents
+
+    def keep_refused(self, run_id: str, summary: dict[str, Any], sample: dict[str, Any]) -> str:
+        """A night refused before its commit: keep its summary and error sample with its rows
+        (the job then aborts the run); returns the run folder (for the message)."""
+        folder = run_uri(self.output, run_id)
+        storage.write_json(storage.join(folder, ERROR_SAMPLE_FILE), sample)
+        storage.write_json(storage.join(folder, RUN_SUMMARY_FILE), summary)
+        return folder
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """The committed night's summary next to `_SUCCESS` (written last)."""
+        storage.write_json(storage.join(self.output, SUMMARY_FILE), summary)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, marker: dict[str, Any], staging_key: str,
+                fence: Callable[[], None] | None = None) -> None:
+        """The commit point: write `_SUCCESS` (atomic), then point the local link, then tidy
+        up: runs other than this night's and the previous one, and this run's staging (and
+        `_staging/` itself when no other run's staging is left in it). `fence` (the lease's
+        renewal) runs immediately before each visible write and raises when this run no
+        longer holds the output, so a run that stalled past its lease never overwrites the
+        run that took it."""
+        fence = fence or (lambda: None)
+        output = self.output
+        marker = {**marker, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        try:
+            previous = self.committed_run()
+        except (ValueError, OSError):  # an unreadable marker being replaced under --overwrite
+            previous = None
+        fence()
+        storage.write_json(storage.join(output, SUCCESS_FILE), marker)
+        if storage.is_local(output):
+            fence()
+            storage.point_link(storage.join(output, PREDICTIONS_DIR),
+                               f"{RUNS_DIR}/{marker['run_id']}")
+        keep = {marker["run_id"], (previous or {}).get("run_id")}
+        for old in storage.list_dirs(storage.join(output, RUNS_DIR)):
+            if old not in keep:
+                storage.remove(storage.join(output, RUNS_DIR, old))
+        storage.remove(staging_uri(output, staging_key))
+        storage.remove_if_empty(storage.join(output, STAGING_DIR))  # kept while another stages
+
+    def _staged_key(self) -> str:
+        if self.key is None:
+            raise OutputError("the run folder sink has no staged run (call stage first)")
+        return self.key
