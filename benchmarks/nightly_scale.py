@@ -203,11 +203,11 @@ def incremental(rows: int, root: Path, bundled: bool = False) -> list[str]:
 
 def driver_path(rows: int, root: Path) -> list[str]:
     """Each driver-side step of an incremental night at `rows`, timed in this process."""
-    from pipeline import storage
     from pipeline.catalog import validate_manifest
     from pipeline.nightly.chunks import plan_chunks
     from pipeline.nightly.incremental import plan_night
-    from pipeline.sinks import parquet as run_folder
+    from pipeline.sinks import files
+    from pipeline.sinks.parquet import RunFolderSink
     from pipeline.sinks.rows import OUTPUT_SCHEMA
 
     pool = [f"s3://images/{i:05d}.jpg" for i in range(POOL_IMAGES)]
@@ -228,17 +228,17 @@ def driver_path(rows: int, root: Path) -> list[str]:
         return value
 
     manifest = step("validate manifest", lambda: validate_manifest(str(manifest_path)))
-    staging = storage.join(output, "_staging", "bench")
+    sink = RunFolderSink(output)
+    sink.stage("bench", "night2")
     plan = step("plan night (DuckDB join, carried rows written)", lambda: plan_night(
-        manifest, previous, output, model_version="bench", opts_key="bench", full=False,
-        run_id="night2", staging=staging, rows_per_file=250_000, probe=None))
+        manifest, previous, sink, model_version="bench", opts_key="bench", full=False,
+        run_id="night2", rows_per_file=250_000, probe=None))
     assert plan.rows_carried == rows - changed, plan
     chunks = step("plan chunks", lambda: plan_chunks(plan.source, 100_000))
-    folder_uri = run_folder.run_uri(output, "night2")
-    step("progress listing", lambda: run_folder.finished_chunks(folder_uri,
-                                                                [c.rows for c in chunks]))
-    step("run statistics (footers)", lambda: run_folder.run_stats(
-        folder_uri, run_folder.list_run(folder_uri), []))
+    folder_uri = sink.run_uri("night2")
+    step("progress listing", lambda: sink.finished_chunks("night2", [c.rows for c in chunks]))
+    step("run statistics (footers)", lambda: files.run_stats(
+        folder_uri, files.list_run(folder_uri), []))
     peak = proc.memory_info().rss
     with open(f"/proc/{os.getpid()}/status") as f:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
@@ -251,9 +251,10 @@ def driver_path(rows: int, root: Path) -> list[str]:
 
 def synthesize_previous(output: str, rows: int, pool: list[str], schema: pa.Schema) -> dict:
     """Last night's committed run in the output schema, written in files of 250k rows."""
-    from pipeline.sinks import parquet as run_folder
+    from pipeline.sinks import files as run_files
+    from pipeline.sinks.parquet import RunFolderSink
 
-    folder = run_folder.run_uri(output, "night1")
+    folder = RunFolderSink(output).run_uri("night1")
     files = []
     step = 250_000
     for n, start in enumerate(range(0, rows, step)):
@@ -269,13 +270,15 @@ def synthesize_previous(output: str, rows: int, pool: list[str], schema: pa.Sche
             "unfamiliarity": pa.array(np.full(k, 0.1, dtype=np.float32)),
             "current_category": pa.nulls(k, pa.string()), "image_version": ["v1"] * k,
             "category_changed": pa.nulls(k, pa.bool_()), "needs_review": [False] * k,
+            "action": ["keep"] * k, "action_reason": ["no_current_category"] * k,
+            "p_current": pa.nulls(k, pa.float32()),
             "model_name": ["bench"] * k, "model_version": ["bench"] * k,
             "run_id": ["night1"] * k, "scored_run_id": ["night1"] * k,
             "processed_at": pa.array(np.full(k, np.datetime64("2026-11-22T01:00:00", "us")),
                                      pa.timestamp("us", tz="UTC")),
         }, schema=schema)
-        name = run_folder.carried_file_name(n, k)
-        run_folder.write_table(f"{folder}/{name}", table)
+        name = run_files.carried_file_name(n, k)
+        run_files.write_table(f"{folder}/{name}", table)
         files.append(f"runs/night1/{name}")
     return {"run_id": "night1", "model_version": "bench", "options_key": "bench", "files": files}
 

@@ -36,7 +36,8 @@ from pipeline.config import RecategorizeConfig
 from pipeline.errors import ErrorBudgetError
 from pipeline.images.security import safe_name
 from pipeline.inference import engine
-from pipeline.inference.engine import choose_executor, local_device, on_cluster
+from pipeline.inference.engine import choose_executor, on_cluster
+from pipeline.inference.probe import probe_signals, probe_signals_local
 from pipeline.models import decide
 from pipeline.models.artifact import verify_artifact
 from pipeline.nightly import budget, drift
@@ -182,8 +183,6 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     """Check, take the lease, stage, plan, score, seal, check the error budget, commit."""
     start = time.perf_counter()
     phases = Phases()
-    from pipeline.inference.cluster import init_ray, resolve_inference_device
-
     phases.mark("import")
     night = check_night(cfg, phases)
     # One writer per output: a second run stops here (exit 8) before it writes anything.
@@ -197,15 +196,14 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     @functools.cache
     def on_ray() -> engine.Placement:
         """Start (or join) Ray once, when the night first needs it."""
-        init_ray(cfg.ray_address, cfg.num_cpus)
-        return engine.Placement.from_config(cfg, resolve_inference_device(cfg))
+        return engine.start(cfg, 0, executor="ray").place
 
     plan = load_or_plan(night.folder.plan_folder(), lambda: plan_night(
         night.manifest, night.previous, night.folder, model_version=night.meta.model_version,
         opts_key=opts, full=cfg.full, run_id=run_id, rows_per_file=cfg.rows_per_file,
-        probe=lambda src, out: (engine.probe_signals(src, out, night.images, on_ray())
+        probe=lambda src, out: (probe_signals(src, out, night.images, on_ray())
                                 if on_cluster(cfg) or cfg.executor == "ray"
-                                else engine.probe_signals_local(src, out, night.images))))
+                                else probe_signals_local(src, out, night.images))))
     chunks = plan_chunks(plan.source, cfg.chunk_rows)
     done = night.folder.finished_chunks(run_id, [c.rows for c in chunks])
     todo = [c for c in chunks if c.index not in done]
@@ -238,7 +236,7 @@ def score_night(cfg: RecategorizeConfig, night: Checked, source: str, todo: list
     """Score the chunks still to do, in this process or on Ray: (where it ran, what the
     writes wrote, Ray Data's stats of the pass or "")."""
     if local:
-        place = engine.Placement.from_config(cfg, local_device(cfg))
+        place = engine.start(cfg, 0, executor="local").place
         written = score_local(cfg, source, todo, night.images, place, run_id,
                               night.folder) if todo else []
         return place, written, ""

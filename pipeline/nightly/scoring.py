@@ -36,19 +36,17 @@ def source_columns(uri: str, chunks: list[Chunk]) -> list[str]:
                                                       KNOWN_ERROR_COLUMN) if c in names]
 
 
-def inference_kwargs(cfg: RecategorizeConfig, place: engine.Placement, run_id: str,
-                     rows: int, scorers: int | None = None) -> dict:
-    """What each scorer (an actor of the pool, or this process) builds its InferenceActor with;
-    `rows` to score in all, over `scorers` (default: the largest actor pool) for the fail-fast
-    watch."""
+def nightly_predictor(cfg: RecategorizeConfig, place: engine.Placement, run_id: str,
+                      rows: int, scorers: int | None = None) -> engine.Predictor:
+    """The InferenceActor every scorer (an actor of the pool, or this process) builds, with
+    its typed settings; `rows` to score in all, over `scorers` (default: the largest actor
+    pool) for the fail-fast watch."""
+    from pipeline.inference.actor import InferenceActor, NightlyScoring
+
     scorers = scorers or engine.actor_pool_bounds(place)[1]
-    return {"model_uri": storage.normalize(cfg.model), "device": place.device, "top_k": cfg.top_k,
-            "precision": cfg.precision, "compile": cfg.compile,
-            "allow_cpu_fallback": cfg.allow_cpu_fallback, "run_id": run_id,
-            "review_threshold": cfg.review_threshold, "change_precision": cfg.change_precision,
-            "tta": cfg.tta,
-            "fail_fast_rows": fail_fast.fail_fast_rows(rows, scorers) if cfg.max_error_rate < 1
-            else 0}
+    watch = fail_fast.fail_fast_rows(rows, scorers) if cfg.max_error_rate < 1 else 0
+    return engine.Predictor(InferenceActor, NightlyScoring.from_config(
+        cfg, storage.normalize(cfg.model), run_id, watch))
 
 
 def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
@@ -58,13 +56,13 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
     the write tasks wrote (file, chunk, rows, stats) and Ray Data's stats of the pass."""
     import ray.data
 
-    from pipeline.inference.cluster import InferenceActor, surface_job_errors
+    from pipeline.inference.cluster import surface_job_errors
 
     ds = ray.data.from_items(chunk_items(chunks), override_num_blocks=len(chunks))
     ds = ds.map_batches(ChunkReader(source, source_columns(source, chunks)), batch_size=1,
                         batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                         **engine.retry_args(place, actor=False))
-    ds = engine.scored(ds, images, place, InferenceActor, inference_kwargs(
+    ds = engine.scored(ds, images, place, nightly_predictor(
         cfg, place, run_id, sum(c.rows for c in chunks)))
     datasink = sink.datasink(run_id, min(WRITE_BLOCK_ROWS, cfg.rows_per_file, cfg.chunk_rows))
     stopped: FailFastError | None = None
@@ -88,9 +86,7 @@ def score_local(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
                 sink: RunFolderSink) -> list[dict]:
     """The same pass in this process, chunk by chunk into the same run folder files (so resume
     and commit do not know which executor ran). Returns what was written."""
-    from pipeline.inference.cluster import InferenceActor
-
-    score = engine.in_process_scorer(images, place, InferenceActor, inference_kwargs(
+    score = engine.in_process_scorer(images, place, nightly_predictor(
         cfg, place, run_id, sum(c.rows for c in chunks), scorers=1))
     reader = ChunkReader(source, source_columns(source, chunks))
     datasink = sink.datasink(run_id, cfg.rows_per_file)
