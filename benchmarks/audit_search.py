@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.analysis.audit import (
+from pipeline.analysis.audit_search import (
     NEIGHBOUR_BLOCK_ROWS,
     PHASH_BITS,
     embedding_index,

@@ -1,6 +1,8 @@
 """The package's module graph: no import cycles, lazy (function-level) imports included."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
@@ -76,20 +78,109 @@ def test_pipeline_modules_import_no_cycle():
 # The library module behind each job that reads images: each must build its plan with the
 # scoring engine (README, "Architecture"), so every job shares the URI policy and the limits.
 IMAGE_JOBS = {"recategorize": "nightly.recategorize", "evaluate": "analysis.evaluate",
-              "embed": "training.embeddings", "audit": "analysis.audit"}
+              "embed": "training.embeddings", "audit": "analysis.audit",
+              "calibrate": "training.recalibrate", "export": "inference.export",
+              "train": "training.data"}
+# Image reading below the engine: only the engine (and the images package itself) uses it. The
+# throughput benchmark is the one exception: it times plain decode loops beside the engine.
+IMAGE_READING = {"images.fetch", "images.preprocess", "images.decode"}
+PLAIN_LOOP_BENCHMARK = "analysis.benchmark"
+
+
+def reaches(graph: dict[str, set[str]], start: str, target: str) -> bool:
+    todo, seen = [start], set()
+    while todo:
+        node = todo.pop()
+        if node == target:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo += graph.get(node, ())
+    return False
 
 
 def test_every_job_that_reads_images_scores_through_the_engine():
     graph = import_graph()
-    assert {module for module in IMAGE_JOBS.values() if "inference.engine" not in graph[module]} == set()
+    assert set(IMAGE_JOBS.values()) <= set(graph)
+    assert {m for m in IMAGE_JOBS.values() if not reaches(graph, m, "inference.engine")} == set()
+    around = {m for m, deps in graph.items() if deps & IMAGE_READING and
+              not m.startswith("images.") and m not in ("inference.engine", PLAIN_LOOP_BENCHMARK)}
+    assert around == set()
+
+
+# The layer order, lowest first: a module imports only its own layer or lower ones. Model-level
+# code (images, models) never reaches inference, nightly, training or analysis.
+LAYERS = [
+    {"__init__", "errors", "storage", "catalog", "config", "pages"},
+    {"images"},
+    {"models"},
+    {"sinks"},
+    {"inference"},
+    {"nightly"},
+    {"training", "analysis"},
+]
+
+
+def layer(module: str) -> int:
+    head = module.split(".")[0]
+    return next(i for i, names in enumerate(LAYERS) if head in names)
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in import_graph() if not any(m.split(".")[0] in s for s in LAYERS)] == []
+
+
+def test_no_module_imports_a_higher_layer():
+    graph = import_graph()
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                    if layer(d) > layer(m))
+    assert upward == []
+
+
+def test_layer_check_sees_an_upward_import():
+    assert layer("models.decide") < layer("inference.engine") < layer("nightly.drift")
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from pipeline.x import _name`: another module's private name."""
+    return [f"{node.module}.{a.name}" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline")
+            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+
+
+def test_no_module_imports_another_modules_private_names():
+    roots = [PACKAGE, PACKAGE.parent / "jobs"]
+    found = {str(p.relative_to(PACKAGE.parent)): private_imports(p)
+             for root in roots for p in root.rglob("*.py")}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_model_level_code_imports_no_ray():
+    """images/ and models/ never import Ray, not even inside a function: they run and are
+    benchmarked on a machine without a cluster."""
+    offenders = []
+    for path in sorted([*(PACKAGE / "images").rglob("*.py"), *(PACKAGE / "models").rglob("*.py")]):
+        imported, _ = _modules_and_calls(path)
+        offenders += [f"{path.name}: {m}" for m in imported if m == "ray" or m.startswith("ray.")]
+    assert offenders == []
+
+
+def test_engine_and_config_load_neither_ray_nor_torch():
+    code = ("import sys, pipeline.inference.engine, pipeline.config; "
+            "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 def test_every_job_that_reads_images_takes_the_uri_policy_options():
     from pipeline import config
 
     configs = {"recategorize": config.RecategorizeConfig, "evaluate": config.EvaluateConfig,
-               "embed": config.EmbedConfig, "audit": config.AuditConfig}
-    assert set(configs) == set(IMAGE_JOBS)
+               "embed": config.EmbedConfig, "audit": config.AuditConfig,
+               "calibrate": config.CalibrateConfig, "train": config.TrainConfig}
+    # export reads only local training images under --calibration-source, a fixed policy
+    assert set(configs) == set(IMAGE_JOBS) - {"export"}
     policy = set(config.ImageAccessOptions.model_fields)
     assert {job for job, cls in configs.items() if not policy <= set(cls.model_fields)} == set()
 
@@ -100,7 +191,7 @@ CLIENT_MODULES = ("aiohttp", "requests", "urllib.request", "http.client", "fsspe
 CLIENT_HOLDERS = {"fetch", "storage", "lease"}
 # Modules that read whole files by URI with storage.read_bytes: each reads this project's own
 # files (artifacts, configs, the audit's tables, pinned weights), never a manifest's image.
-OWN_FILE_READERS = {"artifact", "config", "export", "findings", "registry", "pretrained", "storage"}
+OWN_FILE_READERS = {"artifact", "cli", "config", "export", "findings", "registry", "pretrained", "storage"}
 
 
 def _modules_and_calls(path: Path) -> tuple[set[str], set[str]]:

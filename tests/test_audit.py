@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.analysis.audit import (
+from pipeline.analysis.audit import run
+from pipeline.analysis.audit_search import (
     IVF_PROBES,
     IVF_TRAIN_ROWS_PER_LIST,
     PHASH_BITS,
@@ -25,7 +26,6 @@ from pipeline.analysis.audit import (
     phash_bits,
     phash_codes,
     phash_value,
-    run,
 )
 from pipeline.analysis.findings import (
     DUPLICATES_FILE,
@@ -37,7 +37,7 @@ from pipeline.analysis.findings import (
 )
 from pipeline.config import AuditConfig, TrainConfig
 from pipeline.images.decode import decode_image
-from pipeline.training.train import load_data
+from pipeline.training.data import load_data
 from tests.conftest import photos_by_category, reencode, upload_tree, write_manifest
 
 # One worker of a parallel run (--dist loadgroup) takes the module, so its module fixtures

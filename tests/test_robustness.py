@@ -16,7 +16,8 @@ from pipeline.inference.predict import Classifier
 from pipeline.models.artifact import load_artifact, load_metadata
 from pipeline.models.registry import create_model
 from pipeline.models.transforms import EvalPreset, norm_tensors, to_model_input
-from pipeline.training.train import Adversarial, ClassificationLoss, train_one_epoch
+from pipeline.training.loop import train_one_epoch
+from pipeline.training.recipe import Adversarial, ClassificationLoss
 
 ATTACK_EPSILON = 4.0
 

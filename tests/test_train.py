@@ -8,13 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.catalog import stratified_split
 from pipeline.config import TrainConfig
 from pipeline.images.decode import decode_image
 from pipeline.models import decide
 from pipeline.models.artifact import load_artifact
 from pipeline.models.registry import create_model
+from pipeline.training.data import load_data
 from pipeline.training.importers import make_manifest
-from pipeline.training.train import load_data, run, stratified_split
+from pipeline.training.train import run
 
 
 def test_stratified_split_takes_a_share_of_every_class():

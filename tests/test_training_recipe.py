@@ -38,14 +38,14 @@ from pipeline.models.registry import (
 )
 from pipeline.models.transforms import AUGMENT_PRESETS, TrainPreset, norm_tensors, to_model_input
 from pipeline.training.importers import grocery_store_rows
-from pipeline.training.train import (
+from pipeline.training.loop import train_one_epoch
+from pipeline.training.recipe import (
     ClassificationLoss,
     CosinePlan,
     EarlyStopping,
     budget_epochs,
     class_weights,
     cosine_with_warmup,
-    train_one_epoch,
 )
 
 SMALL_CLASSES = ("Banana", "Kiwi", "Granny-Smith", "Pink-Lady", "Oatly-Oat-Milk", "Arla-Standard-Milk")

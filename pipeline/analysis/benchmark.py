@@ -10,100 +10,29 @@ by side):
   (PIL decode and torchvision transforms per row with `Dataset.map`, float32 model, defaults);
 - torch loop: a plain PyTorch DataLoader (workers = cores) + the same model, no Ray.
 
-Peak memory is the largest total proportional set size (PSS) of this process and all its
-descendants (Ray's raylet, object store and workers included), sampled every 500 ms while a
-stage runs, minus the total before it. PSS splits each shared page between the processes that
-map it, so torch's libraries and Ray's shared-memory object store count once, not once per
-worker as a resident-set (RSS) total would count them.
+Each stage is timed with its peak memory by `pipeline.analysis.measure`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from pipeline import storage
+from pipeline.analysis.measure import Measurement, measure
 from pipeline.images.decode import decode_image
 from pipeline.inference.cluster import cpu_count
 from pipeline.inference.predict import Classifier
 from pipeline.models.artifact import load_metadata
-
-
-@dataclass
-class Measurement:
-    name: str
-    images: int
-    seconds: float
-    peak_memory_bytes: int
-    units: int  # cores (or GPUs) the throughput is divided by
-    model: str = ""  # label of the artifact it ran (its format), when several are compared
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds
-
-    @property
-    def per_unit(self) -> float:
-        return self.images_per_s / self.units
-
-
-class PeakMemory:
-    """Samples the PSS total of this process tree in a thread while the block runs."""
-
-    def __init__(self, interval_s: float = 0.5):
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def tree_pss() -> int:
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):  # a worker may exit while we look
-                total += proc.memory_full_info().pss  # /proc/<pid>/smaps_rollup
-        return total
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.tree_pss())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakMemory:
-        self.base = self.tree_pss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def delta(self) -> int:
-        return max(0, self.peak - self.base)
-
-
-def measure(name: str, units: int, fn: Callable[[], int], model: str = "") -> Measurement:
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        images = fn()
-        seconds = time.perf_counter() - start
-    return Measurement(name + (f" [{model}]" if model else ""), images, seconds, memory.delta,
-                       units, model)
-
 
 # ---------------------------------------------------------------- catalog
 
@@ -281,26 +210,35 @@ def model_labels(models: list[str]) -> dict[str, str]:
             else f"{meta.format} {meta.model_version[:8]}" for m, meta in metas.items()}
 
 
-def run_benchmark(cfg) -> str:
-    """Run the selected stages on each catalog variant (the model stages once per artifact,
-    --model then --compare-with); return the Markdown table."""
-    import shutil
-
-    from pipeline.config import EXAMPLES_DIR
+def parse_stages(cfg) -> list[str]:
+    """--stages as a list, each one of STAGES."""
     from pipeline.errors import ConfigError
-    from pipeline.inference.cluster import init_ray
-    from pipeline.inference.predict import resolve_device
-    from pipeline.models.artifact import TORCH_BACKEND
 
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; valid: {', '.join(STAGES)}")
+    return stages
+
+
+def parse_variants(cfg) -> list[int | None]:
+    """--upload-sizes as pixel sizes, None for the original photos."""
+    from pipeline.errors import ConfigError
+
     variants = []
     for v in (s.strip() for s in cfg.upload_sizes.split(",") if s.strip()):
         if v != "original" and not v.isdigit():
             raise ConfigError(f"--upload-sizes: {v!r} is neither 'original' nor a pixel size")
         variants.append(None if v == "original" else int(v))
+    return variants
+
+
+def compared_models(cfg, stages: list[str]) -> tuple[list[str], dict, list[str]]:
+    """(--model then --compare-with, their metadata, the torch ones among them), checked: one
+    input size for all, and a torch model when the baseline runs."""
+    from pipeline.errors import ConfigError
+    from pipeline.models.artifact import TORCH_BACKEND
+
     models = [cfg.model] + [m.strip() for m in cfg.compare_with.split(",") if m.strip()]
     metas = {m: load_metadata(m) for m in models}
     if len({meta.input_size for meta in metas.values()}) > 1:
@@ -311,56 +249,103 @@ def run_benchmark(cfg) -> str:
         raise ConfigError("--stages baseline runs the Ray Data recipe on a torch model: give a "
                           "torch artifact as --model or in --compare-with, or drop baseline from "
                           "--stages")
+    return models, metas, torch_models
+
+
+@dataclass
+class Bench:
+    """What every stage of one benchmark run shares."""
+
+    cfg: Any
+    stages: list[str]
+    models: list[str]
+    torch_models: list[str]
+    labels: dict[str, str]
+    input_size: int
+    units: int
+    cores: int
+    root: Path
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+
+def measure_catalog(b: Bench, upload_px: int | None, sources: list[Path],
+                    rows: list[tuple[str, Measurement]], baseline: dict[str, float]) -> None:
+    """The catalog-level stages on one catalog variant, appended to `rows` (the baseline's
+    throughput also to `baseline`)."""
+    import shutil
+
+    cfg, out = b.cfg, b.out
+    options = {"batch_size": cfg.batch_size, "device": cfg.device}
+    catalog = f"{upload_px or 348} px"
+    manifest = build_catalog(b.root, sources, cfg.rows, upload_px)
+    decode_only(manifest, b.input_size, len(sources))  # warm the page cache
+    if "decode" in b.stages:
+        rows.append((catalog, measure("decode + preprocess, 1 process", 1, lambda m=manifest:
+                                      decode_only(m, b.input_size, min(cfg.rows, 1000)))))
+    if "baseline" in b.stages:
+        shutil.rmtree(out, ignore_errors=True)
+        m = measure("baseline (Ray Data docs recipe)", b.units, lambda m=manifest: ray_docs_baseline(
+            m, b.torch_models[0], out / "baseline"), b.labels[b.torch_models[0]])
+        baseline[catalog] = m.images_per_s
+        rows.append((catalog, m))
+    for model in b.models:
+        if "torch_loop" in b.stages:
+            rows.append((catalog, measure(
+                f"plain PyTorch loop ({b.cores} workers)", b.units, lambda m=manifest, model=model:
+                torch_loop(m, model, out / "loop", b.cores, cfg.batch_size), b.labels[model])))
+        if "ours" in b.stages:
+            rows.append((catalog, measure(
+                "ours (manifest -> committed Parquet)", b.units, lambda m=manifest, model=model:
+                ours(m, model, out / "ours", **options), b.labels[model])))
+
+
+def benchmark_header(cfg, device: torch.device, cores: int, models: list[str], metas: dict) -> str:
+    """The device, model and artifacts the table was measured with."""
+    meta = metas[models[0]]
+    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{cores} cores"
+    described = "; ".join(
+        f"{metas[m].format} {metas[m].model_version} ({artifact_bytes(m) / 1e6:.1f} MB)"
+        if storage.is_local(m) else f"{metas[m].format} {metas[m].model_version}" for m in models)
+    return (f"device: {device.type} ({hardware}), "
+            f"model: {meta.architecture} @ {meta.input_size}px, rows per catalog: {cfg.rows}, "
+            f"batch size: {cfg.batch_size}\nartifacts: {described}")
+
+
+def run_benchmark(cfg) -> str:
+    """Run the selected stages on each catalog variant (the model stages once per artifact,
+    --model then --compare-with); return the Markdown table."""
+    from pipeline.config import EXAMPLES_DIR
+    from pipeline.inference.cluster import init_ray
+    from pipeline.inference.predict import resolve_device
+
+    stages = parse_stages(cfg)
+    variants = parse_variants(cfg)
+    models, metas, torch_models = compared_models(cfg, stages)
     labels = model_labels(models)
     device = resolve_device(cfg.device)
     cores = cpu_count()
     units = 1 if device.type == "cuda" else cores
     unit = "GPU" if device.type == "cuda" else "core"
-    meta = metas[models[0]]
-    root = Path(cfg.output)
     sources = sorted((EXAMPLES_DIR / "sample-catalog" / "images").rglob("*.jpg"))
     init_ray(cfg.ray_address, cfg.num_cpus)
-    options = {"batch_size": cfg.batch_size, "device": cfg.device}
+    bench = Bench(cfg, stages, models, torch_models, labels, metas[models[0]].input_size, units,
+                  cores, Path(cfg.output))
 
-    out = root / "out"
     ceilings = {m: measure("ceiling (model only)", units,
                            lambda m=m: model_ceiling(m, device.type, cfg.batch_size), labels[m])
                 for m in models}
     rows: list[tuple[str, Measurement]] = []
     baseline: dict[str, float] = {}
     for upload_px in variants:
-        catalog = f"{upload_px or 348} px"
-        manifest = build_catalog(root, sources, cfg.rows, upload_px)
-        decode_only(manifest, meta.input_size, len(sources))  # warm the page cache
-        if "decode" in stages:
-            rows.append((catalog, measure("decode + preprocess, 1 process", 1, lambda m=manifest:
-                                          decode_only(m, meta.input_size, min(cfg.rows, 1000)))))
-        if "baseline" in stages:
-            shutil.rmtree(out, ignore_errors=True)
-            m = measure("baseline (Ray Data docs recipe)", units, lambda m=manifest: ray_docs_baseline(
-                m, torch_models[0], out / "baseline"), labels[torch_models[0]])
-            baseline[catalog] = m.images_per_s
-            rows.append((catalog, m))
-        for model in models:
-            if "torch_loop" in stages:
-                rows.append((catalog, measure(
-                    f"plain PyTorch loop ({cores} workers)", units, lambda m=manifest, model=model:
-                    torch_loop(m, model, out / "loop", cores, cfg.batch_size), labels[model])))
-            if "ours" in stages:
-                rows.append((catalog, measure(
-                    "ours (manifest -> committed Parquet)", units, lambda m=manifest, model=model:
-                    ours(m, model, out / "ours", **options), labels[model])))
+        measure_catalog(bench, upload_px, sources, rows, baseline)
     if "ceiling_tta" in stages:
         rows[:0] = [("-", measure("ceiling, --tta flip (model only)", units, lambda m=m: model_ceiling(
             m, device.type, cfg.batch_size, tta="flip"), labels[m])) for m in models]
     if "ceiling" in stages:
         rows[:0] = [("-", ceilings[m]) for m in models]
-    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{cores} cores"
-    described = "; ".join(
-        f"{metas[m].format} {metas[m].model_version} ({artifact_bytes(m) / 1e6:.1f} MB)"
-        if storage.is_local(m) else f"{metas[m].format} {metas[m].model_version}" for m in models)
-    header = (f"device: {device.type} ({hardware}), "
-              f"model: {meta.architecture} @ {meta.input_size}px, rows per catalog: {cfg.rows}, "
-              f"batch size: {cfg.batch_size}\nartifacts: {described}")
-    return header + "\n\n" + format_table(rows, {c.model: c.images_per_s for c in ceilings.values()},
-                                          baseline, unit)
+    return (benchmark_header(cfg, device, cores, models, metas) + "\n\n"
+            + format_table(rows, {c.model: c.images_per_s for c in ceilings.values()},
+                           baseline, unit))

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import storage
-from pipeline.analysis import report
+from pipeline.analysis import plots, report
 from pipeline.catalog import open_dataset, validate_manifest
 from pipeline.config import EvaluateConfig
 from pipeline.errors import ConfigError, ManifestError
@@ -258,9 +258,9 @@ def write_report(output: str, metrics: dict, meta: ModelMetadata, model: dict, m
     """metrics.json, the CSV tables, the PNG plots and report.html under `output`."""
     matrix = metrics.pop("confusion_matrix")
     classes = meta.classes
-    pngs = {"confusion": report.confusion_png(matrix, classes),
-            "reliability": report.reliability_png(metrics["reliability"], metrics["ece"]),
-            "coverage": report.coverage_png(metrics["coverage_curve"], metrics["auto_accept"])}
+    pngs = {"confusion": plots.confusion_png(matrix, classes),
+            "reliability": plots.reliability_png(metrics["reliability"], metrics["ece"]),
+            "coverage": plots.coverage_png(metrics["coverage_curve"], metrics["auto_accept"])}
     for name, png in pngs.items():
         file = "confusion_matrix.png" if name == "confusion" else f"{name}.png"
         storage.write_bytes(storage.join(output, file), png)

@@ -1,4 +1,5 @@
-"""The evaluation report's page: plots, thumbnails and one self-contained HTML file.
+"""The evaluation report's page: thumbnails and one self-contained HTML file (the plots it embeds
+are drawn by `pipeline.analysis.plots`).
 
 Everything here renders numbers that `pipeline.analysis.evaluate` already computed; nothing is measured
 here. The page is written for a catalog team: which categories fail, what they are mistaken for
@@ -8,8 +9,6 @@ base64 so the page can be mailed or attached to a ticket as one file.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,12 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import ImageError
+from pipeline.pages import STYLE, esc, fmt_value, html_table, img_tag, percent
 
-PNG_DPI = 110
 THUMBNAIL_PX = 96  # longest side of an example-mistake thumbnail: recognisable, keeps the page small
 THUMBNAIL_JPEG_QUALITY = 80
-FULL_MATRIX_FONT_SIZE = {"few": 9, "many": 5}
-FEW_CLASSES = 20  # up to this many classes the full confusion PNG uses the larger font
 CELL_SHADE_ALPHA = 0.85  # strongest background of a confusion cell (share 1.0 of its row)
 
 
@@ -130,117 +127,12 @@ def pair_thumbnails(pairs: list[dict], fetch: Callable[[str], bytes]) -> dict[st
     return {uri: jpeg for uri, jpeg in thumbs.items() if jpeg is not None}
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=PNG_DPI, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def confusion_png(matrix: np.ndarray, classes: list[str]) -> bytes:
-    """Row-normalized confusion matrix (true class per row) of the classes that occur. Written as
-    a file for completeness; with many classes its labels are too small for the page."""
-    plt = _pyplot()
-    keep = np.flatnonzero(matrix.sum(0) + matrix.sum(1))
-    m = matrix[np.ix_(keep, keep)].astype(np.float64)
-    m = m / np.maximum(m.sum(1, keepdims=True), 1)
-    side = max(5.0, 0.16 * len(keep) + 2)
-    fig, ax = plt.subplots(figsize=(side, side))
-    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
-    names = [classes[i] for i in keep]
-    font = FULL_MATRIX_FONT_SIZE["few" if len(keep) <= FEW_CLASSES else "many"]
-    ax.set_xticks(range(len(keep)), names, rotation=90, fontsize=font)
-    ax.set_yticks(range(len(keep)), names, fontsize=font)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Confusion matrix (share of each true class)")
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    return _png(fig)
-
-
-def reliability_png(bins: list[dict], ece: float) -> bytes:
-    plt = _pyplot()
-    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1]})
-    width = bins[0]["high"] - bins[0]["low"]
-    filled = [b for b in bins if b["count"]]
-    ax.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
-           edgecolor="black", color="#4c72b0", label="accuracy")
-    ax.bar([b["low"] for b in filled], [b["confidence"] - b["accuracy"] for b in filled],
-           bottom=[b["accuracy"] for b in filled], width=width, align="edge", color="#dd8452",
-           alpha=0.5, edgecolor="black", label="gap to confidence")
-    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
-    ax.legend(loc="upper left")
-    ax_n.bar([b["low"] for b in bins], [b["count"] for b in bins], width=width, align="edge",
-             color="gray", edgecolor="black")
-    ax_n.set_xlabel("confidence")
-    ax_n.set_ylabel("rows")
-    ax_n.set_xlim(0, 1)
-    return _png(fig)
-
-
-def coverage_png(curve: dict, accept: dict) -> bytes:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot(curve["coverage"], curve["accuracy"], color="#4c72b0", label="accepted above threshold")
-    ax.axhline(accept["target_accuracy"], color="#c44e52", linestyle="--",
-               label=f"target {accept['target_accuracy']:.0%}")
-    if accept["threshold"] is not None:
-        ax.plot([accept["coverage"]], [accept["accuracy"]], "o", color="#c44e52",
-                label=f"threshold {accept['threshold']:.3f}: {accept['coverage']:.0%} covered")
-    ax.set_xlabel("coverage (share of scored products auto-accepted)")
-    ax.set_ylabel("accuracy of auto-accepted")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_title("Accuracy vs coverage")
-    ax.legend(loc="lower left")
-    return _png(fig)
-
-
 # ---- HTML ---------------------------------------------------------------------------------
-
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _img(data: bytes, alt: str, mime: str = "image/png") -> str:
-    return f'<img alt="{_e(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.4f}" if isinstance(value, float) else _e(value)
-
-
-def _pct(value) -> str:
-    return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else _fmt(value)
-
-
-def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
-    """An HTML table; cells are already-escaped HTML."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
-
 
 def header_html(metrics: dict, model: dict, manifest: str) -> str:
     """Title and one subtitle line: what was evaluated, by which model, on how many rows."""
-    subtitle = (f"{_e(split_label(metrics.get('split')))} of <code>{_e(manifest)}</code> &middot; "
-                f"model {_e(model['architecture'])} <code>{_e(model['version'])}</code> &middot; "
+    subtitle = (f"{esc(split_label(metrics.get('split')))} of <code>{esc(manifest)}</code> &middot; "
+                f"model {esc(model['architecture'])} <code>{esc(model['version'])}</code> &middot; "
                 f"{metrics['rows']} rows")
     return f'<h1>Model evaluation</h1><p class="subtitle">{subtitle}</p>'
 
@@ -259,37 +151,38 @@ def summary_html(metrics: dict, model: dict, manifest: str) -> str:
                ("expected calibration error", metrics["ece"]),
                (f"threshold for {accept['target_accuracy']:.0%} auto-accept accuracy", accept["threshold"]),
                ("share of the catalog auto-accepted at that threshold", accept["catalog_share"])]
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in summary)
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{fmt_value(v)}</td></tr>" for k, v in summary)
     return f'<table class="summary">{rows}</table>'
 
 
 def per_class_html(per_class: list[dict]) -> str:
     """Real categories worst F1 first; predicted-only categories in their own small table."""
     present, absent = split_per_class(per_class)
-    main = _table(["category", "precision", "recall", "F1", "support"],
-                  [[_e(r["category"]), f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+    main = html_table(["category", "precision", "recall", "F1", "support"],
+                  [[esc(r["category"]), f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
                     str(r["support"])] for r in present], "per-class")
     out = f"<h2>Per category (worst F1 first)</h2>{main}"
     if absent:
         out += ("<h3>Predicted but absent from these rows</h3><p>The model gave these categories to "
                 "products of other categories; none of the evaluated rows belongs to them.</p>"
-                + _table(["category", "false positives"],
-                         [[_e(r["category"]), str(r.get("false_positives", "n/a"))] for r in absent],
+                + html_table(["category", "false positives"],
+                         [[esc(r["category"]), str(r.get("false_positives", "n/a"))] for r in absent],
                          "absent"))
     return out
 
 
 def _breakable(path_like: str) -> str:
     """Escaped text that may wrap after each '/' (product ids are often long paths)."""
-    return "/<wbr>".join(_e(part) for part in str(path_like).split("/"))
+    return "/<wbr>".join(esc(part) for part in str(path_like).split("/"))
 
 
 def _example_html(example: dict, pair: dict, thumbs: dict[str, bytes]) -> str:
     jpeg = thumbs.get(example.get("image_uri"))
-    picture = _img(jpeg, f"product {example['product_id']}", "image/jpeg") if jpeg else \
+    picture = img_tag(jpeg, f"product {example['product_id']}", "image/jpeg") if jpeg else \
         '<div class="noimg">image unavailable</div>'
-    caption = (f"<b>{_breakable(example['product_id'])}</b><br>given: {_e(pair['true_category'])}<br>"
-               f"predicted: {_e(pair['predicted_category'])}<br>confidence {_fmt(example['confidence'])}")
+    caption = (f"<b>{_breakable(example['product_id'])}</b><br>given: {esc(pair['true_category'])}<br>"
+               f"predicted: {esc(pair['predicted_category'])}<br>"
+               f"confidence {fmt_value(example['confidence'])}")
     return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
 
 
@@ -298,14 +191,14 @@ def confused_pairs_html(pairs: list[dict], thumbs: dict[str, bytes]) -> str:
     mistakes: those are where a wrong given category or a look-alike product shows first."""
     if not pairs:
         return "<h2>Most-confused category pairs</h2><p>No mistakes among the scored rows.</p>"
-    rows = [[f'{_e(p["true_category"])}<br>&rarr; {_e(p["predicted_category"])}', str(p["count"]),
-             _pct(p["share_of_true"]),
+    rows = [[f'{esc(p["true_category"])}<br>&rarr; {esc(p["predicted_category"])}', str(p["count"]),
+             percent(p["share_of_true"]),
              '<div class="examples">' + "".join(_example_html(e, p, thumbs) for e in p["examples"])
              + "</div>"] for p in pairs]
     return ("<h2>Most-confused category pairs</h2><p>Given category &rarr; predicted category, most "
             "frequent first; share = of the given category's scored rows. Examples: the most "
             "confident mistakes.</p>"
-            + _table(["given (true) &rarr; predicted", "rows", "share", "examples"], rows, "pairs"))
+            + html_table(["given (true) &rarr; predicted", "rows", "share", "examples"], rows, "pairs"))
 
 
 def _cell(count: int, row_total: int, diagonal: bool) -> str:
@@ -321,29 +214,29 @@ def _cell(count: int, row_total: int, diagonal: bool) -> str:
 def coarse_group_html(group: CoarseGroup) -> str:
     """One coarse category: rows = given fine category, columns = predicted fine category of
     the same group, then 'other' (predicted outside the group) and its most frequent target."""
-    head = "".join(f'<th class="v"><span>{_e(c)}</span></th>' for c in group.predicted)
+    head = "".join(f'<th class="v"><span>{esc(c)}</span></th>' for c in group.predicted)
     body = ""
     for i, name in enumerate(group.given):
         total = int(group.matrix[i].sum() + group.other[i])
         cells = "".join(_cell(int(group.matrix[i, j]), total, name == column)
                         for j, column in enumerate(group.predicted))
-        body += (f'<tr><th>{_e(name)}</th><td class="n">{total}</td>{cells}'
+        body += (f'<tr><th>{esc(name)}</th><td class="n">{total}</td>{cells}'
                  f"{_cell(int(group.other[i]), total, False)}<td>{_top_other(group.top_other[i])}</td></tr>")
-    return (f"<h3>{_e(group.coarse)} &mdash; {group.errors} of {group.rows} rows wrong</h3>"
+    return (f"<h3>{esc(group.coarse)} &mdash; {group.errors} of {group.rows} rows wrong</h3>"
             f'<table class="cm"><tr><th>given \\ predicted</th><th>rows</th>{head}<th>other</th>'
             f"<th>most frequent other</th></tr>{body}</table>")
 
 
 def _top_other(top: tuple[str, int] | None) -> str:
-    return _e(f"{top[0]} ({top[1]})") if top else ""
+    return esc(f"{top[0]} ({top[1]})") if top else ""
 
 
 def single_class_groups_html(groups: list[CoarseGroup]) -> str:
     """Coarse categories with one fine category: every mistake leaves the group, so a matrix
     would be a single cell; one table row each says the same."""
-    rows = [[_e(g.given[0]), str(g.rows), str(g.errors), _top_other(g.top_other[0])] for g in groups]
+    rows = [[esc(g.given[0]), str(g.rows), str(g.errors), _top_other(g.top_other[0])] for g in groups]
     return ("<h3>Coarse categories with one fine category</h3>"
-            + _table(["category", "rows", "wrong", "most frequent wrong prediction"], rows, "single"))
+            + html_table(["category", "rows", "wrong", "most frequent wrong prediction"], rows, "single"))
 
 
 def coarse_html(groups: list[CoarseGroup], clean: list[tuple[str, int]]) -> str:
@@ -354,7 +247,7 @@ def coarse_html(groups: list[CoarseGroup], clean: list[tuple[str, int]]) -> str:
                 "</p>")
     several = [g for g in groups if len(g.predicted) > 1]
     single = [g for g in groups if len(g.predicted) == 1]
-    clean_line = ", ".join(f"{_e(name)} ({rows})" for name, rows in clean) or "none"
+    clean_line = ", ".join(f"{esc(name)} ({rows})" for name, rows in clean) or "none"
     return ("<h2>Confusion within coarse categories</h2><p>For each coarse category with mistakes: "
             "its fine categories (rows: given, columns: predicted), 'other' for predictions "
             "outside the coarse category. Cells are counts, shaded by share of the row.</p>"
@@ -364,15 +257,15 @@ def coarse_html(groups: list[CoarseGroup], clean: list[tuple[str, int]]) -> str:
 
 
 OPEN_SET_FIELDS = [  # key, label, formatter
-    ("score", "unfamiliarity score", _fmt),
-    ("auroc", "AUROC, familiar vs unfamiliar products", _fmt),
-    ("baseline", "baseline score", _fmt),
-    ("baseline_auroc", "baseline AUROC", _fmt),
-    ("known_rows", "familiar rows (categories the model knows)", _fmt),
-    ("unknown_rows", "unfamiliar rows (categories it does not)", _fmt),
-    ("threshold", "flagging threshold", _fmt),
-    ("flagged_unknown_share", "unfamiliar products flagged", _pct),
-    ("flagged_known_share", "familiar products flagged (false alarms)", _pct),
+    ("score", "unfamiliarity score", fmt_value),
+    ("auroc", "AUROC, familiar vs unfamiliar products", fmt_value),
+    ("baseline", "baseline score", fmt_value),
+    ("baseline_auroc", "baseline AUROC", fmt_value),
+    ("known_rows", "familiar rows (categories the model knows)", fmt_value),
+    ("unknown_rows", "unfamiliar rows (categories it does not)", fmt_value),
+    ("threshold", "flagging threshold", fmt_value),
+    ("flagged_unknown_share", "unfamiliar products flagged", percent),
+    ("flagged_known_share", "familiar products flagged (false alarms)", percent),
 ]
 
 
@@ -384,8 +277,8 @@ def open_set_html(open_set) -> str:
         return title + '<p class="note">Not measured in this run.</p>'
     known = {k for k, _, _ in OPEN_SET_FIELDS}
     rows = [(label, fmt(open_set.get(key))) for key, label, fmt in OPEN_SET_FIELDS if key in open_set]
-    rows += [(key, _fmt(value)) for key, value in sorted(open_set.items()) if key not in known]
-    body = "".join(f"<tr><th>{_e(label)}</th><td>{value}</td></tr>" for label, value in rows)
+    rows += [(key, fmt_value(value)) for key, value in sorted(open_set.items()) if key not in known]
+    body = "".join(f"<tr><th>{esc(label)}</th><td>{value}</td></tr>" for label, value in rows)
     return (title + "<p>AUROC: chance that an unfamiliar product scores as more unfamiliar than a "
             "familiar one (0.5 = chance, 1.0 = perfect).</p>" + f'<table class="summary">{body}</table>')
 
@@ -397,17 +290,18 @@ def decisions_html(section: dict | None) -> str:
     if not section:
         return title + '<p class="note">Not measured in this run.</p>'
     fitted = section.get("fitted_on") or {}
-    note = (f"Thresholds fitted on split {_e(fitted.get('split'))} ({_fmt(fitted.get('rows'))} rows, "
-            f"backend {_e(fitted.get('backend'))})." if fitted else
+    note = (f"Thresholds fitted on split {esc(fitted.get('split'))} ({fmt_value(fitted.get('rows'))} rows, "
+            f"backend {esc(fitted.get('backend'))})." if fitted else
             "This model has no fitted thresholds: the job's conservative defaults are measured.")
     if section.get("warning"):
-        note += f' <b>{_e(section["warning"])}</b>'
-    rows = [[_pct(r["target_precision"]), _pct(r["precision"]), _pct(r["catch"]), _pct(r["fixed"]),
-             _pct(r["review_load"]), _pct(r["change_rate"])] for r in section["curve"]]
+        note += f' <b>{esc(section["warning"])}</b>'
+    rows = [[percent(r["target_precision"]), percent(r["precision"]), percent(r["catch"]),
+             percent(r["fixed"]), percent(r["review_load"]), percent(r["change_rate"])]
+            for r in section["curve"]]
     return (title + f"<p>These rows as a catalog: each once with its true category and once with "
-            f"each wrong one ({_pct(section['catalog_error_rate'])} of the weight, half within its "
+            f"each wrong one ({percent(section['catalog_error_rate'])} of the weight, half within its "
             f"coarse group). {note}</p>"
-            + _table(["target precision", "change precision", "wrong categories caught",
+            + html_table(["target precision", "change precision", "wrong categories caught",
                       "fixed by a change", "review load", "change rate"], rows))
 
 
@@ -422,30 +316,18 @@ def robustness_html(robust: dict | None) -> str:
     for r in rows:
         if r["kind"] == "corruption":
             by_name.setdefault(r["name"], {})[r["severity"]] = r["accuracy"]
-    corrupt = _table(["corruption", *(f"severity {s}" for s in severities)],
-                     [[_e(name), *(_pct(levels.get(s)) for s in severities)]
+    corrupt = html_table(["corruption", *(f"severity {s}" for s in severities)],
+                     [[esc(name), *(percent(levels.get(s)) for s in severities)]
                       for name, levels in by_name.items()])
     attacks = [r for r in rows if r["kind"] == "attack"]
-    attack = (_table(["attack", "epsilon (pixel levels of 255)", "accuracy"],
-                     [[_e(r["name"].upper()), f"{r['epsilon']:g}", _pct(r["accuracy"])]
+    attack = (html_table(["attack", "epsilon (pixel levels of 255)", "accuracy"],
+                     [[esc(r["name"].upper()), f"{r['epsilon']:g}", percent(r["accuracy"])]
                       for r in attacks]) if attacks
-              else f'<p class="note">{_e(robust.get("attack_skipped", "No attack measured."))}</p>')
-    return (f"<h2>Robustness</h2><p>Clean accuracy {_pct(robust['clean_accuracy'])} on "
+              else f'<p class="note">{esc(robust.get("attack_skipped", "No attack measured."))}</p>')
+    return (f"<h2>Robustness</h2><p>Clean accuracy {percent(robust['clean_accuracy'])} on "
             f"{robust['rows']} rows; mean under the corruptions "
-            f"{_pct(robust['mean_corruption_accuracy'])} (ImageNet-C recipes, severity 1 mild to "
+            f"{percent(robust['mean_corruption_accuracy'])} (ImageNet-C recipes, severity 1 mild to "
             f"5 severe).</p>{corrupt}{attack}")
-
-
-STYLE = """body{font-family:sans-serif;margin:2em;max-width:1150px;color:#222}
-h1{margin-bottom:0}.subtitle{margin-top:.3em;color:#555;font-size:1.1em}
-table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-table.summary th{font-weight:normal;background:#f6f6f6}img{max-width:100%}
-td.n{text-align:right;min-width:2.2em}table.cm th{vertical-align:bottom}
-th.v{padding:4px 2px}th.v span{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap}
-table.pairs td{vertical-align:top}.examples{display:flex;gap:8px}
-figure{margin:0;width:150px;font-size:11px;line-height:1.3}figure img{display:block;margin-bottom:2px}
-figcaption{overflow-wrap:anywhere}.noimg{width:96px;height:72px;background:#eee;color:#888;font-size:11px}
-.plots{display:flex;gap:1em;align-items:flex-start}.plots img{max-width:49%}.note{color:#555}"""
 
 
 def report_html(metrics: dict, model: dict, manifest: str, pngs: dict[str, bytes],
@@ -454,14 +336,14 @@ def report_html(metrics: dict, model: dict, manifest: str, pngs: dict[str, bytes
     """One self-contained HTML page (plots and thumbnails embedded)."""
     pairs = metrics.get("confused_pairs", [])
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Model evaluation: {_e(split_label(metrics.get("split")))}</title>
+<html><head><meta charset="utf-8"><title>Model evaluation: {esc(split_label(metrics.get("split")))}</title>
 <style>{STYLE}</style></head>
 <body>{header_html(metrics, model, manifest)}
 {summary_html(metrics, model, manifest)}
 <h2>Accuracy vs coverage, calibration</h2>
 <p>Predictions with confidence at or above the threshold are accepted without review.</p>
-<div class="plots">{_img(pngs["coverage"], "accuracy-coverage curve")}
-{_img(pngs["reliability"], "reliability diagram")}</div>
+<div class="plots">{img_tag(pngs["coverage"], "accuracy-coverage curve")}
+{img_tag(pngs["reliability"], "reliability diagram")}</div>
 {confused_pairs_html(pairs, thumbs)}
 {coarse_html(*groups)}
 {per_class_html(metrics["per_class"])}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.report import STYLE, _e, _fmt, _img, _png, _pyplot, _table
+from pipeline.pages import STYLE, esc, fmt_value, html_table, img_tag, png_bytes, pyplot
 from pipeline.sinks.stats import CONFIDENCE_SUM_SCALE
 
 TOP_MOVERS = 10  # categories listed by share change: what a reviewer can look at in one glance
@@ -168,7 +168,7 @@ RATE_LABELS = {"error": "error rate (per row)", "needs_review": "needs review (p
 
 def movers_png(movers: list[dict[str, Any]]) -> bytes:
     """Horizontal bars: each top mover's share last night and tonight, biggest move on top."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import PercentFormatter
 
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(movers) + 1.4))
@@ -183,12 +183,12 @@ def movers_png(movers: list[dict[str, Any]]) -> bytes:
     ax.set_xlabel("share of scored products")
     ax.set_title("Top movers (share of predictions)")
     ax.legend(loc="lower right")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def confidence_png(confidence: dict[str, Any]) -> bytes:
     """The two confidence histograms (shares per bin) overlaid."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import PercentFormatter
 
     edges = confidence["bin_edges"]
@@ -205,7 +205,7 @@ def confidence_png(confidence: dict[str, Any]) -> bytes:
     ax.set_title("Confidence")
     if ax.get_legend_handles_labels()[0]:  # a night of error rows only has no histogram
         ax.legend(loc="best")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _share(value: float | None) -> str:
@@ -219,46 +219,47 @@ def _signed_share(value: float | None) -> str:
 
 def _headline_html(section: dict[str, Any]) -> str:
     cats, conf, products = section["categories"], section["confidence"], section["products"]
-    rows = [("rows", f"{_fmt(section['rows']['current'])} (previous {_fmt(section['rows']['previous'])})"),
+    rows = [("rows", f"{fmt_value(section['rows']['current'])} "
+                     f"(previous {fmt_value(section['rows']['previous'])})"),
             ("category divergence (Jensen-Shannon, 0 = same shares, 1 = no category shared)",
-             _fmt(cats["js_divergence"])),
-            ("confidence shift (total variation, 0..1)", _fmt(conf["total_variation"])),
-            ("confidence shift (Wasserstein, in confidence units)", _fmt(conf["wasserstein"])),
-            ("mean confidence", f"{_fmt(conf['mean']['current'])} "
-                                f"(previous {_fmt(conf['mean']['previous'])})"),
-            ("new / removed products", f"{_fmt(products['new'])} / {_fmt(products['removed'])}"),
+             fmt_value(cats["js_divergence"])),
+            ("confidence shift (total variation, 0..1)", fmt_value(conf["total_variation"])),
+            ("confidence shift (Wasserstein, in confidence units)", fmt_value(conf["wasserstein"])),
+            ("mean confidence", f"{fmt_value(conf['mean']['current'])} "
+                                f"(previous {fmt_value(conf['mean']['previous'])})"),
+            ("new / removed products", f"{fmt_value(products['new'])} / {fmt_value(products['removed'])}"),
             ("categories appeared / disappeared",
-             f"{_fmt(cats['appeared_total'])} / {_fmt(cats['disappeared_total'])}")]
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
+             f"{fmt_value(cats['appeared_total'])} / {fmt_value(cats['disappeared_total'])}")]
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<table class="summary">{body}</table>'
 
 
 def _rates_html(section: dict[str, Any]) -> str:
-    rows = [[_e(RATE_LABELS.get(key, key)), _share(r["previous"]), _share(r["current"]),
+    rows = [[esc(RATE_LABELS.get(key, key)), _share(r["previous"]), _share(r["current"]),
              _signed_share(r["change"])] for key, r in section["rates"].items()]
     products = section["products"]
-    rows += [[f"{key} products", "", _fmt(products[key]), ""] for key in ("new", "removed")]
-    return _table(["", "previous night", "this night", "change"], rows, "rates")
+    rows += [[f"{key} products", "", fmt_value(products[key]), ""] for key in ("new", "removed")]
+    return html_table(["", "previous night", "this night", "change"], rows, "rates")
 
 
 def _movers_html(cats: dict[str, Any]) -> str:
     movers = cats["top_movers"]
     if not movers:
         return "<p>No category changed its share.</p>"
-    rows = [[_e(m["category"]), str(m["previous_count"]), _share(m["previous_share"]),
+    rows = [[esc(m["category"]), str(m["previous_count"]), _share(m["previous_share"]),
              str(m["current_count"]), _share(m["current_share"]), _signed_share(m["share_change"])]
             for m in movers]
-    return (_img(movers_png(movers), "top movers: previous vs current share")
-            + _table(["category", "previous rows", "previous share", "rows", "share", "change"],
+    return (img_tag(movers_png(movers), "top movers: previous vs current share")
+            + html_table(["category", "previous rows", "previous share", "rows", "share", "change"],
                      rows, "movers"))
 
 
 def _listed(title: str, items: list[dict[str, Any]], total: int | None) -> str:
     if not total:
-        return f"<p><b>{_e(title)}</b>: none</p>"
-    names = ", ".join(f"{_e(i['category'])} ({i['count']})" for i in items)
+        return f"<p><b>{esc(title)}</b>: none</p>"
+    names = ", ".join(f"{esc(i['category'])} ({i['count']})" for i in items)
     more = f" and {total - len(items)} more" if total > len(items) else ""
-    return f"<p><b>{_e(title)}</b> ({total}): {names}{more}</p>"
+    return f"<p><b>{esc(title)}</b> ({total}): {names}{more}</p>"
 
 
 def render_drift_html(section: dict[str, Any]) -> str:
@@ -270,10 +271,10 @@ def render_drift_html(section: dict[str, Any]) -> str:
                       + _listed("Categories that disappeared", cats["disappeared"],
                                 cats["disappeared_total"]))
     else:
-        top = [[_e(c["category"]), str(c["count"]), _share(c["share"])] for c in cats["top_current"]]
+        top = [[esc(c["category"]), str(c["count"]), _share(c["share"])] for c in cats["top_current"]]
         categories = ("<p>Most frequent categories this night:</p>"
-                      + _table(["category", "rows", "share"], top, "top"))
-    note = f'<p class="note">{_e(section["note"])}</p>' if section.get("note") else ""
+                      + html_table(["category", "rows", "share"], top, "top"))
+    note = f'<p class="note">{esc(section["note"])}</p>' if section.get("note") else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>What changed since last night</title>
 <style>{STYLE}</style></head>
@@ -281,7 +282,7 @@ def render_drift_html(section: dict[str, Any]) -> str:
 {_headline_html(section)}
 <h2>Rates</h2>{_rates_html(section)}
 <h2>Category shares</h2>{categories}
-<h2>Confidence</h2>{_img(confidence_png(conf), "confidence histograms, previous vs current")}
+<h2>Confidence</h2>{img_tag(confidence_png(conf), "confidence histograms, previous vs current")}
 </body></html>
 """
 

@@ -151,7 +151,7 @@ def run(cfg: EmbedConfig) -> dict:
     """Embed, fit, export `<output>/model`; return the summary (also in embedding_summary.json)."""
     from sklearn.metrics import f1_score
 
-    from pipeline.training.train import load_data
+    from pipeline.training.data import load_data
 
     start = time.perf_counter()
     # The probe fits its temperature on its validation rows; it holds out no calibration rows.

@@ -34,7 +34,7 @@ def calibration_rows(cfg: CalibrateConfig, training: dict[str, Any]) -> tuple[pa
     if cfg.split:
         table, base_uri = labelled_rows(cfg)
         return table, base_uri, cfg.split
-    from pipeline.training.train import load_data
+    from pipeline.training.data import load_data
 
     recorded = training.get("config")
     if not recorded:
