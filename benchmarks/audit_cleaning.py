@@ -122,7 +122,7 @@ def main() -> None:
                         help="rebuild the (seeded) faults, skip the jobs, read the outputs there")
     args = parser.parse_args()
 
-    from pipeline.training.importers import grocery_store_rows, write_manifest
+    from pipeline.importers import grocery_store_rows, write_manifest
 
     root = Path(args.output).resolve()
     models = ["A", "B"] + (["C"] if args.reference else [])

@@ -194,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.analysis.audit import run
-    from pipeline.training.importers import grocery_store_rows, write_manifest
+    from pipeline.importers import grocery_store_rows, write_manifest
 
     rng = random.Random(args.seed)
     root = Path(args.output).resolve()

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.training.importers import grocery_store_rows
+from pipeline.importers import grocery_store_rows
 
 WRONG_SHARE = 0.06
 

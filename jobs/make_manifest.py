@@ -13,7 +13,7 @@ PROG = "python -m jobs.make_manifest"
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(MakeManifestConfig, argv, __doc__, PROG)
     # torch and Ray load only once the arguments are good: --help answers at once
-    from pipeline.training.importers import holdout_uri, make_manifest
+    from pipeline.importers import holdout_uri, make_manifest
 
     splits = tuple(s.strip() for s in cfg.splits.split(",") if s.strip())
     rows, held = make_manifest(cfg.source, cfg.output, cfg.layout, splits, cfg.holdout_categories,

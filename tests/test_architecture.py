@@ -20,14 +20,16 @@ def module_names() -> dict[str, Path]:
     return names
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the pipeline modules it imports anywhere in its source (a package that is
-    imported stands for its __init__)."""
+def import_graph(module_level: bool = False) -> dict[str, set[str]]:
+    """Module -> the pipeline modules it imports anywhere in its source, or with
+    `module_level` only at import time (what importing it loads). A package that is imported
+    stands for its __init__."""
     modules = module_names()
     graph = {}
     for name, path in modules.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in (tree.body if module_level else ast.walk(tree)):
             targets = []
             if isinstance(node, ast.ImportFrom) and node.level == 0 and \
                     (node.module or "").split(".")[0] == "pipeline":
@@ -81,9 +83,11 @@ IMAGE_JOBS = {"recategorize": "nightly.recategorize", "evaluate": "analysis.eval
               "embed": "training.embeddings", "audit": "analysis.audit",
               "calibrate": "training.recalibrate", "export": "inference.export",
               "train": "training.data"}
-# Image reading below the engine: only the engine (and the images package itself) uses it. The
-# throughput benchmark is the one exception: it times plain decode loops beside the engine.
+# Image reading below the engine: only the engine (its plan and its change-signal probe) and the
+# images package itself use it. The throughput benchmark is the one exception: it times plain
+# decode loops beside the engine.
 IMAGE_READING = {"images.fetch", "images.preprocess", "images.decode"}
+ENGINE = {"inference.engine", "inference.probe"}
 PLAIN_LOOP_BENCHMARK = "analysis.benchmark"
 
 
@@ -104,14 +108,14 @@ def test_every_job_that_reads_images_scores_through_the_engine():
     assert set(IMAGE_JOBS.values()) <= set(graph)
     assert {m for m in IMAGE_JOBS.values() if not reaches(graph, m, "inference.engine")} == set()
     around = {m for m, deps in graph.items() if deps & IMAGE_READING and
-              not m.startswith("images.") and m not in ("inference.engine", PLAIN_LOOP_BENCHMARK)}
+              not m.startswith("images.") and m not in ENGINE | {PLAIN_LOOP_BENCHMARK}}
     assert around == set()
 
 
 # The layer order, lowest first: a module imports only its own layer or lower ones. Model-level
 # code (images, models) never reaches inference, nightly, training or analysis.
 LAYERS = [
-    {"__init__", "errors", "storage", "catalog", "config", "pages"},
+    {"__init__", "errors", "storage", "catalog", "importers", "config", "pages"},
     {"images"},
     {"models"},
     {"sinks"},

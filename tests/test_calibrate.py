@@ -5,10 +5,10 @@ import pytest
 
 from pipeline.config import CalibrateConfig, TrainConfig
 from pipeline.errors import ConfigError
+from pipeline.importers import make_manifest
 from pipeline.models import decide
 from pipeline.models.artifact import load_metadata, rewrite_artifact, verify_artifact
 from pipeline.training.data import load_data
-from pipeline.training.importers import make_manifest
 from pipeline.training.recalibrate import run
 
 

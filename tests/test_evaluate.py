@@ -34,12 +34,12 @@ from pipeline.config import EvaluateConfig, RecategorizeConfig
 from pipeline.errors import ConfigError
 from pipeline.images.decode import decode_image
 from pipeline.images.security import UriPolicy
+from pipeline.importers import grocery_store_rows
 from pipeline.inference.engine import ImageSettings
 from pipeline.inference.predict import Classifier
 from pipeline.models import decide
 from pipeline.models.artifact import load_artifact, load_metadata
 from pipeline.models.registry import get_spec
-from pipeline.training.importers import grocery_store_rows
 from tests.test_training_recipe import small_training_manifest
 
 
@@ -379,7 +379,7 @@ def test_feature_route_exports_logistic_regression_as_a_linear_head(ray_local, g
     assert meta.classes == sorted({r["category"] for r in rows}) and meta.temperature == 1.0
     images = np.stack([decode_image(Path(r["image_uri"]).read_bytes(), meta.input_size) for r in rows])
     labels = np.array([meta.classes.index(r["category"]) for r in rows])
-    features = Embedder(cfg.model_dump())({"image": images, "status": np.full(len(rows), "ok")})["features"]
+    features = Embedder(cfg)({"image": images, "status": np.full(len(rows), "ok")})["features"]
 
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler

@@ -2,7 +2,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ManifestError
-from pipeline.training.importers import make_manifest
+from pipeline.importers import make_manifest
 
 
 def test_grocery_store_counts_match_split_files(grocery_root, tmp_path):

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import REPO_ROOT
-from pipeline.training.importers import make_manifest
+from pipeline.importers import make_manifest
 from tests.conftest import committed_table
 
 # One worker of a parallel run (pytest-xdist --dist loadgroup) takes the whole module: its

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from pipeline.catalog import stratified_split
 from pipeline.config import TrainConfig
 from pipeline.images.decode import decode_image
+from pipeline.importers import make_manifest
 from pipeline.models import decide
 from pipeline.models.artifact import load_artifact
 from pipeline.models.registry import create_model
 from pipeline.training.data import load_data
-from pipeline.training.importers import make_manifest
 from pipeline.training.train import run
 
 

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, ModelError
 from pipeline.images.decode import decode_image
+from pipeline.importers import grocery_store_rows
 from pipeline.models.artifact import (
     ModelMetadata,
     load_artifact,
@@ -37,7 +38,6 @@ from pipeline.models.registry import (
     param_groups,
 )
 from pipeline.models.transforms import AUGMENT_PRESETS, TrainPreset, norm_tensors, to_model_input
-from pipeline.training.importers import grocery_store_rows
 from pipeline.training.loop import train_one_epoch
 from pipeline.training.recipe import (
     ClassificationLoss,

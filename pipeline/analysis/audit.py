@@ -26,6 +26,7 @@ import io
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +51,7 @@ from pipeline.analysis.findings import (
     SUMMARY_FILE,
 )
 from pipeline.catalog import open_dataset, validate_manifest
-from pipeline.config import AuditConfig
+from pipeline.config import AuditConfig, EmbedConfig
 from pipeline.errors import ConfigError
 from pipeline.inference import engine
 from pipeline.inference.fail_fast import mass_failure
@@ -62,12 +63,19 @@ LABEL_COLUMNS = ("category", "current_category")  # looked for in this order wit
 MIN_NORM = 1e-12
 
 
+@dataclass(frozen=True)
+class AuditSettings:
+    """An AuditEmbedder's settings as the engine passes them (it adds device and threads)."""
+
+    model_uri: str
+
+
 class AuditEmbedder(Embedder):
     """Engine predictor: the penultimate-layer embedding of each readable image (the feature
     route's Embedder) plus its perceptual hash; error rows pass through."""
 
     def __init__(self, model_uri: str, num_threads: int = 1, device: str = "cpu"):
-        super().__init__({"backbone": model_uri}, num_threads, device)
+        super().__init__(EmbedConfig(backbone=model_uri), num_threads, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["status"]) == "ok"
@@ -114,21 +122,10 @@ def embed_rows(cfg: AuditConfig, table: pa.Table, base_uri: str, input_size: int
     """Every row through the scoring engine: (batches, executor, why)."""
     images = dataclasses.replace(engine.ImageSettings.from_config(cfg, input_size, base_uri),
                                  record_digest=True)
-    executor, why = engine.choose_executor(cfg, table.num_rows)
-    kwargs = {"model_uri": storage.normalize(cfg.model)}
-    if executor == "local":
-        place = engine.Placement.from_config(cfg, engine.local_device(cfg))
-        score = engine.in_process_scorer(images, place, AuditEmbedder,
-                                         {**kwargs, "device": place.device})
-        return score(table), executor, why
-    from pipeline.inference.cluster import init_ray, resolve_device
-
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    place = engine.Placement.from_config(cfg, resolve_device(cfg.device))
-    ds = engine.scored(engine.table_dataset(table), images, place, AuditEmbedder,
-                       {**kwargs, "device": place.device})
-    batches = ds.select_columns(OUTPUT_COLUMNS).iter_batches(batch_format="numpy", batch_size=None)
-    return list(batches), executor, why
+    session = engine.start(cfg, table.num_rows)
+    batches = engine.score(session, images, table, engine.Predictor(
+        AuditEmbedder, AuditSettings(storage.normalize(cfg.model))), columns=OUTPUT_COLUMNS)
+    return batches, session.executor, session.reason
 
 
 def collect(batches: list[dict[str, np.ndarray]]) -> Embedded:

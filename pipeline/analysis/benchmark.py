@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.analysis.measure import Measurement, measure
 from pipeline.images.decode import decode_image
-from pipeline.inference.cluster import cpu_count
+from pipeline.inference.device import cpu_count
 from pipeline.inference.predict import Classifier
 from pipeline.models.artifact import load_metadata
 

@@ -52,6 +52,7 @@ class Scored:
     logits: np.ndarray | None = None  # raw logits (rows x classes); NaN on error rows
     error_type: np.ndarray | None = None  # per row; None where ok
     error_message: np.ndarray | None = None
+    robust_correct: np.ndarray | None = None  # rows x robustness conditions (--corruptions)
 
 
 CONFUSED_PAIRS_SHOWN = 15
@@ -73,40 +74,55 @@ def labelled_rows(cfg: EvaluateConfig) -> tuple[pa.Table, str]:
     return table.select(["product_id", "image_uri", "category"]), manifest.base_uri
 
 
-def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str]) -> Scored:
-    """Score the rows with the scoring engine (the nightly job's URI policy, fetch limits and
-    placement); collect top-k and the logits on the driver."""
-    from pipeline.inference import engine
-    from pipeline.inference.cluster import init_ray, resolve_device
-    from pipeline.inference.predict import Classifier
+SCORED_COLUMNS = ["product_id", "image_uri", "category", "status", "top_k_index",
+                  "top_k_scores", "unfamiliarity", "logits", "error_type", "error_message"]
 
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    device = resolve_device(cfg.device)
+
+def score(cfg: EvaluateConfig, table: pa.Table, base_uri: str, classes: list[str]) -> Scored:
+    """Score the rows through the scoring engine (the nightly job's URI policy, fetch limits
+    and placement, in this process or on Ray); collect top-k and the logits on the driver.
+    With --corruptions, the robustness scorer runs in the same pass, on the same decoded
+    images: one fetch and one decode per image."""
+    from pipeline.inference import engine
+    from pipeline.inference.predict import Classifier, ClassifierSettings
+
     meta = load_metadata(cfg.model)
+    model_uri = storage.normalize(cfg.model)
+    predictors = [engine.Predictor(Classifier, ClassifierSettings(
+        model_uri, top_k=TOP_K, tta=cfg.tta, with_logits=True))]
+    columns = list(SCORED_COLUMNS)
+    if getattr(cfg, "corruptions", ""):
+        from pipeline.analysis.robustness import RobustnessScorer, RobustnessSettings
+
+        predictors.append(engine.Predictor(RobustnessScorer, RobustnessSettings(
+            model_uri, cfg.corruptions, cfg.severities, cfg.attack_epsilons, cfg.tta,
+            cfg.attacks)))
+        columns.append("robust_correct")
     images = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri)
-    ds = engine.scored(engine.table_dataset(table), images,
-                       engine.Placement.from_config(cfg, device), Classifier,
-                       {"model_uri": storage.normalize(cfg.model), "device": device,
-                        "top_k": TOP_K, "tta": cfg.tta, "with_logits": True})
-    columns = ["product_id", "image_uri", "category", "status", "top_k_index", "top_k_scores",
-               "unfamiliarity", "logits", "error_type", "error_message"]
-    parts = list(ds.select_columns(columns).iter_batches(batch_format="numpy", batch_size=None))
-    category = np.concatenate([p["category"] for p in parts])
+    parts = engine.score(engine.start(cfg, table.num_rows), images, table, *predictors,
+                         columns=columns)
+    return scored_rows(parts, classes)
+
+
+def scored_rows(parts: list[dict[str, np.ndarray]], classes: list[str]) -> Scored:
+    """The engine's batches as per-row arrays, in row order."""
+    def cat(name: str, stack: bool = False) -> np.ndarray:
+        return np.concatenate([np.stack(p[name]) if stack else p[name] for p in parts])
+
+    category = cat("category")
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index.get(c, -1) for c in category], dtype=np.int64)
     unknown: dict[str, int] = {}
     for c in category[labels < 0]:
         unknown[c] = unknown.get(c, 0) + 1
-    return Scored(labels=labels,
-                  top_index=np.concatenate([np.stack(p["top_k_index"]) for p in parts]),
-                  top_scores=np.concatenate([np.stack(p["top_k_scores"]) for p in parts]),
-                  ok=np.concatenate([p["status"] for p in parts]) == "ok", unknown_categories=unknown,
-                  product_id=np.concatenate([p["product_id"] for p in parts]).astype(str),
-                  image_uri=np.concatenate([p["image_uri"] for p in parts]),
-                  unfamiliarity=np.concatenate([p["unfamiliarity"] for p in parts]),
-                  logits=np.concatenate([np.stack(p["logits"]) for p in parts]),
-                  error_type=np.concatenate([p["error_type"] for p in parts]),
-                  error_message=np.concatenate([p["error_message"] for p in parts]))
+    return Scored(labels=labels, top_index=cat("top_k_index", True),
+                  top_scores=cat("top_k_scores", True), ok=cat("status") == "ok",
+                  unknown_categories=unknown, product_id=cat("product_id").astype(str),
+                  image_uri=cat("image_uri"), unfamiliarity=cat("unfamiliarity"),
+                  logits=cat("logits", True), error_type=cat("error_type"),
+                  error_message=cat("error_message"),
+                  robust_correct=cat("robust_correct", True) if "robust_correct" in parts[0]
+                  else None)
 
 
 def coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
@@ -170,10 +186,9 @@ def named_pairs(pairs: list[dict], classes: list[str], product_id: np.ndarray, i
             for p in pairs]
 
 
-def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str,
-                       meta: ModelMetadata) -> dict:
-    """Accuracy on the clean images, under each corruption and severity, and under FGSM at each
-    epsilon (pipeline.analysis.robustness), scored on the engine's actor pool like the main pass."""
+def robustness_section(cfg: EvaluateConfig, scored: Scored, meta: ModelMetadata) -> dict:
+    """Accuracy on the clean images, under each corruption and severity, and under each attack
+    at each epsilon (pipeline.analysis.robustness), from the main pass's robustness columns."""
     from pipeline.analysis import robustness
     from pipeline.config import (
         parse_attack_epsilons,
@@ -181,25 +196,13 @@ def measure_robustness(cfg: EvaluateConfig, table: pa.Table, base_uri: str,
         parse_corruptions,
         parse_severities,
     )
-    from pipeline.inference import engine
-    from pipeline.inference.cluster import resolve_device
 
-    device = resolve_device(cfg.device)
-    images = engine.ImageSettings.from_config(cfg, meta.input_size, base_uri)
-    ds = engine.scored(engine.table_dataset(table), images,
-                       engine.Placement.from_config(cfg, device), robustness.RobustnessScorer,
-                       {"model_uri": storage.normalize(cfg.model), "device": device,
-                        "corruptions": cfg.corruptions, "severities": cfg.severities,
-                        "attack_epsilons": cfg.attack_epsilons, "tta": cfg.tta,
-                        "attacks": cfg.attacks})
-    correct = np.concatenate([p["robust_correct"] for p in ds.select_columns(["robust_correct"])
-                              .iter_batches(batch_format="numpy", batch_size=None)])
     attackable = meta.backend == TORCH_BACKEND
     epsilons = parse_attack_epsilons(cfg.attack_epsilons)
     names = robustness.conditions(parse_corruptions(cfg.corruptions),
                                   parse_severities(cfg.severities), epsilons if attackable else [],
                                   parse_attacks(cfg.attacks))
-    out = robustness.summarize(names, correct)
+    out = robustness.summarize(names, scored.robust_correct)
     if epsilons and not attackable:
         out["attack_skipped"] = (f"the attacks need the model's gradients; {meta.format} exports have "
                                  "none: evaluate the torch artifact it was exported from")
@@ -352,7 +355,7 @@ def run(cfg: EvaluateConfig) -> dict:
     metrics["open_set"] = open_set_section(scored, meta)
     metrics["decisions"] = decisions_section(scored, meta, cfg.change_precision, cfg.split)
     if cfg.corruptions:
-        metrics["robustness"] = measure_robustness(cfg, table, base_uri, meta)
+        metrics["robustness"] = robustness_section(cfg, scored, meta)
     model = {"uri": storage.normalize(cfg.model), "architecture": meta.architecture,
              "version": meta.model_version, "temperature": meta.temperature, "tta": cfg.tta}
     metrics = {"manifest": storage.normalize(cfg.manifest), "split": cfg.split, "model": model,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -131,6 +132,18 @@ def describe(condition: str) -> dict:
         return {"condition": condition, "kind": "attack", "name": name,
                 "epsilon": float(level.removesuffix("/255"))}
     return {"condition": condition, "kind": "corruption", "name": name, "severity": int(level)}
+
+
+@dataclass(frozen=True)
+class RobustnessSettings:
+    """A RobustnessScorer's settings as the engine passes them (it adds device and threads)."""
+
+    model_uri: str
+    corruptions: str = "all"
+    severities: str = "1,3,5"
+    attack_epsilons: str = ""
+    tta: str = "none"
+    attacks: str = FGSM
 
 
 class RobustnessScorer:

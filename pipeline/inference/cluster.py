@@ -22,7 +22,7 @@ import ray
 
 from pipeline import errors
 from pipeline.errors import PipelineError
-from pipeline.inference.device import resolve_device as resolve_any_device
+from pipeline.inference.device import resolve_device
 
 GPU_POLL_S = 5.0
 WORKER_SETUP_HOOK = "pipeline.inference.worker_setup.quiet_local_worker"
@@ -112,7 +112,7 @@ def cluster_device(requested: str, needed_gpus: float = 0.0, wait_s: float = 0.0
         gpus = wait_for_gpus(needed_gpus, wait_s)
     hint = (f" after waiting {wait_s:g}s for the autoscaler" if wait_s else
             "; on an autoscaling cluster pass --gpu-wait-s so the job asks for GPU nodes first")
-    return resolve_any_device(requested, gpus, "the Ray cluster", hint)
+    return resolve_device(requested, gpus, "the Ray cluster", hint)
 
 
 def _error_in_actor_text(text: str) -> PipelineError | None:
@@ -165,23 +165,3 @@ def surface_job_errors() -> Iterator[None]:
         if found is None or found is exc:
             raise
         raise type(found)(*found.args) from exc
-
-
-# TEMPORARY (removed at integration): old names while callers move to the engine front door.
-def resolve_device(requested: str) -> str:
-    return cluster_device(requested)
-
-
-def resolve_inference_device(cfg) -> str:
-    low = cfg.min_actors if cfg.min_actors is not None else cfg.num_actors
-    return cluster_device(cfg.device, low * cfg.gpus_per_actor, cfg.gpu_wait_s)
-
-
-def __getattr__(name: str):
-    if name == "InferenceActor":
-        from pipeline.inference.actor import InferenceActor
-        return InferenceActor
-    if name == "cpu_count":
-        from pipeline.inference.device import cpu_count
-        return cpu_count
-    raise AttributeError(name)

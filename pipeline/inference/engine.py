@@ -196,17 +196,8 @@ class Predictor:
     settings: Any
 
     def build(self, device: str, num_threads: int) -> Any:
-        # TEMPORARY: a plain dict of kwargs while callers move to typed settings
-        kwargs = self.settings if isinstance(self.settings, dict) else \
-            dataclasses.asdict(self.settings)
-        return self.cls(**{**kwargs, "device": device, "num_threads": num_threads})
-
-
-def _predictors(args: tuple) -> tuple[Predictor, ...]:
-    """TEMPORARY: the old (cls, kwargs) form as one Predictor."""
-    if len(args) == 2 and isinstance(args[0], type):
-        return (Predictor(args[0], args[1]),)
-    return args
+        return self.cls(**dataclasses.asdict(self.settings), device=device,
+                        num_threads=num_threads)
 
 
 class ScoringActor:
@@ -259,7 +250,6 @@ def scored(ds, images: ImageSettings, place: Placement, *predictors: Predictor):
     """rows -> fetch + decode -> the predictors on the actor pool -> whatever they return per
     batch. Error rows flow through with their reason (a predictor passes rows whose status is
     not 'ok' through)."""
-    predictors = _predictors(predictors)
     threads, decode_threads = actor_threads(place)
     if place.in_actor:
         # A manifest file arrives as a few big blocks and a map task handles a whole block:
@@ -287,7 +277,6 @@ def in_process_scorer(images: ImageSettings, place: Placement, *predictors: Pred
     """`scored` without Ray: the same ScoringActor, built once in this process, fetching,
     decoding and running the models on all this process's cores. Returns table -> list of the
     per-batch outputs. For runs too small to repay starting Ray and an actor pool."""
-    predictors = _predictors(predictors)
     cores = cpu_count()
     actor = ScoringActor(predictors, place.device, place.inference_threads or cores,
                          images.preprocessor(threads=cores))
@@ -372,15 +361,3 @@ def choose_executor(cfg: Any, rows_to_score: int) -> tuple[str, str]:
     if rows_to_score > LOCAL_MAX_ROWS:
         return "ray", f"{rows_to_score:,} rows to score (local up to {LOCAL_MAX_ROWS:,})"
     return "local", f"{rows_to_score:,} rows to score (local up to {LOCAL_MAX_ROWS:,})"
-
-
-def local_device(cfg: Any) -> str:
-    """TEMPORARY: the old name, while the nightly job moves to `start`."""
-    return devices.local_device(cfg.device)
-
-
-def __getattr__(name: str):  # TEMPORARY: the probe's old home, while the nightly job moves
-    if name in ("probe_signals", "probe_signals_local", "SignalProbe"):
-        from pipeline.inference import probe
-        return getattr(probe, name)
-    raise AttributeError(name)

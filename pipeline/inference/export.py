@@ -187,7 +187,7 @@ def calibration_uris(source: str) -> list[tuple[str, str]]:
     """(image path, category) of the training images of `source`: the Grocery Store dataset
     (its train split), a folder of class folders (its train/ split where it has one), or a
     labelled Parquet manifest (rows with split 'train' where it has a split column)."""
-    from pipeline.training.importers import folder_rows, grocery_store_rows
+    from pipeline.importers import folder_rows, grocery_store_rows
 
     path = Path(source)
     if path.is_dir():

@@ -15,6 +15,7 @@ benchmark.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +40,19 @@ def resolve_device(device: str) -> torch.device:
     """`device` on this machine as a torch device (`device.local_device`): fails here, by
     name, rather than deep inside the first tensor copy."""
     return torch.device(local_device(device))
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """A Classifier's settings as the engine passes them (`engine.Predictor`): the engine adds
+    the device and the thread count."""
+
+    model_uri: str
+    top_k: int = 5
+    precision: str = "auto"
+    compile: bool = False
+    tta: str = "none"
+    with_logits: bool = False
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -57,12 +58,19 @@ def backbone_provenance(cfg: EmbedConfig) -> dict:
     return weights_provenance(start)
 
 
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """An Embedder's settings as the engine passes them (it adds device and threads)."""
+
+    cfg: EmbedConfig
+
+
 class Embedder:
     """Ray Data callable: uint8 NHWC images -> the pooled features the head would see."""
 
-    def __init__(self, cfg: dict, num_threads: int = 1, device: str = "cpu"):
+    def __init__(self, cfg: EmbedConfig, num_threads: int = 1, device: str = "cpu"):
         torch.set_num_threads(num_threads)
-        self.cfg = EmbedConfig(**cfg)
+        self.cfg = cfg
         self.device = torch.device(device)
         model, arch, _, mean, std = load_backbone(self.cfg)
         remove_head(model, arch)
@@ -86,16 +94,12 @@ class Embedder:
 def embed(cfg: EmbedConfig, table: pa.Table, base_uri: str, input_size: int) -> dict[str, np.ndarray]:
     """Features, labels and split of every readable row (unreadable rows are counted)."""
     from pipeline.inference import engine
-    from pipeline.inference.cluster import init_ray, resolve_device
 
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    device = resolve_device(cfg.device)
     images = engine.ImageSettings.from_config(cfg, input_size, base_uri)
-    ds = engine.scored(engine.table_dataset(table), images, engine.Placement.from_config(cfg, device),
-                       Embedder, {"cfg": cfg.model_dump(), "device": device})
-    parts = list(ds.select_columns(["label", "is_val", "status", "features", "error_type",
-                                    "error_message"])
-                 .iter_batches(batch_format="numpy", batch_size=None))
+    parts = engine.score(engine.start(cfg, table.num_rows), images, table,
+                         engine.Predictor(Embedder, EmbedderSettings(cfg)),
+                         columns=["label", "is_val", "status", "features", "error_type",
+                                  "error_message"])
     ok = np.concatenate([p["status"] for p in parts]) == "ok"
     failure = mass_failure(np.concatenate([p["error_type"] for p in parts]),
                            np.concatenate([p["error_message"] for p in parts]), len(ok), "rows")

@@ -46,13 +46,13 @@ LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 def start_ray(cfg: TrainConfig) -> str:
     """Ray Train's environment, then Ray itself; returns the resolved device."""
-    from pipeline.inference.cluster import init_ray, resolve_device
+    from pipeline.inference.cluster import cluster_device, init_ray
 
     on_cluster = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     for name, value in (TRAIN_ENV if on_cluster else TRAIN_ENV | LOCAL_TRAIN_ENV).items():
         os.environ.setdefault(name, value)  # a value the user set wins
     init_ray(cfg.ray_address, cfg.num_cpus)
-    return resolve_device(cfg.device)
+    return cluster_device(cfg.device)
 
 
 def prepare_output(cfg: TrainConfig, output: str) -> str:
