@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_architecture import import_graph, module_names  # noqa: E402
+from tests.unit.test_architecture import import_graph, module_names  # noqa: E402
 
 TOP = 5
 

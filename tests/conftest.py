@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import shutil
@@ -14,6 +15,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import BUNDLED_MODEL, EXAMPLES_DIR, GROCERY_DATASET
+from pipeline.importers import grocery_store_rows
+from pipeline.sinks import rows
 
 SAMPLE_DIR = EXAMPLES_DIR / "sample-catalog"
 
@@ -406,3 +409,58 @@ def committed_table(out: Path) -> pa.Table:
     marker = json.loads((Path(out) / "_SUCCESS").read_text())
     return pq.ParquetDataset([str(Path(out) / f) for f in marker["files"]]).read().sort_by(
         "product_id")
+
+
+def night_table(run_id: str, categories: dict[str, str]) -> pa.Table:
+    """A night's output rows in the current output schema; columns not named here are null, or
+    a fixed value where the schema forbids nulls."""
+    schema = rows.OUTPUT_SCHEMA
+    ids = sorted(categories)
+    n = len(ids)
+    when = dt.datetime(2026, 12, 1, 1, 0, tzinfo=dt.timezone.utc)
+    known = {
+        "product_id": ids,
+        "image_uri": [f"s3://images/{p}.jpg" for p in ids],
+        "status": ["ok"] * n,
+        "predicted_category": [categories[p] for p in ids],
+        "confidence": [0.75] * n,
+        "top_k": [[{"category": categories[p], "score": 0.75}] for p in ids],
+        "current_category": [categories[p] for p in ids],
+        "category_changed": [False] * n,
+        "needs_review": [False] * n,
+        "run_id": [run_id] * n,
+        "scored_run_id": [run_id] * n,
+        "processed_at": [when] * n,
+    }
+    columns = []
+    for field in schema:
+        if field.name in known:
+            columns.append(pa.array(known[field.name], field.type))
+        elif field.nullable:
+            columns.append(pa.nulls(n, field.type))
+        elif pa.types.is_string(field.type):
+            columns.append(pa.array([f"{field.name}-value"] * n, field.type))
+        else:
+            raise AssertionError(f"night_table cannot fill required column {field}")
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# Six classes in three coarse categories: the smallest real training set with look-alikes.
+SMALL_CLASSES = ("Banana", "Kiwi", "Granny-Smith", "Pink-Lady", "Oatly-Oat-Milk", "Arla-Standard-Milk")
+
+
+def small_training_manifest(grocery_root: Path, path: Path, train_per_class: int = 8,
+                            val_per_class: int = 3) -> Path:
+    """A real Grocery Store training manifest with 6 classes in 3 coarse categories."""
+    rows = [r for r in grocery_store_rows(str(grocery_root), ["train", "val"])
+            if r["category"] in SMALL_CLASSES]
+    keep, seen = [], {}
+    for row in rows:
+        key = (row["category"], row["split"])
+        limit = train_per_class if row["split"] == "train" else val_per_class
+        if seen.get(key, 0) < limit:
+            seen[key] = seen.get(key, 0) + 1
+            keep.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(keep), path)
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import duckdb
@@ -16,45 +15,12 @@ from pipeline.sinks import rows
 from pipeline.sinks.base import NightRun
 from pipeline.sinks.iceberg import RUN_ID_PROPERTY, IcebergSink
 from pipeline.sinks.iceberg_options import parse_catalog_properties, parse_table_name
+from tests.conftest import night_table
 
 TABLE = "retail.categories"
 NIGHT_1 = {"p1": "Apple", "p2": "Banana", "p3": "Kiwi", "p4": "Lemon"}
 # p2 left the catalog, p5 joined, p3 changed category.
 NIGHT_2 = {"p1": "Apple", "p3": "Mango", "p4": "Lemon", "p5": "Pear"}
-
-
-def night_table(run_id: str, categories: dict[str, str]) -> pa.Table:
-    """A night's output rows in the current output schema; columns not named here are null, or
-    a fixed value where the schema forbids nulls."""
-    schema = rows.OUTPUT_SCHEMA
-    ids = sorted(categories)
-    n = len(ids)
-    when = dt.datetime(2026, 12, 1, 1, 0, tzinfo=dt.timezone.utc)
-    known = {
-        "product_id": ids,
-        "image_uri": [f"s3://images/{p}.jpg" for p in ids],
-        "status": ["ok"] * n,
-        "predicted_category": [categories[p] for p in ids],
-        "confidence": [0.75] * n,
-        "top_k": [[{"category": categories[p], "score": 0.75}] for p in ids],
-        "current_category": [categories[p] for p in ids],
-        "category_changed": [False] * n,
-        "needs_review": [False] * n,
-        "run_id": [run_id] * n,
-        "scored_run_id": [run_id] * n,
-        "processed_at": [when] * n,
-    }
-    columns = []
-    for field in schema:
-        if field.name in known:
-            columns.append(pa.array(known[field.name], field.type))
-        elif field.nullable:
-            columns.append(pa.nulls(n, field.type))
-        elif pa.types.is_string(field.type):
-            columns.append(pa.array([f"{field.name}-value"] * n, field.type))
-        else:
-            raise AssertionError(f"night_table cannot fill required column {field}")
-    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def write_night(folder: Path, run_id: str, categories: dict[str, str]) -> list[str]:

@@ -14,7 +14,7 @@ from pipeline.models import pretrained
 from pipeline.models.registry import create_model, describe_weights, get_spec
 from pipeline.models.transforms import norm_tensors, to_model_input
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample-catalog" / "images"
+SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample-catalog" / "images"
 GRANNY_SMITH_IMAGENET = 948  # ImageNet-1k class "Granny Smith"
 
 

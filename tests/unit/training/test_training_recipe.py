@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -47,25 +45,7 @@ from pipeline.training.recipe import (
     class_weights,
     cosine_with_warmup,
 )
-
-SMALL_CLASSES = ("Banana", "Kiwi", "Granny-Smith", "Pink-Lady", "Oatly-Oat-Milk", "Arla-Standard-Milk")
-
-
-def small_training_manifest(grocery_root: Path, path: Path, train_per_class: int = 8,
-                            val_per_class: int = 3) -> Path:
-    """A real Grocery Store training manifest with 6 classes in 3 coarse categories."""
-    rows = [r for r in grocery_store_rows(str(grocery_root), ["train", "val"])
-            if r["category"] in SMALL_CLASSES]
-    keep, seen = [], {}
-    for row in rows:
-        key = (row["category"], row["split"])
-        limit = train_per_class if row["split"] == "train" else val_per_class
-        if seen.get(key, 0) < limit:
-            seen[key] = seen.get(key, 0) + 1
-            keep.append(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(keep), path)
-    return path
+from tests.conftest import small_training_manifest
 
 
 def real_batch(grocery_root: Path, n: int = 8, size: int = 64) -> torch.Tensor:

@@ -40,7 +40,7 @@ from pipeline.inference.predict import Classifier
 from pipeline.models import decide
 from pipeline.models.artifact import load_artifact, load_metadata
 from pipeline.models.registry import get_spec
-from tests.test_training_recipe import small_training_manifest
+from tests.conftest import small_training_manifest
 
 
 def test_coverage_curve_cuts_only_between_distinct_confidences():

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 
 
 def module_names() -> dict[str, Path]:

@@ -12,7 +12,7 @@ from pipeline.sinks.base import NightRun, Sink, commit_in_order
 from pipeline.sinks.iceberg import IcebergSink
 from pipeline.sinks.parquet import NightDocuments, RunFolderSink
 from pipeline.sinks.rows import CHUNK_COLUMN
-from tests.test_iceberg import night_table
+from tests.conftest import night_table
 
 
 def test_both_sinks_implement_the_interface(tmp_path):
