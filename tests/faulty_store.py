@@ -9,7 +9,7 @@ occurs once there are a few faults:
   reset before the answer, as when a load balancer drops it: the client cannot tell whether
   its write happened.
 A rule can also make every request matching a method and a path suffix fail, to count how
-many times a client tries. Used by tests/test_faulty_store.py and benchmarks/faulty_store.py.
+many times a client tries. Used by tests/integration/test_faulty_store.py and benchmarks/faulty_store.py.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Training on Ray Train, the embedding route, recalibration and manifest importers."""
+"""Training on Ray Train, the embedding route and recalibration."""
