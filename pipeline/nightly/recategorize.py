@@ -183,6 +183,11 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     """Check, take the lease, stage, plan, score, seal, check the error budget, commit."""
     start = time.perf_counter()
     phases = Phases()
+    # Every module the night needs is loaded before Ray starts: under `ray job submit
+    # --working-dir`, another node's agent may unpack the package again into the folder this
+    # driver runs from, and a module imported then would not be found.
+    from pipeline.inference import actor, cluster  # noqa: F401
+
     phases.mark("import")
     night = check_night(cfg, phases)
     # One writer per output: a second run stops here (exit 8) before it writes anything.
