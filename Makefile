@@ -1,5 +1,6 @@
-# Two entry points for a fresh machine; each installs what it needs first.
+# Entry points for a fresh machine; each installs what it needs first.
 #   make demo   re-categorize the bundled sample catalog with the bundled model (local Ray)
+#   make review serve the review page of the demo's night (after make demo) on 127.0.0.1
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 # than this machine's two cores keeps both busy.
 TEST_WORKERS ?= 3
 
-.PHONY: demo test lint install
+.PHONY: demo review test lint install
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: install
 	$(PY) -m jobs.recategorize
+
+review: install
+	$(PY) -m jobs.review
 
 test: install
 	$(PY) -m ruff check pipeline jobs tests examples

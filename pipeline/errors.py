@@ -46,6 +46,13 @@ class OutputBusyError(PipelineError):
     exit_code = 8
 
 
+class PromotionRefusedError(PipelineError):
+    """`jobs.promote` measured the candidate model worse than the current one on the held-out
+    rows: the `current` pointer stays where it was (the decision is in the history file)."""
+
+    exit_code = 9
+
+
 class TrainingError(PipelineError):
     """Training could not produce a model (no usable rows, failed workers)."""
 

@@ -59,6 +59,8 @@ from pipeline.config.options import (
     LabelledImagesOptions,
     ScoringPoolOptions,
 )
+from pipeline.config.promote import PromoteConfig
+from pipeline.config.review import ReviewConfig
 from pipeline.config.robustness import (
     ATTACK_NAMES,
     CORRUPTIONS,
@@ -113,7 +115,9 @@ __all__ = [
     "JobConfig",
     "LabelledImagesOptions",
     "MakeManifestConfig",
+    "PromoteConfig",
     "RecategorizeConfig",
+    "ReviewConfig",
     "ScoringPoolOptions",
     "TrainBenchmarkConfig",
     "TrainConfig",

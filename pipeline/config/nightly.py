@@ -68,6 +68,13 @@ class RecategorizeConfig(ImageAccessOptions, ExecutorOptions, JobConfig):
         description="An evaluation report's metrics.json (python -m jobs.evaluate): use its "
         "auto-accept threshold as --review-threshold (it replaces that option's value).",
     )
+    reviews: str | None = Field(
+        None,
+        description="Reviews table (folder, local path or URI) whose decisions the night "
+        "honours: a product decided for its current image is kept with the decided category "
+        "(action 'keep', reason 'reviewed'). Default: the output's own reviews/ folder. A path "
+        "that does not exist yet means no decisions.",
+    )
     top_k: int = Field(5, ge=1, le=100, description="How many ranked categories to keep per row.")
     batch_size: int = Field(64, ge=1, description="Images per inference batch.")
     preprocess_batch_size: int = Field(32, ge=1, description="Images per fetch/decode task batch.")

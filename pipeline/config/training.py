@@ -4,9 +4,10 @@ read (`jobs.make_manifest`)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.config.options import (
     BUNDLED_MODEL,
@@ -182,6 +183,15 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         "flagged training rows (every duplicate but one per group, suspected labels, outliers) "
         "are left out. Rows of the val split are kept. Default: train on every row.",
     )
+    reviews: str | None = Field(
+        None,
+        description="A reviews table (the folder `python -m jobs.review` writes, e.g. "
+        "<nightly output>/reviews): every product with a decision in force trains on the "
+        "reviewed image with the decided category, as a training row; it replaces the "
+        "manifest's row of the same product_id (in any split). Decided categories must be "
+        "among the manifest's. Relative image URIs resolve against the manifest's folder. "
+        "Default: the manifest only.",
+    )
     adversarial: Literal["none", "fgsm", "pgd"] = Field(
         "none",
         description="Adversarial training: every batch trains on its images and on adversarial "
@@ -205,6 +215,15 @@ class TrainConfig(LabelledImagesOptions, JobConfig):
         description="How Ray places the training workers: PACK fills a node first (fast "
         "gradient sync); SPREAD / STRICT_SPREAD put them on different nodes.",
     )
+
+    @field_validator("reviews")
+    @classmethod
+    def _reviews_absolute(cls, value: str | None) -> str | None:
+        """A local path made absolute, as parse_args does for the other path options: the
+        recorded config (recalibration re-reads it) must not depend on the current folder."""
+        if not value or "://" in value:
+            return value
+        return os.path.abspath(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 from pipeline.inference.fail_fast import FailFast, known_error_flags
 from pipeline.inference.predict import Classifier
 from pipeline.models import decide
+from pipeline.sinks.reviews import read_in_force
 from pipeline.sinks.rows import OutputFormatter
 
 
@@ -37,15 +38,17 @@ class NightlyScoring:
     change_precision: float = decide.DEFAULT_CHANGE_PRECISION
     tta: str = "none"
     fail_fast_rows: int = 0  # rows each scorer watches before failing fast (0: never)
+    # The night's snapshot of the decisions in force (sinks.reviews.write_in_force); None: none.
+    reviewed_uri: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, model_uri: str, run_id: str, fail_fast_rows: int
-                    ) -> NightlyScoring:
+    def from_config(cls, cfg: Any, model_uri: str, run_id: str, fail_fast_rows: int,
+                    reviewed_uri: str | None = None) -> NightlyScoring:
         """From a RecategorizeConfig: its fields of the same names."""
         names = {f.name for f in dataclasses.fields(cls)} - {"model_uri", "run_id",
-                                                                  "fail_fast_rows"}
+                                                                  "fail_fast_rows", "reviewed_uri"}
         return cls(model_uri=model_uri, run_id=run_id, fail_fast_rows=fail_fast_rows,
-                   **{n: getattr(cfg, n) for n in names})
+                   reviewed_uri=reviewed_uri, **{n: getattr(cfg, n) for n in names})
 
 
 def actor_device(requested: str, allow_cpu_fallback: bool) -> str:
@@ -72,26 +75,31 @@ def actor_device(requested: str, allow_cpu_fallback: bool) -> str:
 
 
 class InferenceActor(Classifier):
-    """The Classifier, formatting its rows (`sinks.rows.OutputFormatter`) and failing fast."""
+    """The Classifier, formatting its rows (`sinks.rows.OutputFormatter`, which also applies
+    people's decisions) and failing fast."""
 
     def __init__(self, model_uri: str, device: str = "auto", top_k: int = 5,
                  num_threads: int | None = None, precision: str = "auto", compile: bool = False,
                  allow_cpu_fallback: bool = False, run_id: str = "",
                  review_threshold: float | None = None,
                  change_precision: float = decide.DEFAULT_CHANGE_PRECISION,
-                 tta: str = "none", fail_fast_rows: int = 0):
+                 tta: str = "none", fail_fast_rows: int = 0, reviewed_uri: str | None = None):
         super().__init__(model_uri, actor_device(device, allow_cpu_fallback), top_k, num_threads,
                          precision, compile, tta)
+        # One row per reviewed product: small enough for every actor to hold, read once here.
+        reviewed = read_in_force(reviewed_uri) if reviewed_uri else None
         self.format = OutputFormatter(self.meta.classes, self.meta.architecture,
                                       self.meta.model_version, run_id,
                                       decide.policy_for(self.meta.decisions, change_precision),
-                                      self.meta.open_set.get("threshold"), review_threshold)
+                                      self.meta.open_set.get("threshold"), review_threshold,
+                                      reviewed)
         # Raises FailFastError when this actor's first rows all fail the same way (0: never).
         self.fail_fast = FailFast(fail_fast_rows) if fail_fast_rows else None
 
     def __call__(self, batch: dict) -> pa.Table:  # type: ignore[override]
         known = known_error_flags(batch)
-        table = self.format(super().__call__(batch))
+        # Decided categories go in before the model, so p_current is the decided category's.
+        table = self.format(super().__call__(self.format.prepare(batch)))
         if self.fail_fast is not None:
             self.fail_fast.observe(table, known)
         return table

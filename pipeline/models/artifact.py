@@ -6,12 +6,17 @@ unpickles (an ONNX file is a protobuf: data, not code).
 predictions (architecture, classes, preprocessing, temperature, backend and format), so two runs
 with the same version give the same answers, and a corrupted or edited artifact is detected at
 load time.
+
+A model URI may also name a *pointer*: a small JSON file (`MODELS/current`, written by
+`python -m jobs.promote`) that names an artifact folder. `resolve_model_uri` follows it, and every
+loader here calls it, so `--model MODELS/current` works wherever a job takes --model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -34,6 +39,8 @@ FORMAT_VERSION = 1
 TORCH_BACKEND = "torch"
 ONNX_BACKEND = "onnxruntime"
 BACKENDS = (TORCH_BACKEND, ONNX_BACKEND)
+POINTER_KIND = "model-pointer"  # the `kind` of a pointer file (pipeline.review.promote writes them)
+MAX_POINTER_BYTES = 64 * 1024  # a pointer is a few lines: a larger file is not one
 
 
 @dataclass
@@ -129,7 +136,62 @@ def save_artifact(model: nn.Module, meta: ModelMetadata, uri: str,
     return meta
 
 
+def read_pointer(uri: str) -> dict[str, Any] | None:
+    """The pointer record in file `uri`, or None when `uri` is no pointer file (a folder, a
+    missing path, or a file of another kind)."""
+    if storage.is_local(uri):
+        path = storage.local_path(uri)
+        if not os.path.isfile(path) or os.path.getsize(path) > MAX_POINTER_BYTES:
+            return None
+    elif storage.exists(storage.join(uri, METADATA_FILE)):
+        return None  # an artifact folder: the common case costs one existence check
+    try:
+        record = storage.read_json(uri)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, json.JSONDecodeError,
+            UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("kind") != POINTER_KIND:
+        return None
+    return record
+
+
+def resolve_model_uri(uri: str) -> str:
+    """The artifact folder that model URI `uri` names: `uri` itself (normalized), or, when it is
+    a pointer file (`MODELS/current`), the folder the pointer names (a relative name resolves
+    against the pointer's folder). The pointer's model_version must match the folder's, so a
+    folder replaced after its promotion is refused rather than silently run.
+
+    Resolve once per job on the driver and hand the folder to workers: a pointer may move while
+    the job runs (a promotion), and every worker must load the same model."""
+    uri = storage.normalize(uri)
+    pointer = read_pointer(uri)
+    if pointer is None:
+        return uri
+    target = pointer.get("model")
+    if not isinstance(target, str) or not target:
+        raise ModelError(f"model pointer {uri!r} names no model folder ('model' key); promote a "
+                         "model with python -m jobs.promote")
+    folder = storage.normalize(storage.resolve(target, storage.parent(uri)))
+    if read_pointer(folder) is not None:
+        raise ModelError(f"model pointer {uri!r} names another pointer ({folder!r}); a pointer "
+                         "must name a model artifact folder")
+    expected = pointer.get("model_version")
+    if expected:
+        found = _read_metadata(folder).model_version
+        if found != expected:
+            raise ModelError(
+                f"model pointer {uri!r} names {folder!r} at model_version {expected}, but that "
+                f"folder now holds {found}: it was replaced after its promotion; promote it "
+                "again (python -m jobs.promote) or point at the intended folder")
+    return folder
+
+
 def load_metadata(uri: str) -> ModelMetadata:
+    """The metadata of the artifact `uri` names (a folder, or a pointer to one)."""
+    return _read_metadata(resolve_model_uri(uri))
+
+
+def _read_metadata(uri: str) -> ModelMetadata:
     meta_uri = storage.join(uri, METADATA_FILE)
     try:
         raw = storage.read_json(meta_uri)
@@ -153,6 +215,7 @@ def load_metadata(uri: str) -> ModelMetadata:
 def read_weights(uri: str, meta: ModelMetadata) -> bytes:
     """The weights file's bytes (model.safetensors or model.onnx), checked against the
     artifact's content hash."""
+    uri = resolve_model_uri(uri)
     weights_uri = storage.join(uri, meta.weights_file)
     try:
         weights = storage.read_bytes(weights_uri)
@@ -177,7 +240,8 @@ def read_weights(uri: str, meta: ModelMetadata) -> bytes:
 def verify_artifact(uri: str) -> ModelMetadata:
     """The metadata of an artifact whose weights (or ONNX file) match its content hash and, for
     torch, fit its architecture; whatever its backend."""
-    meta = load_metadata(uri)
+    uri = resolve_model_uri(uri)
+    meta = _read_metadata(uri)
     if meta.backend == TORCH_BACKEND:
         load_artifact(uri, "cpu")
     else:
@@ -189,7 +253,8 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
     """The torch model in eval mode on `device` and its metadata; verifies the content hash.
     An exported (onnxruntime) artifact has no torch weights: training and embedding need its
     source artifact."""
-    meta = load_metadata(uri)
+    uri = resolve_model_uri(uri)  # once: the metadata and the weights come from one folder
+    meta = _read_metadata(uri)
     if meta.backend != TORCH_BACKEND:
         raise ModelError(
             f"model artifact {uri!r} is a {meta.format} export for ONNX Runtime: the scoring jobs "
@@ -222,7 +287,7 @@ def _centroid_bytes(uri: str, meta: ModelMetadata) -> bytes:
 def load_centroids(uri: str, meta: ModelMetadata) -> torch.Tensor | None:
     """The open-set class centroids of artifact `uri` (already verified by load_artifact's
     content hash), or None when its score does not use them."""
-    extra = _centroid_bytes(uri, meta)
+    extra = _centroid_bytes(resolve_model_uri(uri), meta)
     return load_safetensors(extra)[CENTROIDS_KEY] if extra else None
 
 
@@ -231,7 +296,9 @@ def is_artifact(uri: str) -> bool:
     if uri.endswith((".safetensors", ".pt", ".pth")):
         return False
     try:
-        return storage.exists(storage.join(uri, METADATA_FILE))
+        return storage.exists(storage.join(resolve_model_uri(uri), METADATA_FILE))
+    except ModelError:  # a pointer that names no usable folder: say so, not "unknown weights"
+        raise
     except Exception:  # not a path any backend understands, e.g. a torchvision weights name
         return False
 
@@ -241,7 +308,7 @@ def artifact_start_record(uri: str, parent: ModelMetadata, classes: list[str]) -
     class to its index in the parent's classes (None for a class the parent did not know)."""
     parent_index = {c: i for i, c in enumerate(parent.classes)}
     mapping = {c: parent_index.get(c) for c in classes}
-    return {"kind": "artifact", "uri": storage.normalize(uri), "architecture": parent.architecture,
+    return {"kind": "artifact", "uri": resolve_model_uri(uri), "architecture": parent.architecture,
             "model_version": parent.model_version, "parent_classes": parent.classes,
             "label_mapping": mapping,
             "new_classes": sorted(c for c, i in mapping.items() if i is None)}
@@ -285,7 +352,8 @@ def rewrite_artifact(uri: str, output: str, **changes: Any) -> ModelMetadata:
     """A copy of artifact `uri` under `output` with metadata fields changed (a refitted
     temperature or decisions): the same verified weights file, centroids and notice, and a new
     content hash, since the changed fields change the answers."""
-    meta = load_metadata(uri)
+    uri = resolve_model_uri(uri)
+    meta = _read_metadata(uri)
     weights = read_weights(uri, meta)
     extra = _centroid_bytes(uri, meta)
     new = replace(meta, **changes, model_version="")

@@ -13,7 +13,8 @@ Most of a catalog's current categories are right, so the rule starts from the cu
   `unfamiliar`, `error`).
 
 A current category that the model does not know is kept (`not_in_model`): the model has no
-opinion on it.
+opinion on it. A product a person has decided (the reviews table, `pipeline.sinks.reviews`) is
+kept with their category (`reviewed`); the nightly formatter applies that, not this rule.
 
 `fit_policy` chooses the thresholds on held-out rows (a calibration split, never the split
 that reports them). It simulates catalog errors on those rows: each row once with its true
@@ -38,8 +39,9 @@ ACTIONS = (KEEP, CHANGE, REVIEW)
 CONFIRMED, CONFIDENT_FIX, NO_CURRENT = "confirmed", "confident_fix", "no_current_category"
 LOW_CONFIDENCE, CONFUSABLE, UNFAMILIAR, ERROR = "low_confidence", "confusable_pair", "unfamiliar", "error"
 NOT_IN_MODEL = "not_in_model"
+REVIEWED = "reviewed"  # a person's decision in force for this image (sinks.rows.OutputFormatter)
 REASONS = (CONFIRMED, CONFIDENT_FIX, NO_CURRENT, LOW_CONFIDENCE, CONFUSABLE, UNFAMILIAR, ERROR,
-           NOT_IN_MODEL)
+           NOT_IN_MODEL, REVIEWED)
 
 POLICY_VERSION = 1
 DEFAULT_CHANGE_PRECISION = 0.95

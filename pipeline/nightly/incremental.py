@@ -7,6 +7,11 @@ the manifest's `image_version` column when it has one, else the store's change s
 or size and modification time; `fetch.image_signal`) probed now against the one recorded when
 the row was scored. Everything else is scored. Removed products are simply not carried.
 
+A product a person decided for its current image (a decision in force in the reviews table,
+`pipeline.sinks.reviews`) is never carried, nor is one whose last row was `reviewed`: its row
+depends on the decisions, which change without the model, the options or the image changing
+(a new decision, an undo).
+
 The join runs in DuckDB over Arrow datasets (local or object store) with a memory limit, so it
 spills to disk instead of growing with the catalog; the driver never holds the manifest.
 Carried rows are written straight into the run folder (`RunFolderSink.write_carried`); the rows
@@ -25,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.catalog import Manifest, open_dataset
+from pipeline.models.decide import REVIEWED
 from pipeline.nightly import tables
 from pipeline.sinks.parquet import RunFolderSink
 from pipeline.sinks.rows import KNOWN_ERROR_COLUMN, OUTPUT_SCHEMA
@@ -82,14 +88,17 @@ def write_rows(reader, uri: str) -> int:
     return rows
 
 
-def _carry_condition(version: str, current: str) -> str:
+def _carry_condition(version: str, current: str, decided: str = "false") -> str:
     """SQL: last night's row `p` may stand for manifest row `m` (image version `version`,
-    current category `current`). A product whose current category changed (a change applied,
-    a review decided) is scored again: its decision depends on that category."""
+    current category `current`; `decided`: a person's decision is in force for the product).
+    A product whose current category changed (a change applied, a review decided) is scored
+    again: its decision depends on that category. So is a decided product, and one whose last
+    row applied a decision (it may have been undone since)."""
     # Parenthesized: it is negated for the rows to score ("NOT a AND b" would bind as "(NOT a) AND b").
     return (f"(coalesce(p.status = 'ok' AND p.image_uri = m.image_uri AND "
             f"p.image_version = {version}, false) AND "
-            f"p.current_category IS NOT DISTINCT FROM {current})")
+            f"p.current_category IS NOT DISTINCT FROM {current} AND "
+            f"p.action_reason IS DISTINCT FROM '{REVIEWED}' AND NOT {decided})")
 
 
 def _carried_select(manifest: Manifest, run_id: str) -> str:
@@ -106,11 +115,13 @@ def _carried_select(manifest: Manifest, run_id: str) -> str:
 
 def plan_night(manifest: Manifest, previous: dict[str, Any] | None, sink: RunFolderSink, *,
                model_version: str, opts_key: str, full: bool, run_id: str, rows_per_file: int,
-               probe: Callable[[str, str], None]) -> NightPlan:
+               probe: Callable[[str, str], None], reviewed: str | None = None) -> NightPlan:
     """Decide what this night scores; write the carried rows into the run folder (through
     `sink`) and the rows to score into the sink's plan folder. `probe(candidates_uri,
     out_folder)` writes the store's change signal of each candidate's image (used when the
-    manifest has no image_version)."""
+    manifest has no image_version). `reviewed`: the night's snapshot of the decisions in force
+    (`sinks.reviews.write_in_force`); the products they name at tonight's image are scored,
+    never carried."""
     everything = NightPlan("full", "", manifest.uri, manifest.num_rows, 0, None, None, None)
     if previous is None:
         everything.reason = "no committed run in the output"
@@ -126,7 +137,7 @@ def plan_night(manifest: Manifest, previous: dict[str, Any] | None, sink: RunFol
     folder = sink.plan_folder()
     join, version = image_versions(con, manifest, folder, probe)
     carry = _carry_condition(version, "m.current_category" if manifest.has("current_category")
-                             else "NULL::VARCHAR")
+                             else "NULL::VARCHAR", decided(con, version, reviewed))
     carried = sink.write_carried(run_id, con.sql(
         f"SELECT {_carried_select(manifest, run_id)} FROM {join} WHERE {carry}"
     ).fetch_arrow_reader(PLAN_BATCH_ROWS), rows_per_file)
@@ -171,6 +182,16 @@ def image_versions(con: Any, manifest: Manifest, folder: str,
         return join, "NULL::VARCHAR"
     con.register("v", tables.dataset(files))
     return join + " LEFT JOIN v USING (product_id)", "v.image_version"
+
+
+def decided(con: Any, version: str, reviewed: str | None) -> str:
+    """SQL: a decision is in force for the product's image tonight (`version`). A decision
+    for an image the product no longer has does not stop it being carried."""
+    if reviewed is None:
+        return "false"
+    con.register("r", tables.dataset(reviewed))
+    return ("EXISTS (SELECT 1 FROM r WHERE r.product_id = m.product_id AND "
+            f"r.image_version IS NOT DISTINCT FROM {version})")
 
 
 def _rescore_columns(manifest: Manifest) -> list[str]:

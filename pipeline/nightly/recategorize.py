@@ -4,7 +4,10 @@
    output, warehouse table), so a bad argument fails fast and writes nothing.
 2. Plan (`pipeline.nightly.incremental`): against the output's committed run, carry forward the rows of
    products whose image did not change, when the model and the row-affecting options are the
-   same; score the rest. `--full`, a new model or new options score everything.
+   same; score the rest. `--full`, a new model or new options score everything. People's
+   decisions in force (`--reviews`, `pipeline.sinks.reviews`) are kept for the night in the
+   plan folder; their products are scored, never carried, and their rows keep the decided
+   category (`sinks.rows.OutputFormatter`, in the inference actors).
 3. Score (`pipeline.inference.engine`): one Ray Data pass over the rows to score, in deterministic chunks,
    with one actor pool (`pipeline.nightly.scoring`); write tasks put each chunk's rows straight
    into the run folder (`pipeline.sinks.parquet.RunFolderSink`). A killed run started again
@@ -30,16 +33,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline import storage
 from pipeline.catalog import Manifest, manifest_files, validate_manifest
 from pipeline.config import RecategorizeConfig
-from pipeline.errors import ErrorBudgetError
+from pipeline.errors import ConfigError, ErrorBudgetError, OutputError
 from pipeline.images.security import safe_name
 from pipeline.inference import engine
 from pipeline.inference.engine import choose_executor, on_cluster
 from pipeline.inference.probe import probe_signals, probe_signals_local
 from pipeline.models import decide
-from pipeline.models.artifact import verify_artifact
+from pipeline.models.artifact import resolve_model_uri, verify_artifact
 from pipeline.nightly import budget, drift
 from pipeline.nightly.chunks import Chunk, plan_chunks
 from pipeline.nightly.incremental import NightPlan, load_or_plan, options_key, plan_night
@@ -47,11 +53,15 @@ from pipeline.nightly.lease import OutputLease
 from pipeline.nightly.scoring import score_chunks, score_local
 from pipeline.sinks.base import NightRun, Sink, commit_in_order
 from pipeline.sinks.parquet import NightDocuments, RunFolderSink, SealedRun
+from pipeline.sinks.reviews import REVIEWS_DIR, ReviewsTable, write_in_force
 
 # Categories listed in the printed summary (summary.json has them all).
 TOP_CATEGORIES = 10
 # Catalog properties can hold credentials: the saved config says only that there were some.
 REDACTED = "<redacted>"
+# The night's snapshot of the decisions in force, in its plan folder: the plan and every actor
+# (and a restart of a killed run) see the same decisions, however the table grows meanwhile.
+REVIEWED_FILE = "reviewed.parquet"
 
 
 def new_run_id() -> str:
@@ -67,7 +77,10 @@ def staging_key(cfg: RecategorizeConfig, manifest_uri: str, model_version: str, 
     blob = json.dumps({"manifest": manifest_uri, "files": files, "model": model_version,
                        "options": opts_key, "chunk_rows": cfg.chunk_rows,
                        "run_id": cfg.run_id, "full": cfg.full,
-                       "previous": (previous or {}).get("run_id")}, sort_keys=True, default=str)
+                       "previous": (previous or {}).get("run_id"),
+                       # only when given: runs without it keep the keys they always had
+                       **({"reviews": storage.normalize(cfg.reviews)} if cfg.reviews else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -136,6 +149,10 @@ class Phases:
 def run(cfg: RecategorizeConfig) -> dict:
     """The nightly job. The output's lease, taken once the arguments are checked, is released
     however the night ends."""
+    # A model pointer (MODELS/current) is followed once, here: the checks, every inference
+    # actor and the summary then use the same folder even if a promotion moves the pointer
+    # during the night.
+    cfg = cfg.model_copy(update={"model": resolve_model_uri(cfg.model)})
     with contextlib.ExitStack() as held:
         return run_night(cfg, held)
 
@@ -151,6 +168,8 @@ class Checked:
     warehouse: Sink | None  # the Iceberg table, when --iceberg-table is set
     previous: dict[str, Any] | None  # the output's committed run (its _SUCCESS)
     split: dict[str, Any] | None  # the table and _SUCCESS at different runs (table_run_split)
+    reviews: str  # the reviews table the night honours (--reviews, default <output>/reviews)
+    decisions: pa.Table  # its decisions in force (ReviewsTable.latest)
 
     @property
     def sinks(self) -> list[Sink]:
@@ -172,11 +191,38 @@ def check_night(cfg: RecategorizeConfig, phases: Phases) -> Checked:
         record_signal=True)
     if cfg.run_id:
         safe_name(cfg.run_id, "--run-id")
+    reviews, decisions = check_reviews(cfg)
     folder = RunFolderSink(storage.normalize(cfg.output), cfg.overwrite)
     previous = folder.check()
     warehouse = iceberg_sink(cfg)
     split = table_run_split(warehouse.check() if warehouse else None, previous)
-    return Checked(manifest, meta, images, folder, warehouse, previous, split)
+    return Checked(manifest, meta, images, folder, warehouse, previous, split, reviews, decisions)
+
+
+def check_reviews(cfg: RecategorizeConfig) -> tuple[str, pa.Table]:
+    """The reviews table the night honours and its decisions in force. A location that does
+    not exist holds none; one that is not a reviews table stops the job (ConfigError)."""
+    uri = (storage.normalize(cfg.reviews) if cfg.reviews
+           else storage.join(storage.normalize(cfg.output), REVIEWS_DIR))
+    table = ReviewsTable(uri)
+    try:
+        table.check()
+        return uri, table.latest()
+    except OutputError as exc:  # a storage failure is not a bad argument: it is retried
+        raise ConfigError(f"--reviews {uri}: {exc}; pass the folder that python -m jobs.review "
+                          "writes decisions to, or a path that does not exist yet") from exc
+
+
+def keep_decisions(decisions: pa.Table, folder: str) -> tuple[str | None, int]:
+    """(the night's snapshot of the decisions in force in the plan `folder`, or None when there
+    are none; how many). A killed run started again keeps the snapshot its first attempt took."""
+    uri = storage.join(folder, REVIEWED_FILE)
+    if not storage.exists(uri):
+        write_in_force(decisions, uri)
+    fs, path = storage.arrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        rows = pq.ParquetFile(f).metadata.num_rows
+    return (uri if rows else None), rows
 
 
 def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
@@ -196,6 +242,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     run_id = night.folder.stage(staging_key(cfg, night.manifest.uri, night.meta.model_version,
                                             opts, night.previous), cfg.run_id or new_run_id())
     lease.renew(run_id)  # the lease names the run from here on
+    reviewed, in_force = keep_decisions(night.decisions, night.folder.plan_folder())
     phases.mark("check output")
 
     @functools.cache
@@ -208,7 +255,8 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
         opts_key=opts, full=cfg.full, run_id=run_id, rows_per_file=cfg.rows_per_file,
         probe=lambda src, out: (probe_signals(src, out, night.images, on_ray())
                                 if on_cluster(cfg) or cfg.executor == "ray"
-                                else probe_signals_local(src, out, night.images))))
+                                else probe_signals_local(src, out, night.images)),
+        reviewed=reviewed))
     chunks = plan_chunks(plan.source, cfg.chunk_rows)
     done = night.folder.finished_chunks(run_id, [c.rows for c in chunks])
     todo = [c for c in chunks if c.index not in done]
@@ -216,7 +264,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     phases.mark("plan")
     try:
         place, written, ray_stats = score_night(cfg, night, plan.source, todo, run_id,
-                                                executor == "local", on_ray, phases)
+                                                executor == "local", on_ray, phases, reviewed)
     except ErrorBudgetError:  # failed fast: this attempt's rows are not resumed (see below)
         abort_night(night.sinks, run_id)
         raise
@@ -228,6 +276,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
                                          "options_key": opts})
     summary = summarize(cfg, night, place, plan, sealed, len(chunks), len(done),
                         time.perf_counter() - start, (executor, executor_reason))
+    summary["reviews"], summary["decisions_in_force"] = night.reviews, in_force
     phases.mark("commit")
     lease.renew()  # a run that stalled past its lease and lost it must not commit
     check_error_budget(cfg, night, sealed, summary)
@@ -237,18 +286,19 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
 
 def score_night(cfg: RecategorizeConfig, night: Checked, source: str, todo: list[Chunk],
                 run_id: str, local: bool, on_ray: Callable[[], engine.Placement],
-                phases: Phases) -> tuple[engine.Placement, list[dict], str]:
+                phases: Phases, reviewed: str | None = None
+                ) -> tuple[engine.Placement, list[dict], str]:
     """Score the chunks still to do, in this process or on Ray: (where it ran, what the
-    writes wrote, Ray Data's stats of the pass or "")."""
+    writes wrote, Ray Data's stats of the pass or ""). `reviewed`: the decisions snapshot."""
     if local:
         place = engine.start(cfg, 0, executor="local").place
         written = score_local(cfg, source, todo, night.images, place, run_id,
-                              night.folder) if todo else []
+                              night.folder, reviewed) if todo else []
         return place, written, ""
     place = on_ray()
     phases.mark("start ray")
     written, ray_stats = score_chunks(cfg, source, todo, night.images, place, run_id,
-                                      night.folder) if todo else ([], "")
+                                      night.folder, reviewed) if todo else ([], "")
     return place, written, ray_stats
 
 

@@ -37,23 +37,25 @@ def source_columns(uri: str, chunks: list[Chunk]) -> list[str]:
 
 
 def nightly_predictor(cfg: RecategorizeConfig, place: engine.Placement, run_id: str,
-                      rows: int, scorers: int | None = None) -> engine.Predictor:
+                      rows: int, scorers: int | None = None,
+                      reviewed: str | None = None) -> engine.Predictor:
     """The InferenceActor every scorer (an actor of the pool, or this process) builds, with
     its typed settings; `rows` to score in all, over `scorers` (default: the largest actor
-    pool) for the fail-fast watch."""
+    pool) for the fail-fast watch; `reviewed` the night's snapshot of people's decisions."""
     from pipeline.inference.actor import InferenceActor, NightlyScoring
 
     scorers = scorers or engine.actor_pool_bounds(place)[1]
     watch = fail_fast.fail_fast_rows(rows, scorers) if cfg.max_error_rate < 1 else 0
     return engine.Predictor(InferenceActor, NightlyScoring.from_config(
-        cfg, storage.normalize(cfg.model), run_id, watch))
+        cfg, storage.normalize(cfg.model), run_id, watch, reviewed))
 
 
 def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
                  images: engine.ImageSettings, place: engine.Placement, run_id: str,
-                 sink: RunFolderSink) -> tuple[list[dict], str]:
+                 sink: RunFolderSink, reviewed: str | None = None) -> tuple[list[dict], str]:
     """One streaming pass: chunks -> rows -> the scoring engine -> the run folder. Returns what
-    the write tasks wrote (file, chunk, rows, stats) and Ray Data's stats of the pass."""
+    the write tasks wrote (file, chunk, rows, stats) and Ray Data's stats of the pass.
+    `reviewed`: the night's snapshot of the decisions in force (None: none)."""
     import ray.data
 
     from pipeline.inference.cluster import surface_job_errors
@@ -63,7 +65,7 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
                         batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                         **engine.retry_args(place, actor=False))
     ds = engine.scored(ds, images, place, nightly_predictor(
-        cfg, place, run_id, sum(c.rows for c in chunks)))
+        cfg, place, run_id, sum(c.rows for c in chunks), reviewed=reviewed))
     datasink = sink.datasink(run_id, min(WRITE_BLOCK_ROWS, cfg.rows_per_file, cfg.chunk_rows))
     stopped: FailFastError | None = None
     try:
@@ -83,11 +85,11 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
 
 def score_local(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
                 images: engine.ImageSettings, place: engine.Placement, run_id: str,
-                sink: RunFolderSink) -> list[dict]:
+                sink: RunFolderSink, reviewed: str | None = None) -> list[dict]:
     """The same pass in this process, chunk by chunk into the same run folder files (so resume
     and commit do not know which executor ran). Returns what was written."""
     score = engine.in_process_scorer(images, place, nightly_predictor(
-        cfg, place, run_id, sum(c.rows for c in chunks), scorers=1))
+        cfg, place, run_id, sum(c.rows for c in chunks), scorers=1, reviewed=reviewed))
     reader = ChunkReader(source, source_columns(source, chunks))
     datasink = sink.datasink(run_id, cfg.rows_per_file)
     written: list[dict] = []

@@ -3,11 +3,16 @@
 One output row per manifest row. Columns are added, never renamed (readers depend on them).
 `run_id` is the run that committed the row; `scored_run_id` the run that scored it, which is
 an earlier night's for a row carried forward unchanged by an incremental run.
+
+A product a person decided (`pipeline.sinks.reviews`) for the image scored tonight is `keep`
+(`reviewed`) with their category as its current category: `OutputFormatter.prepare` puts that
+category in before the model computes `p_current`, and marks the row for `__call__`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +26,9 @@ CHUNK_COLUMN = "_chunk"
 # (error rows are never carried, so a catalog's broken images are re-tried every night). The
 # error budget does not count them as the night's new errors.
 KNOWN_ERROR_COLUMN = "_known_error"
+# Column of a batch on its way through the model: a person's decision is in force for the row
+# (set by OutputFormatter.prepare); not an output column.
+REVIEWED_COLUMN = "_reviewed"
 TOP_K_TYPE = pa.list_(pa.struct([("category", pa.string()), ("score", pa.float32())]))
 OUTPUT_SCHEMA = pa.schema([
     pa.field("product_id", pa.string(), nullable=False),
@@ -57,11 +65,13 @@ def _strings(values: np.ndarray | None, n: int) -> pa.Array:
 
 
 class OutputFormatter:
-    """numpy batch of predictions -> pyarrow Table in OUTPUT_SCHEMA."""
+    """numpy batch of predictions -> pyarrow Table in OUTPUT_SCHEMA. `reviewed` maps
+    (product_id, image_version) to the category a person decided (the decisions in force)."""
 
     def __init__(self, classes: list[str], model_name: str, model_version: str, run_id: str,
                  policy: decide.Policy, open_set_threshold: float | None = None,
-                 change_floor: float | None = None):
+                 change_floor: float | None = None,
+                 reviewed: Mapping[tuple[str, str | None], str] | None = None):
         self.classes = pa.array(classes, pa.string())
         self.model_name = model_name
         self.model_version = model_version
@@ -69,6 +79,27 @@ class OutputFormatter:
         self.policy = policy
         self.change_floor = change_floor or 0.0
         self.open_set_threshold = open_set_threshold
+        self.reviewed = dict(reviewed or {})
+
+    def prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A decoded batch, before the model: rows whose image (same image_version, null
+        matching null) a person decided get that category as current_category and are marked
+        in REVIEWED_COLUMN. Only rows whose image was read: an error row stays an error."""
+        if not self.reviewed:
+            return batch
+        n = len(batch["product_id"])
+        ids = _strings(batch["product_id"], n).to_pylist()
+        versions = _strings(batch.get("image_version"), n).to_pylist()
+        ok = np.asarray(batch["status"]) == "ok"
+        decided = [self.reviewed.get((pid, version)) if good else None
+                   for pid, version, good in zip(ids, versions, ok, strict=True)]
+        marked = np.array([d is not None for d in decided], dtype=bool)
+        if not marked.any():
+            return batch
+        # A copy: Ray Data hands the actor read-only (zero-copy) arrays.
+        current = np.array(_strings(batch.get("current_category"), n).to_pylist(), dtype=object)
+        current[marked] = np.array(decided, dtype=object)[marked]
+        return {**batch, "current_category": current, REVIEWED_COLUMN: marked}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["product_id"])
@@ -95,6 +126,9 @@ class OutputFormatter:
         action, reason = decide.decide(ok, current.to_pylist(), predicted.to_pylist(),
                                        batch["confidence"], p_current, is_unfamiliar, self.policy,
                                        self.change_floor)
+        if REVIEWED_COLUMN in batch:  # a person's decision stands over the model's
+            marked = np.asarray(batch[REVIEWED_COLUMN], dtype=bool)
+            action[marked], reason[marked] = decide.KEEP, decide.REVIEWED
         now = dt.datetime.now(dt.timezone.utc)
         columns = {
             "product_id": _strings(batch["product_id"], n),

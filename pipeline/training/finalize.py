@@ -130,6 +130,7 @@ def training_summary(cfg: TrainConfig, data: LabelledData, decoded: Decoded, res
         "calibration_rows": cal_rows - decoded.calibration_bad if has_cal else 0,
         "calibration_split": CALIBRATION_SPLIT if has_cal else "val",
         "excluded_rows": data.excluded,
+        "reviews": data.reviews,  # --reviews: the table and how many training rows came from it
         "epochs": cfg.epochs, "epochs_run": int(last.get("epoch", -1)) + 1,
         "early_stopped": bool(last.get("early_stopped", False)),
         "best_epoch": int(best_metrics["epoch"]) + 1,

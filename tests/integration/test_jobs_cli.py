@@ -47,11 +47,11 @@ def test_every_option_has_help():
 
 
 JOBS = ("recategorize", "train", "evaluate", "embed", "audit", "make_manifest", "benchmark",
-        "train_benchmark", "export", "calibrate")
+        "train_benchmark", "export", "calibrate", "review", "promote")
 HEAVY = ("torch", "torchvision", "ray", "pyarrow", "onnx", "onnxruntime")
 # A value out of range for an option each job has: the config's validation runs, then fails.
 OUT_OF_RANGE = {"make_manifest": ["--holdout-categories", "-1"], "train_benchmark": ["--steps", "0"],
-                "export": ["--calibration-images", "0"]}
+                "export": ["--calibration-images", "0"], "review": ["--port", "-1"]}
 PARSE_ONLY = """
 import importlib, json, sys
 job = importlib.import_module("jobs." + sys.argv[1])

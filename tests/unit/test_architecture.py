@@ -121,7 +121,7 @@ LAYERS = [
     {"sinks"},
     {"inference"},
     {"nightly"},
-    {"training", "analysis"},
+    {"training", "analysis", "review"},
 ]
 
 
@@ -224,3 +224,21 @@ def test_every_byte_read_from_a_uri_goes_through_the_fetch_path():
         if "storage.read_bytes" in calls and path.stem not in OWN_FILE_READERS:
             offenders.append(f"{path.name} reads whole files with storage.read_bytes")
     assert offenders == []
+
+
+# Sizes a reader can hold in their head: a module a sitting, a function a screen.
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_module_or_function_outgrows_a_reading():
+    too_long = []
+    for name, path in module_names().items():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                too_long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
