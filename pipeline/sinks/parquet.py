@@ -149,6 +149,7 @@ class RunFolderSink:
         rows stay in its run folder until a later night tidies up."""
         if self.key is not None:
             storage.remove(staging_uri(self.output, self.key))
+            storage.remove_if_empty(storage.join(self.output, STAGING_DIR))  # as publish does
 
     def committed_files(self) -> list[str]:
         marker = self.committed_run()
