@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from typing import Any
 
 import pyarrow as pa
@@ -76,6 +77,18 @@ def _output_schema() -> pa.Schema:
     return rows.OUTPUT_SCHEMA
 
 
+def create_sqlite_folder(properties: dict[str, str]) -> None:
+    """A local SQLite catalog (`type=sql,uri=sqlite:////abs/catalog.db`) in a folder that does
+    not exist yet: create the folder, as the output's own is created; SQLite creates the file
+    but not its folder."""
+    uri = properties.get("uri", "")
+    if properties.get("type") != "sql" or not uri.startswith("sqlite:///"):
+        return
+    path = uri.removeprefix("sqlite:///").split("?")[0]
+    if path and path != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+
+
 class IcebergSink:
     """Commits nights to one Iceberg table, one snapshot per night."""
 
@@ -93,13 +106,16 @@ class IcebergSink:
 
     def _load_catalog(self) -> Catalog:
         if self._catalog is None:
+            create_sqlite_folder(self._properties)
             try:
                 self._catalog = load_catalog(self.catalog_name, **self._properties)
             except Exception as exc:  # every backend fails differently; all mean a bad config
                 keys = ", ".join(sorted(self._properties)) or "none"
+                # One line: drivers add lines of their own (SQLAlchemy a link to its docs).
+                why = (str(exc).strip().splitlines() or [""])[0]
                 raise ConfigError(
                     f"cannot load Iceberg catalog {self.catalog_name!r} (properties given: {keys}): "
-                    f"{type(exc).__name__}: {exc}; check --iceberg-catalog ({CATALOG_HELP})"
+                    f"{type(exc).__name__}: {why}; check --iceberg-catalog ({CATALOG_HELP})"
                 ) from exc
         return self._catalog
 

@@ -207,6 +207,21 @@ def test_check_reports_a_bad_catalog(tmp_path):
         IcebergSink(TABLE, no_warehouse).check(rows.OUTPUT_SCHEMA)
 
 
+def test_a_sqlite_catalog_in_a_folder_not_made_yet_is_created(tmp_path):
+    folder = tmp_path / "not" / "yet"
+    props = {"type": "sql", "uri": f"sqlite:///{folder}/catalog.db",
+             "warehouse": f"file://{tmp_path}/warehouse"}
+    assert IcebergSink(TABLE, props).check(rows.OUTPUT_SCHEMA) is None  # no table yet
+    assert (folder / "catalog.db").is_file()
+
+
+def test_a_catalog_that_cannot_load_is_one_line(tmp_path):
+    unopenable = {"type": "sql", "uri": f"sqlite:///{tmp_path}", "warehouse": f"file://{tmp_path}"}
+    with pytest.raises(ConfigError) as raised:  # a folder where the database file should be
+        IcebergSink(TABLE, unopenable).check(rows.OUTPUT_SCHEMA)
+    assert "\n" not in str(raised.value) and "cannot load Iceberg catalog" in str(raised.value)
+
+
 def test_unreadable_run_file_is_an_output_error(tmp_path, catalog_props):
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"not parquet")
