@@ -1,5 +1,5 @@
 # Entry points for a fresh machine; each installs what it needs first.
-#   make demo   re-categorize the bundled sample catalog with the bundled model (local Ray)
+#   make demo   re-categorize the bundled sample catalog with the bundled model (in this process)
 #   make review serve the review page of the demo's night (after make demo) on 127.0.0.1
 #   make test   run the test suite
 PYTHON ?= python3

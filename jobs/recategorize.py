@@ -1,6 +1,8 @@
 """Re-categorize a catalog: predicted category, confidence and top-k for every product image.
 
-With no arguments it runs the bundled sample catalog through the bundled model on a local Ray.
+With no arguments it runs the bundled sample catalog through the bundled model. A small night
+scores in this process; a larger one, or any night given a cluster (--ray-address or
+RAY_ADDRESS, as `ray job submit` sets), runs on Ray.
 """
 
 from __future__ import annotations
