@@ -22,6 +22,7 @@ import ray
 
 from pipeline import errors
 from pipeline.errors import PipelineError
+from pipeline.inference import console
 from pipeline.inference.device import resolve_device
 
 GPU_POLL_S = 5.0
@@ -52,6 +53,10 @@ NODE_ENV = {**WORKER_ENV, "RAY_max_direct_call_object_size": str(INLINE_OBJECT_M
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
+    quiet = console.plain_env()  # off a terminal: no colours, no progress bars (console.py)
+    for name, value in quiet.items():
+        os.environ.setdefault(name, value)  # what the user set wins
+    console.quiet_ray_data()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -63,7 +68,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING,
                  include_dashboard=False,
                  _system_config={"max_direct_call_object_size": INLINE_OBJECT_MAX_BYTES},
-                 runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": WORKER_SETUP_HOOK})
+                 runtime_env={"env_vars": {**WORKER_ENV, **quiet},
+                              "worker_process_setup_hook": WORKER_SETUP_HOOK})
 
 
 def leave_working_dir() -> None:

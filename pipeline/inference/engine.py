@@ -42,9 +42,14 @@ DECODE_RESOURCE_PER_TASK = 0.01
 # Calls an inference actor runs at once when it decodes its own input: one batch decodes
 # while the other is in the model (BENCHMARKS.md has the measurement).
 CALLS_IN_FLIGHT = 2
-# Plain Ray remote args for retries; Ray 2.60 warns that they move to named options in 2.64.
-warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated",
-                        category=DeprecationWarning)
+
+
+def ignore_remote_args_warning() -> None:
+    """Plain Ray remote args for retries: Ray 2.60 warns that they move to named options in
+    2.64, a change for this code, not for its users. Called where a plan is built, after
+    `import ray.data`: Ray installs its own filters at import, in front of any set before."""
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated",
+                            category=DeprecationWarning)
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,7 @@ def table_dataset(table: pa.Table):
 
 def decoded(ds, images: ImageSettings, place: Placement):
     """rows -> rows + image (uint8 NHWC) + status / error columns, in parallel CPU tasks."""
+    ignore_remote_args_warning()
     ds = ds.repartition(target_num_rows_per_block=place.preprocess_batch_size)
     return ds.map_batches(images.preprocessor(), batch_size=place.preprocess_batch_size,
                           batch_format="numpy", **decode_placement(place),
@@ -250,6 +256,7 @@ def scored(ds, images: ImageSettings, place: Placement, *predictors: Predictor):
     """rows -> fetch + decode -> the predictors on the actor pool -> whatever they return per
     batch. Error rows flow through with their reason (a predictor passes rows whose status is
     not 'ok' through)."""
+    ignore_remote_args_warning()
     threads, decode_threads = actor_threads(place)
     if place.in_actor:
         # A manifest file arrives as a few big blocks and a map task handles a whole block:

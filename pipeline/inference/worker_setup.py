@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 # Ray Train 2.60 starts a PlacementGroupCleaner actor that asks the State API, every few
 # seconds, whether the training controller is alive. The State API is served by the dashboard,
@@ -14,5 +15,11 @@ import logging
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+# Ray Train's own DatasetManager sets `ExecutionOptions.exclude_resources`, which Ray Data 2.60
+# deprecates: a warning about Ray's code that no user of this project can act on.
+EXCLUDE_RESOURCES_WARNING = r".*ExecutionOptions\.exclude_resources.*"
+
+
 def quiet_local_worker() -> None:
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_WARNING)

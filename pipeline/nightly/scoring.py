@@ -60,6 +60,7 @@ def score_chunks(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
 
     from pipeline.inference.cluster import surface_job_errors
 
+    engine.ignore_remote_args_warning()
     ds = ray.data.from_items(chunk_items(chunks), override_num_blocks=len(chunks))
     ds = ds.map_batches(ChunkReader(source, source_columns(source, chunks)), batch_size=1,
                         batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
