@@ -8,8 +8,10 @@ phases, its summary, one line per training epoch) stay. Imports neither Ray nor 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 RAY_DATA_LOGGING = Path(__file__).resolve().parent / "ray_data_logging.yaml"
@@ -20,12 +22,26 @@ def plain() -> bool:
     return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty()
 
 
+def logging_config_copy() -> str:
+    """The logging config, copied out of the package to this machine's temporary folder: Ray
+    Data reads it whenever a process first imports it, and under `ray job submit --working-dir`
+    the package folder can be unpacked again (briefly gone) under a running driver."""
+    data = RAY_DATA_LOGGING.read_bytes()
+    path = Path(tempfile.gettempdir()) / f"catalog-recategorizer-ray-data-logging-" \
+        f"{hashlib.sha256(data).hexdigest()[:12]}.yaml"
+    if not path.exists():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
 def plain_env() -> dict[str, str]:
     """Environment for the driver and a private Ray's workers when `plain()`, else none."""
     if not plain():
         return {}
     return {"RAY_COLOR_PREFIX": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-            "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING)}
+            "RAY_DATA_LOGGING_CONFIG": logging_config_copy()}
 
 
 def quiet_ray_data() -> None:
