@@ -32,7 +32,7 @@ from pipeline.analysis.measure import Measurement, measure
 from pipeline.images.decode import decode_image
 from pipeline.inference.device import cpu_count
 from pipeline.inference.predict import Classifier
-from pipeline.models.artifact import load_metadata
+from pipeline.models.artifact import TORCH_BACKEND, load_metadata
 
 # ---------------------------------------------------------------- catalog
 
@@ -97,8 +97,11 @@ def ours(manifest: Path, model_uri: str, output: Path, **options) -> int:
     from pipeline.config import RecategorizeConfig
     from pipeline.nightly.recategorize import run
 
+    # The artifact named runs, as the other stages run it: a torch artifact's int8 export is a
+    # row of its own (--compare-with its exports/onnx-int8).
+    backend = "torch" if load_metadata(model_uri).backend == TORCH_BACKEND else "auto"
     summary = run(RecategorizeConfig(manifest=str(manifest), model=model_uri, output=str(output),
-                                     overwrite=True, **options))
+                                     overwrite=True, backend=backend, **options))
     if summary["errors"]:  # a benchmark of error rows measures nothing
         raise RuntimeError(f"benchmark run had error rows: {summary['errors_by_type']}")
     return summary["rows"]
@@ -237,7 +240,6 @@ def compared_models(cfg, stages: list[str]) -> tuple[list[str], dict, list[str]]
     """(--model then --compare-with, their metadata, the torch ones among them), checked: one
     input size for all, and a torch model when the baseline runs."""
     from pipeline.errors import ConfigError
-    from pipeline.models.artifact import TORCH_BACKEND
 
     models = [cfg.model] + [m.strip() for m in cfg.compare_with.split(",") if m.strip()]
     metas = {m: load_metadata(m) for m in models}

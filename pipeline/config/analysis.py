@@ -30,6 +30,7 @@ from pipeline.config.robustness import (
     parse_corruptions,
     parse_severities,
 )
+from pipeline.config.tolerances import TOLERANCES
 
 
 class EvaluateConfig(ScoringPoolOptions, LabelledImagesOptions, JobConfig):
@@ -200,6 +201,11 @@ ExportFormat = Literal["onnx", "onnx-int8", "onnx-fp16"]
 # Calibration sample of jobs.export: a few hundred images cover every category of a catalog of
 # ~100 categories a few times; more costs export time without changing the int8 ranges much.
 CALIBRATION_IMAGES = 300
+PARITY_IMAGES = 300
+
+
+def _tolerances(name: str) -> str:
+    return ", ".join(f"{getattr(t, name):g} {fmt}" for fmt, t in TOLERANCES.items())
 
 
 class ExportConfig(BaseModel):
@@ -213,29 +219,38 @@ class ExportConfig(BaseModel):
         description="onnx: fp32 ONNX graph; onnx-int8: static post-training int8 quantization "
         "calibrated on --calibration-source (CPU nodes); onnx-fp16: fp16 weights and activations "
         "(GPU nodes).")
-    output: str = Field(
-        "outputs/export",
-        description="Folder for the new model artifact (model.onnx, model.json, centroids).")
+    output: str | None = Field(
+        None,
+        description="Folder for the new model artifact (model.onnx, model.json, centroids). "
+        "Default: the source's exports/<format>/, where the nightly job finds it (--backend).")
     calibration_source: str = Field(
         GROCERY_DATASET,
-        description="Training images to calibrate int8 ranges on and to check every format "
-        "against the source model: the Grocery Store dataset (its train split), a folder of class "
-        "folders, or a labelled .parquet manifest (rows with split 'train' where it has a split "
-        f"column). Default: {GROCERY_DATASET_HELP}.")
+        description="Images to calibrate int8 ranges on (its train split) and to check every "
+        "format against the source model on (its val split, else images the calibration did not "
+        "use): the Grocery Store dataset, a folder of class folders, or a labelled .parquet "
+        f"manifest with an optional split column. Default: {GROCERY_DATASET_HELP}.")
     calibration_images: int = Field(
         CALIBRATION_IMAGES, ge=1,
         description="How many calibration images (a seeded sample, round-robin over categories).")
-    calibration_seed: int = Field(0, description="Seed of the calibration sample.")
+    calibration_seed: int = Field(0, description="Seed of the calibration and held-out samples.")
+    parity_images: int = Field(
+        PARITY_IMAGES, ge=1,
+        description="How many held-out images the export is checked on (a seeded sample, "
+        "round-robin over categories).")
     min_top1_agreement: float | None = Field(
         None, ge=0, le=1,
-        description="Refuse the export when a smaller share of the calibration images keep the "
-        "source model's top-1 class. Default: per format, 1.0 onnx, 0.99 onnx-fp16, 0.97 "
-        "onnx-int8.")
+        description="Refuse the export when a smaller share of the held-out images keep the "
+        "source model's top-1 class. Default: per format, "
+        f"{_tolerances('min_top1_agreement')}.")
     max_logit_error: float | None = Field(
         None, gt=0,
-        description="Refuse the export when any logit on the calibration images differs from "
-        "the source model's by more than this. Default: per format, 0.001 onnx, 0.1 onnx-fp16, "
-        "3.0 onnx-int8.")
+        description="Refuse the export when any logit on the held-out images differs from "
+        f"the source model's by more than this. Default: {_tolerances('max_logit_error')}.")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1,
+        description="Refuse the export when its top-1 accuracy on the labelled held-out images "
+        f"is lower than the source's by more than this share. Default: "
+        f"{_tolerances('max_accuracy_drop')}.")
     batch_size: int = Field(32, ge=1, description="Images per batch while calibrating and checking.")
     device: Device = Field(
         DEFAULT_DEVICE, description="Where the export is checked. 'auto': cuda when this machine "

@@ -47,6 +47,13 @@ class RecategorizeConfig(ImageAccessOptions, ExecutorOptions, JobConfig):
         description="Catalog manifest: Parquet file or folder, local path or URI (s3://...).",
     )
     model: str = Field(BUNDLED_MODEL, description="Model artifact folder (local path or URI).")
+    backend: Literal["auto", "torch", "onnx", "onnx-int8", "onnx-fp16"] = Field(
+        "auto",
+        description="Which form of --model runs. 'auto': on cpu its int8 export (exports/onnx-int8, "
+        "made by jobs.export) when it is there and within its parity tolerance, else the torch "
+        "weights, with a warning when an export was there but unusable; on cuda the torch weights "
+        "(bf16). An export format runs that export or stops the job before it writes. The "
+        "summary's 'backend' says which ran and why.")
     output: str = Field(
         "outputs/recategorize",
         description="Output folder (local path or URI): predictions/*.parquet, summary.json, "
@@ -85,9 +92,11 @@ class RecategorizeConfig(ImageAccessOptions, ExecutorOptions, JobConfig):
     gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per inference actor on cuda.")
     inference_threads: int | None = Field(
         None, ge=1,
-        description="Intra-op threads of the model in each inference actor. Default: on cpu, "
-        "this machine's cores divided by --num-actors, halved when the actor also decodes "
-        "(the other half decodes); on cuda, --cpus-per-actor.",
+        description="Intra-op threads of the model in each inference actor. Default: on cpu, an "
+        "actor that decodes its own input times its first batches with its cores (this "
+        "machine's cores divided by --num-actors) split half and half and with all of them for "
+        "both, and keeps the faster (the summary's thread_split); an actor that does not decode "
+        "takes all its cores; on cuda, --cpus-per-actor. Giving it fixes the split.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision. 'auto': bf16 autocast on cuda, fp32 on cpu.")

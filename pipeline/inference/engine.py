@@ -31,6 +31,8 @@ from pipeline.images.preprocess import Preprocessor
 from pipeline.images.security import UriPolicy
 from pipeline.inference import device as devices
 from pipeline.inference.device import cpu_count
+from pipeline.inference.threads import Split, SplitTuner, actor_threads, split_tuner
+from pipeline.sinks.rows import REPORT_KEY
 
 # Decoding a large upload needs a few hundred MB. Declaring it also keeps Ray from fusing the
 # decode tasks into the inference actors (fusion needs equal remote args), so decode runs in
@@ -131,22 +133,6 @@ def actor_pool_bounds(place: Placement) -> tuple[int, int]:
     return place.num_actors, place.num_actors
 
 
-def actor_threads(place: Placement) -> tuple[int, int]:
-    """(model threads, decode threads) in each inference actor.
-
-    Ray pins OMP_NUM_THREADS to an actor's CPU reservation, which is too few for a CPU model.
-    An actor that decodes its own input splits its cores: half run the model on one batch while
-    the other half decode the next, because oversubscribed OpenMP threads wait on each other.
-    """
-    if place.device == "cuda":
-        return place.inference_threads or max(1, int(place.cpus_per_actor)), 1
-    cores = max(1, cpu_count() // place.num_actors)
-    if not place.in_actor:
-        return place.inference_threads or cores, 1
-    model = place.inference_threads or max(1, cores // 2)
-    return model, max(1, cores - model)
-
-
 def decode_task_cpus(place: Placement) -> float:
     """CPUs each decode task reserves. With a GPU, a decode task owns a core. With inference on
     the CPU, the model actor's threads and the decoders share the cores: half-CPU decode tasks put
@@ -217,7 +203,10 @@ class ScoringActor:
     threads."""
 
     def __init__(self, predictors: tuple[Predictor, ...], device: str, num_threads: int,
-                 preprocess: Preprocessor | None = None):
+                 preprocess: Preprocessor | None = None, split: SplitTuner | None = None):
+        self.split = split
+        if split is not None:
+            num_threads = split.current().model
         self.predictors = [p.build(device, num_threads) for p in predictors]
         self.preprocess = preprocess
         self.model_lock = threading.Lock()
@@ -227,13 +216,30 @@ class ScoringActor:
             batch = self.preprocess(batch)
         with self.model_lock:
             first, *rest = self.predictors
-            if not rest:
-                return first(batch)
-            out = first(dict(batch))
+            out = first(batch if not rest else dict(batch))
             for predictor in rest:
                 more = predictor(dict(batch))
                 out.update({k: v for k, v in more.items() if k not in out})
+            if self.split is not None:
+                out = self.tune(out)
             return out
+
+    def tune(self, out: Any) -> Any:
+        """Report the batch to the thread-split tuner, apply the split it returns, and tag an
+        output table with the split (the writer passes it back to the driver's summary)."""
+        rows = out.num_rows if isinstance(out, pa.Table) else len(next(iter(out.values()), []))
+        before = self.split.current()
+        split = self.split.observe(rows)
+        if split != before:
+            if self.preprocess is not None:
+                self.preprocess.threads = split.decode
+            for predictor in self.predictors:
+                if hasattr(predictor, "set_threads"):
+                    predictor.set_threads(split.model)
+        if isinstance(out, pa.Table):
+            out = out.replace_schema_metadata({**(out.schema.metadata or {}),
+                                               REPORT_KEY: self.split.metadata()})
+        return out
 
 
 def table_dataset(table: pa.Table):
@@ -258,17 +264,19 @@ def scored(ds, images: ImageSettings, place: Placement, *predictors: Predictor):
     not 'ok' through)."""
     ignore_remote_args_warning()
     threads, decode_threads = actor_threads(place)
+    split = None
     if place.in_actor:
         # A manifest file arrives as a few big blocks and a map task handles a whole block:
         # split them (streaming, no shuffle) so the work fans out over all actors.
         ds = ds.repartition(target_num_rows_per_block=place.batch_size)
         preprocess = images.preprocessor(threads=decode_threads)
+        split = split_tuner(place)
     else:
         ds = decoded(ds, images, place)
         preprocess = None
     return ds.map_batches(
         ScoringActor,
-        fn_constructor_args=(predictors, place.device, threads, preprocess),
+        fn_constructor_args=(predictors, place.device, threads, preprocess, split),
         batch_size=place.batch_size, batch_format="numpy", zero_copy_batch=True,
         **inference_placement(place), **retry_args(place, actor=True))
 
@@ -285,8 +293,10 @@ def in_process_scorer(images: ImageSettings, place: Placement, *predictors: Pred
     decoding and running the models on all this process's cores. Returns table -> list of the
     per-batch outputs. For runs too small to repay starting Ray and an actor pool."""
     cores = cpu_count()
-    actor = ScoringActor(predictors, place.device, place.inference_threads or cores,
-                         images.preprocessor(threads=cores))
+    # Decoding and the model take turns on every core here: nothing to split.
+    model = place.inference_threads or cores
+    split = SplitTuner.fixed(Split(model, cores), "in process: the model and decoding take turns")
+    actor = ScoringActor(predictors, place.device, model, images.preprocessor(threads=cores), split)
 
     def score(rows: pa.Table) -> list[Any]:
         return [actor(numpy_batch(b)) for b in rows.to_batches(max_chunksize=place.batch_size)]

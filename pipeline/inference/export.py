@@ -15,21 +15,26 @@ is written: an export whose top-1 agreement or largest logit difference misses i
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from pipeline import storage
 from pipeline.config import ExportConfig
+from pipeline.config.tolerances import TOLERANCES, Tolerance
 from pipeline.errors import ConfigError, ModelError
-from pipeline.images.security import UriPolicy
+from pipeline.inference.export_images import (
+    calibration_uris,
+    decode_uris,
+    held_out_uris,
+    sample_balanced,
+)
 from pipeline.inference.onnx_backend import EMBEDDINGS_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OnnxBackend
 from pipeline.inference.predict import fold_batch_norms
 from pipeline.models.artifact import (
@@ -44,45 +49,15 @@ from pipeline.models.artifact import (
     load_artifact,
     load_metadata,
 )
+from pipeline.models.backends import EXPORT_FORMATS, export_uri
 from pipeline.models.registry import remove_head
 
-FORMATS = ("onnx", "onnx-int8", "onnx-fp16")
+FORMATS = EXPORT_FORMATS
 # Storage precision recorded in model.json (weights_dtype) per format.
 FORMAT_DTYPES = {"onnx": "float32", "onnx-int8": "int8", "onnx-fp16": "float16"}
 OPSET = 18  # torch 2.14's dynamo exporter's default; ORT 1.31 runs up to 23
 EXAMPLE_BATCH = 2  # the traced example's batch size (the exported batch axis is dynamic)
-CALIBRATION_MAX_BYTES = 50_000_000  # the jobs' default --max-image-bytes
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """How far an export may disagree with its source on the calibration images."""
-
-    min_top1_agreement: float  # share of images with the same top-1 class
-    max_logit_error: float  # largest |logit difference| over every image and class
-
-    def misses(self, agreement: float, logit_error: float) -> list[str]:
-        problems = []
-        if agreement < self.min_top1_agreement:
-            problems.append(f"top-1 agreement {agreement:.4f} < min_top1_agreement "
-                            f"{self.min_top1_agreement}")
-        if not logit_error <= self.max_logit_error:  # also catches NaN
-            problems.append(f"max logit error {logit_error:.6g} > max_logit_error "
-                            f"{self.max_logit_error}")
-        return problems
-
-
-# fp32 ONNX is the same arithmetic in another order: float rounding only. fp16 keeps ~3
-# significant digits of each activation. int8 rounds every weight and activation to 256 levels:
-# images near a decision boundary may flip, and single logits can move by a good part of their
-# spread; its bound sits about 1.5x above what the bundled model's export shows (BENCHMARKS.md),
-# so that a broken export (wrong ranges, a wrong input layout), which misses by far more, is
-# refused.
-TOLERANCES = {
-    "onnx": Tolerance(min_top1_agreement=1.0, max_logit_error=1e-3),
-    "onnx-fp16": Tolerance(min_top1_agreement=0.99, max_logit_error=0.1),
-    "onnx-int8": Tolerance(min_top1_agreement=0.97, max_logit_error=3.0),
-}
 
 
 class ParityError(ModelError):
@@ -150,11 +125,17 @@ class _CalibrationReader:
         return next(self.batches, None)
 
 
-def to_int8(model: bytes, images: np.ndarray, batch_size: int) -> bytes:
-    """Static QDQ quantization: per-channel int8 weights, uint8 activations calibrated (MinMax)
-    on `images`. The stem convolution (the first, on the normalized photo) and the head (the
-    node that writes the logits) stay float: a sliver of the compute, and on the bundled model
-    they hold a good part of the int8 error (BENCHMARKS.md)."""
+def to_int8(model: bytes, images: np.ndarray, batch_size: int, reduce_range: bool = True) -> bytes:
+    """Static QDQ quantization: per-channel int8 weights on 7 bits (`reduce_range`), uint8
+    activations calibrated (MinMax) on `images`.
+
+    Why 7 bits: without VNNI (AVX2 only), ONNX Runtime's U8S8 kernels multiply with
+    VPMADDUBSW, whose pairwise int16 sums saturate for full-range weights, so the same file
+    gave other answers there (its quantization guide names this). With 7-bit weights no sum can
+    saturate, so every x86-64 CPU computes the same integers, at the same speed as full range;
+    uint8 weights (U8U8) avoid it too but have no fast per-channel kernel. The stem convolution
+    (on the normalized photo) and the head (the node that writes the logits) stay float: a
+    sliver of the compute, and they hold a good part of the int8 error."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -172,77 +153,21 @@ def to_int8(model: bytes, images: np.ndarray, batch_size: int) -> bytes:
         nodes = onnx.load(prepared).graph.node
         stem = next(n.name for n in nodes if n.op_type == "Conv")
         head = next(n.name for n in nodes if LOGITS_OUTPUT in n.output)
-        quantize_static(prepared, out, _CalibrationReader(images, batch_size),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=[stem, head])
+        # The quantizer logs a line per channel whose folded bias needs a wider scale than
+        # input x weight scale; it widens it itself, and the parity check judges the result,
+        # so those lines are noise in a scheduler's log.
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_static(prepared, out, _CalibrationReader(images, batch_size),
+                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=[stem, head])
+        finally:
+            root.setLevel(level)
         return Path(out).read_bytes()
-
-
-# ---------------------------------------------------------------- calibration images
-
-
-def calibration_uris(source: str) -> list[tuple[str, str]]:
-    """(image path, category) of the training images of `source`: the Grocery Store dataset
-    (its train split), a folder of class folders (its train/ split where it has one), or a
-    labelled Parquet manifest (rows with split 'train' where it has a split column)."""
-    from pipeline.importers import folder_rows, grocery_store_rows
-
-    path = Path(source)
-    if path.is_dir():
-        rows = (grocery_store_rows(source, ["train"]) if (path / "classes.csv").exists()
-                else folder_rows(source))
-    elif path.is_file() and path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
-        for row in rows:
-            if not os.path.isabs(row["image_uri"]) and "://" not in row["image_uri"]:
-                row["image_uri"] = str(path.parent / row["image_uri"])
-    else:
-        raise ConfigError(f"--calibration-source {source}: neither a folder of images (the "
-                          "Grocery Store dataset, class folders) nor a .parquet manifest")
-    if any(r.get("split") == "train" for r in rows):
-        rows = [r for r in rows if r.get("split") == "train"]
-    return [(r["image_uri"], r.get("category") or "") for r in rows]
-
-
-def sample_balanced(items: list[tuple[str, str]], count: int, seed: int) -> list[str]:
-    """Up to `count` image paths, round-robin over categories in a seeded order, so every
-    category is represented before any has two."""
-    rng = np.random.default_rng(seed)
-    by_category: dict[str, list[str]] = {}
-    for uri, category in sorted(items):
-        by_category.setdefault(category, []).append(uri)
-    queues = [list(rng.permutation(uris)) for _, uris in sorted(by_category.items())]
-    chosen: list[str] = []
-    while len(chosen) < count and any(queues):
-        for queue in queues:
-            if queue and len(chosen) < count:
-                chosen.append(str(queue.pop()))
-    return chosen
-
-
-def calibration_images(source: str, size: int, count: int, seed: int) -> tuple[np.ndarray, int]:
-    """A balanced sample of `source`'s training images, decoded by the scoring engine as every
-    job decodes them (uint8 NHWC); returns them and how many unreadable files were skipped."""
-    from pipeline.inference import engine
-
-    # The guarded fetch path, as every job reads images: local files under the source's own
-    # folder only (no http, no '../'), regular files, the byte limit.
-    root = os.path.abspath(source if Path(source).is_dir() else str(Path(source).parent))
-    images = engine.ImageSettings(size, root, UriPolicy.from_options("file", "", "", root),
-                                  max_bytes=CALIBRATION_MAX_BYTES, fetch_retries=0)
-    uris = sample_balanced(calibration_uris(source), count, seed)
-    rows = pa.table({"product_id": [str(i) for i in range(len(uris))], "image_uri": uris})
-    batches = engine.decode_rows(images, rows)
-    ok = np.concatenate([b["status"] for b in batches]) == "ok" if batches else np.array([], bool)
-    if not ok.any():
-        messages = [m for b in batches for m in b["error_message"] if m]
-        refused = sum(str(m).startswith("not allowed") for m in messages)
-        why = (f"; {refused} refused by the URI policy: images must be local files under {root}"
-               if refused else "")
-        raise ConfigError(f"--calibration-source {source}: no readable training images{why}")
-    return np.concatenate([b["image"] for b in batches])[ok], int((~ok).sum())
 
 
 # ---------------------------------------------------------------- parity
@@ -257,6 +182,22 @@ class Parity:
     max_logit_error: float
     min_top1_agreement: float
     max_logit_error_allowed: float
+    held_out: bool = True  # False: judged on the calibration images (no other images to use)
+    labelled: int = 0  # of `images`, how many have a category the model knows
+    source_accuracy: float | None = None  # top-1 accuracy on the labelled ones
+    export_accuracy: float | None = None
+    accuracy_drop: float | None = None
+    max_accuracy_drop: float = 1.0
+
+
+@dataclass
+class Reference:
+    """The photos parity is judged on and what the source model says of them."""
+
+    images: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray  # class index, -1 where unknown
+    held_out: bool
 
 
 def reference_logits(module: _Exported, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -266,10 +207,29 @@ def reference_logits(module: _Exported, images: np.ndarray, batch_size: int) -> 
                                for i in range(0, len(images), batch_size)])
 
 
-def check_parity(candidate: bytes, reference: np.ndarray, images: np.ndarray, fmt: str,
-                 tolerance: Tolerance, device: str, batch_size: int) -> Parity:
-    """The export's agreement with the source's logits on `images`; raises ParityError when it
-    misses `tolerance`."""
+def parity_reference(cfg: ExportConfig, module: _Exported, meta: ModelMetadata,
+                     calibration: tuple[np.ndarray, list[str]]) -> Reference:
+    """Held-out photos (`held_out_uris`) with the source's logits and their labels; the
+    calibration images themselves when the source has no others."""
+    images, uris = calibration
+    chosen = held_out_uris(cfg.calibration_source, uris, cfg.parity_images, cfg.calibration_seed)
+    held_out = bool(chosen)
+    categories = [c for _, c in chosen]
+    if held_out:
+        images, ok = decode_uris(cfg.calibration_source, [u for u, _ in chosen],
+                                 meta.input_size, "held-out images")
+        categories = [c for c, good in zip(categories, ok, strict=True) if good]
+    index = {name: i for i, name in enumerate(meta.classes)}
+    labels = np.array([index.get(c, -1) for c in categories] if held_out
+                      else [-1] * len(images), dtype=np.int64)
+    return Reference(images, reference_logits(module, images, cfg.batch_size), labels, held_out)
+
+
+def check_parity(candidate: bytes, reference: Reference, fmt: str, tolerance: Tolerance,
+                 device: str, batch_size: int) -> Parity:
+    """The export's agreement with the source on the reference photos (top-1, logits, and
+    accuracy where labelled); raises ParityError when it misses `tolerance`."""
+    images = reference.images
     try:
         session = OnnxBackend(candidate, device, model_version="parity-check",
                               fp16=fmt == "onnx-fp16")
@@ -281,51 +241,74 @@ def check_parity(candidate: bytes, reference: np.ndarray, images: np.ndarray, fm
         raise ModelError(f"--format {fmt}: the exported graph does not run in ONNX Runtime on "
                          f"{device} ({type(exc).__name__}: {str(exc).splitlines()[0]}); nothing "
                          "written") from exc
-    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
-    error = float(np.abs(logits - reference).max())
+    agreement = float((logits.argmax(1) == reference.logits.argmax(1)).mean())
+    error = float(np.abs(logits - reference.logits).max())
+    known = reference.labels >= 0
     parity = Parity(len(images), agreement, error, tolerance.min_top1_agreement,
-                    tolerance.max_logit_error)
-    if problems := tolerance.misses(agreement, error):
+                    tolerance.max_logit_error, reference.held_out, int(known.sum()),
+                    max_accuracy_drop=tolerance.max_accuracy_drop)
+    if known.any():
+        labels = reference.labels[known]
+        parity.source_accuracy = float((reference.logits[known].argmax(1) == labels).mean())
+        parity.export_accuracy = float((logits[known].argmax(1) == labels).mean())
+        parity.accuracy_drop = parity.source_accuracy - parity.export_accuracy
+    if problems := tolerance.misses(agreement, error, parity.accuracy_drop):
+        where = "held-out" if reference.held_out else "calibration"
         raise ParityError(
-            f"refusing to write the {fmt} export: on {len(images)} calibration images it "
+            f"refusing to write the {fmt} export: on {len(images)} {where} images it "
             f"disagrees with the source model beyond the tolerance ({'; '.join(problems)}); "
             "nothing written. Choose another --format, more --calibration-images, or state a "
-            "looser --min-top1-agreement / --max-logit-error")
+            "looser --min-top1-agreement / --max-logit-error / --max-accuracy-drop")
     return parity
 
 
 # ---------------------------------------------------------------- the job
 
 
+def tolerance_for(cfg: ExportConfig) -> Tolerance:
+    """The format's default tolerance with the job's overrides."""
+    default = TOLERANCES[cfg.format]
+    return Tolerance(
+        default.min_top1_agreement if cfg.min_top1_agreement is None else cfg.min_top1_agreement,
+        default.max_logit_error if cfg.max_logit_error is None else cfg.max_logit_error,
+        default.max_accuracy_drop if cfg.max_accuracy_drop is None else cfg.max_accuracy_drop)
+
+
+def output_of(cfg: ExportConfig) -> str:
+    """--output, else the source's exports/<format>/."""
+    return cfg.output or export_uri(cfg.model, cfg.format)
+
+
 def export(cfg: ExportConfig) -> dict:
-    """Export `cfg.model` as `cfg.format` into `cfg.output`; returns the new artifact's
+    """Export `cfg.model` as `cfg.format` into `cfg.output` (default: the source's
+    `exports/<format>/`, where the nightly job looks for it); returns the new artifact's
     metadata as a dict (with its parity record). Nothing is written unless the export passes
-    its parity check."""
+    its parity check on held-out photos."""
     from pipeline.inference.device import local_device
 
+    cfg = cfg.model_copy(update={"output": output_of(cfg)})
     check_output(cfg.output, cfg.overwrite)
     source = load_metadata(cfg.model)
     if source.backend == ONNX_BACKEND:
         raise ModelError(f"--model {cfg.model} is an export already ({source.format}); export "
                          "from its source artifact (model_version "
                          f"{source.export.get('source_model_version')})")
-    default = TOLERANCES[cfg.format]
-    tolerance = Tolerance(
-        default.min_top1_agreement if cfg.min_top1_agreement is None else cfg.min_top1_agreement,
-        default.max_logit_error if cfg.max_logit_error is None else cfg.max_logit_error)
     device = local_device(cfg.device).split(":")[0]
-    images, skipped = calibration_images(cfg.calibration_source, source.input_size,
-                                         cfg.calibration_images, cfg.calibration_seed)
-
+    uris = sample_balanced(calibration_uris(cfg.calibration_source), cfg.calibration_images,
+                           cfg.calibration_seed)
+    if not uris:
+        raise ConfigError(f"--calibration-source {cfg.calibration_source}: no training images")
+    images, ok = decode_uris(cfg.calibration_source, uris, source.input_size)
     module, meta = exportable(cfg.model)
-    reference = reference_logits(module, images, cfg.batch_size)
+    reference = parity_reference(cfg, module, meta, (images, uris))
     graph = to_onnx(module, meta.input_size)
     if cfg.format == "onnx-int8":
         graph = to_int8(graph, images, cfg.batch_size)
     elif cfg.format == "onnx-fp16":
         graph = to_fp16(graph)
-    parity = check_parity(graph, reference, images, cfg.format, tolerance, device, cfg.batch_size)
-    return write_export(cfg, meta, graph, parity, len(images), skipped)
+    parity = check_parity(graph, reference, cfg.format, tolerance_for(cfg), device,
+                          cfg.batch_size)
+    return write_export(cfg, meta, graph, parity, len(images), int((~ok).sum()))
 
 
 def write_export(cfg: ExportConfig, source: ModelMetadata, graph: bytes, parity: Parity, images: int,

@@ -185,8 +185,20 @@ class OnnxRuntimeBackend:
         from pipeline.inference.onnx_backend import OnnxBackend
 
         self.device = torch.device("cpu")  # where the outputs land
-        self.session = OnnxBackend(read_weights(model_uri, meta), str(device), meta.model_version,
-                                   fp16=meta.weights_dtype == "float16", num_threads=num_threads)
+        self.graph, self.target, self.meta = read_weights(model_uri, meta), str(device), meta
+        self.sessions: dict[int | None, OnnxBackend] = {}
+        self.set_threads(num_threads)
+
+    def set_threads(self, num_threads: int | None) -> None:
+        """Run on `num_threads` intra-op threads: ONNX Runtime fixes them per session, so one
+        session per thread count, built once."""
+        from pipeline.inference.onnx_backend import OnnxBackend
+
+        if num_threads not in self.sessions:
+            self.sessions[num_threads] = OnnxBackend(
+                self.graph, self.target, self.meta.model_version,
+                fp16=self.meta.weights_dtype == "float16", num_threads=num_threads)
+        self.session = self.sessions[num_threads]
 
     def forward(self, images: np.ndarray, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits, embeddings = self.session.run(images)
@@ -234,6 +246,13 @@ class Classifier:
         if self.centroids is not None:
             self.centroids = self.centroids.to(self.backend.device)
         self._embeddings: torch.Tensor | None = None
+
+    def set_threads(self, num_threads: int) -> None:
+        """The model's intra-op threads from the next batch on (the thread-split tuner)."""
+        if isinstance(self.backend, OnnxRuntimeBackend):
+            self.backend.set_threads(num_threads)
+        else:
+            torch.set_num_threads(num_threads)
 
     def logits(self, images: np.ndarray) -> torch.Tensor:
         """Raw float32 logits for a uint8 NHWC batch (averaged with the mirror image's with

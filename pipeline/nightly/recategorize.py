@@ -46,11 +46,13 @@ from pipeline.inference.engine import choose_executor, on_cluster
 from pipeline.inference.probe import probe_signals, probe_signals_local
 from pipeline.models import decide
 from pipeline.models.artifact import resolve_model_uri, verify_artifact
+from pipeline.models.backends import BackendChoice
 from pipeline.nightly import budget, drift
+from pipeline.nightly.backend import night_backend
 from pipeline.nightly.chunks import Chunk, plan_chunks
 from pipeline.nightly.incremental import NightPlan, load_or_plan, options_key, plan_night
 from pipeline.nightly.lease import OutputLease
-from pipeline.nightly.scoring import score_chunks, score_local
+from pipeline.nightly.scoring import score_chunks, score_local, thread_split
 from pipeline.sinks.base import NightRun, Sink, commit_in_order
 from pipeline.sinks.parquet import NightDocuments, RunFolderSink, SealedRun
 from pipeline.sinks.reviews import REVIEWS_DIR, ReviewsTable, write_in_force
@@ -149,12 +151,26 @@ class Phases:
 def run(cfg: RecategorizeConfig) -> dict:
     """The nightly job. The output's lease, taken once the arguments are checked, is released
     however the night ends."""
+    # Every module the night needs is loaded before Ray starts (the backend choice may join a
+    # cluster): under `ray job submit --working-dir`, another node's agent may unpack the
+    # package again into the folder this driver runs from, and a module imported then would
+    # not be found.
+    from pipeline.inference import actor, cluster, device  # noqa: F401
+    from pipeline.models import pretrained  # noqa: F401  (loading the torch weights)
+
+    if cfg.iceberg_table:
+        from pipeline.sinks import iceberg, iceberg_options  # noqa: F401
+
     # A model pointer (MODELS/current) is followed once, here: the checks, every inference
     # actor and the summary then use the same folder even if a promotion moves the pointer
     # during the night.
     cfg = cfg.model_copy(update={"model": resolve_model_uri(cfg.model)})
+    # The form of the model that runs is chosen once, here, so the checks, the plan (which
+    # carries rows by model_version), every actor and the summary agree on it.
+    choice = night_backend(cfg)
+    cfg = cfg.model_copy(update={"model": choice.uri})
     with contextlib.ExitStack() as held:
-        return run_night(cfg, held)
+        return run_night(cfg, held, choice)
 
 
 @dataclass
@@ -225,15 +241,10 @@ def keep_decisions(decisions: pa.Table, folder: str) -> tuple[str | None, int]:
     return (uri if rows else None), rows
 
 
-def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
+def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack, choice: BackendChoice) -> dict:
     """Check, take the lease, stage, plan, score, seal, check the error budget, commit."""
     start = time.perf_counter()
     phases = Phases()
-    # Every module the night needs is loaded before Ray starts: under `ray job submit
-    # --working-dir`, another node's agent may unpack the package again into the folder this
-    # driver runs from, and a module imported then would not be found.
-    from pipeline.inference import actor, cluster  # noqa: F401
-
     phases.mark("import")
     night = check_night(cfg, phases)
     # One writer per output: a second run stops here (exit 8) before it writes anything.
@@ -277,6 +288,8 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack) -> dict:
     summary = summarize(cfg, night, place, plan, sealed, len(chunks), len(done),
                         time.perf_counter() - start, (executor, executor_reason))
     summary["reviews"], summary["decisions_in_force"] = night.reviews, in_force
+    summary["backend"] = choice.record()
+    summary["thread_split"] = thread_split(written)
     phases.mark("commit")
     lease.renew()  # a run that stalled past its lease and lost it must not commit
     check_error_budget(cfg, night, sealed, summary)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import FailFastError
-from pipeline.inference import engine, fail_fast
+from pipeline.inference import engine, fail_fast, threads
 from pipeline.nightly.chunks import Chunk, ChunkReader, chunk_items
 from pipeline.sinks.parquet import RunFolderSink
 from pipeline.sinks.rows import KNOWN_ERROR_COLUMN
@@ -97,3 +97,9 @@ def score_local(cfg: RecategorizeConfig, source: str, chunks: list[Chunk],
     for chunk in chunks:
         written += datasink.write(score(reader.read(chunk)), None)
     return written
+
+
+def thread_split(written: list[dict]) -> dict:
+    """The summary's `thread_split`: what the scorers reported of how they split their cores
+    between the model and decoding (`inference.threads`), from this attempt's writes."""
+    return threads.summarize([r for w in written for r in w.get("scorer_reports", [])])

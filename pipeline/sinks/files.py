@@ -31,7 +31,7 @@ from ray.data import Datasink
 from pipeline import storage
 from pipeline.errors import OutputError
 from pipeline.sinks import stats as row_stats
-from pipeline.sinks.rows import CHUNK_COLUMN, OUTPUT_SCHEMA
+from pipeline.sinks.rows import CHUNK_COLUMN, OUTPUT_SCHEMA, REPORT_KEY
 
 STATS_KEY = b"catalog_recategorizer.stats"
 CHUNK_FILE = re.compile(r"^part-(\d{6})-([0-9a-f]{16})-(\d+)\.parquet$")
@@ -94,7 +94,9 @@ class ChunkSink(Datasink):
         tables = [b for b in blocks if b.num_rows]
         if not tables:
             return []
-        table = pa.concat_tables(tables)
+        reports = [json.loads(b.schema.metadata[REPORT_KEY]) for b in tables
+                   if b.schema.metadata and REPORT_KEY in b.schema.metadata]
+        table = pa.concat_tables(tables, promote_options="none").replace_schema_metadata(None)
         out = []
         for chunk in pc.unique(table.column(CHUNK_COLUMN)).to_pylist():
             rows = table.filter(pc.equal(table.column(CHUNK_COLUMN), chunk)).drop_columns(
@@ -103,6 +105,8 @@ class ChunkSink(Datasink):
             name = chunk_file_name(chunk, rows.column("product_id").combine_chunks())
             stats = write_table(storage.join(self.folder, name), rows.cast(OUTPUT_SCHEMA))
             out.append({"file": name, "chunk": chunk, "rows": rows.num_rows, "stats": stats})
+        if out and reports:
+            out[0]["scorer_reports"] = reports
         return out
 
     def on_write_complete(self, write_result: Any) -> None:

@@ -22,6 +22,9 @@ from pipeline.models import decide
 
 # Resumable chunk of a row on its way to the sink; not an output column.
 CHUNK_COLUMN = "_chunk"
+# Schema metadata a scorer puts on its output table for the driver (its thread split): the
+# writer hands it back with what it wrote; it never reaches a file.
+REPORT_KEY = b"scorer_report"
 # Column of the rows a night re-scores: the committed row was an error at the same image_uri
 # (error rows are never carried, so a catalog's broken images are re-tried every night). The
 # error budget does not count them as the night's new errors.

@@ -19,7 +19,7 @@ from jobs.recategorize import main as recategorize_main
 from pipeline.errors import ROW_ERROR_TYPES, ImageError
 from pipeline.images.security import UriPolicy
 from pipeline.inference.engine import ImageSettings
-from pipeline.inference.export import calibration_images
+from pipeline.inference.export_images import calibration_images
 from tests.conftest import summary_json, write_manifest
 
 COUNT = 1000

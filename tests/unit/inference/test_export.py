@@ -4,6 +4,7 @@ photos, refusal on disagreement, the backend chosen from the artifact, in-proces
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,10 @@ import torch
 
 from jobs._main import run_job
 from pipeline.config import EvaluateConfig, ExportConfig, RecategorizeConfig, build_parser
+from pipeline.config.tolerances import TOLERANCES
 from pipeline.errors import ConfigError, ModelError
 from pipeline.images.preprocess import Preprocessor
-from pipeline.inference.export import FORMATS, TOLERANCES, ParityError, export
+from pipeline.inference.export import FORMATS, ParityError, export
 from pipeline.inference.onnx_backend import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
@@ -37,10 +39,13 @@ pytestmark = pytest.mark.xdist_group("export")
 
 # The tiny model's calibration set: the sample catalog's photos (class folders), a few per class.
 TINY_CALIBRATION_IMAGES = 48
+SAMPLE_PHOTOS = sum(len(photos) for photos in photos_by_category().values())
 # tiny_model is seeded random convolutions with an imprinted head: its near-tied logits and
 # unnormalized activations quantize far worse than a trained network (the bundled model is held
 # to TOLERANCES; see test_bundled_model_int8_export), so its int8 export states a looser bound.
-TINY_INT8_TOLERANCE = {"min_top1_agreement": 0.9, "max_logit_error": 40.0}
+# Judged on held-out photos, it keeps about nine in ten top-1 classes; its accuracy is chance.
+TINY_INT8_TOLERANCE = {"min_top1_agreement": 0.8, "max_logit_error": 100.0,
+                       "max_accuracy_drop": 1.0}
 # Its logits are about 20 x a cosine, several times the bundled model's spread, so fp16 rounding
 # moves them further in absolute terms than TOLERANCES["onnx-fp16"] allows.
 TINY_FP16_TOLERANCE = {"max_logit_error": 0.5}
@@ -98,7 +103,9 @@ def test_export_is_an_artifact_with_the_source_settings_and_its_own_version(
             source.coarse_classes, source.input_size)
         assert meta.export["source_model_version"] == source.model_version
         parity = meta.export["parity"]
-        assert parity["images"] == TINY_CALIBRATION_IMAGES
+        # Judged on the photos the calibration did not take (the folder has no split).
+        assert parity["held_out"] is True and meta.export["calibration"]["images"] == TINY_CALIBRATION_IMAGES
+        assert parity["images"] == parity["labelled"] == SAMPLE_PHOTOS - TINY_CALIBRATION_IMAGES
         assert parity["top1_agreement"] >= parity["min_top1_agreement"]
         assert parity["max_logit_error"] <= parity["max_logit_error_allowed"]
     assert fp32.export["parity"]["min_top1_agreement"] == TOLERANCES["onnx"].min_top1_agreement
@@ -184,7 +191,8 @@ def test_help_states_each_formats_default_tolerance():
     text = build_parser(ExportConfig, "").format_help()
     text = " ".join(text.split())
     for fmt, tol in TOLERANCES.items():
-        assert f"{tol.min_top1_agreement} {fmt}" in text and f"{tol.max_logit_error} {fmt}" in text
+        for bound in (tol.min_top1_agreement, tol.max_logit_error, tol.max_accuracy_drop):
+            assert f"{bound:g} {fmt}" in text
     assert set(TOLERANCES) == set(FORMATS)
 
 
@@ -284,13 +292,11 @@ def test_cuda_provider_agrees_with_cpu(tiny_onnx, sample_images):
     assert torch.allclose(cpu, gpu, atol=1e-3)
 
 
-HELD_OUT_INT8_AGREEMENT = 0.95
-
-
 @pytest.mark.slow
 def test_bundled_model_int8_export(bundled_model, grocery_root, tmp_path):
-    """The bundled model, calibrated on Grocery training photos, agrees with itself in int8 on
-    the validation photos (all of the sample catalog's) it never saw in calibration."""
+    """The bundled model, calibrated on Grocery training photos, is judged on the validation
+    photos (all of the sample catalog's) it never saw in calibration, within the int8 tolerance
+    on this CPU, whatever its instruction set (7-bit weights cannot saturate)."""
     out = tmp_path / "int8"
     meta = export(ExportConfig(model=bundled_model, format="onnx-int8", output=str(out),
                                calibration_source=str(grocery_root), calibration_images=96,
@@ -304,12 +310,28 @@ def test_bundled_model_int8_export(bundled_model, grocery_root, tmp_path):
     fp32 = Classifier(bundled_model, device="cpu").probabilities(images)
     int8 = Classifier(str(out), device="cpu").probabilities(images)
     assert len(images) == 296
-    # The export's own parity check (on its calibration photos) holds the format's tolerance;
-    # on these held-out photos the current int8 format flips a few more near-ties (the old and
-    # the new bundled model: 96.3% and 95.6%), which issue 26's format choice is to close. A
-    # broken export (wrong ranges, layout) agrees far less.
-    assert meta["export"]["parity"]["top1_agreement"] >= TOLERANCES["onnx-int8"].min_top1_agreement
-    assert (fp32.argmax(1) == int8.argmax(1)).float().mean() >= HELD_OUT_INT8_AGREEMENT
+    parity, tolerance = meta["export"]["parity"], TOLERANCES["onnx-int8"]
+    assert parity["held_out"] is True and parity["images"] == parity["labelled"] == 296
+    agreement = float((fp32.argmax(1) == int8.argmax(1)).float().mean())
+    assert agreement == pytest.approx(parity["top1_agreement"], abs=1 / 296)
+    assert agreement >= tolerance.min_top1_agreement
+    assert parity["accuracy_drop"] <= tolerance.max_accuracy_drop
+
+
+def test_default_export_lands_in_the_artifact_and_a_loose_one_is_not_run(tiny_model, tmp_path):
+    """Without --output the export goes to the source's exports/<format>/, where the nightly
+    job looks; one made with a looser tolerance than the format's default is not run by default."""
+    from pipeline.models.backends import choose_backend, export_uri
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    cfg = ExportConfig(model=str(model), format="onnx-int8", calibration_source=str(SAMPLE_DIR / "images"),
+                       calibration_images=TINY_CALIBRATION_IMAGES, device="cpu", **TINY_INT8_TOLERANCE)
+    export(cfg)
+    assert (model / "exports" / "onnx-int8" / "model.onnx").is_file()
+    chosen = choose_backend(str(model), "auto", "cpu")
+    assert chosen.backend == "torch" and "misses the parity tolerance" in chosen.warning
+    assert choose_backend(str(model), "auto", "cpu").uri == str(model)
+    assert export_uri(str(model), "onnx-int8") == str(model / "exports" / "onnx-int8")
 
 
 def test_model_level_export_code_imports_no_ray():
@@ -365,7 +387,7 @@ def test_robustness_of_an_export_measures_corruptions_and_skips_the_attack(tiny_
 def test_calibration_images_obey_the_uri_policy(tmp_path, sample_images, image_server):
     """--calibration-source reads through the guarded fetch path: local files under the
     source's folder only; '../' and http(s) rows of a manifest are refused, never fetched."""
-    from pipeline.inference.export import calibration_images
+    from pipeline.inference.export_images import calibration_images
 
     folder = tmp_path / "calib"
     folder.mkdir()

@@ -57,7 +57,11 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
     rows = {r["product_id"]: r for r in table.to_pylist()}
     assert set(rows) == set(pq.read_table(manifest).column("product_id").to_pylist())
 
-    meta = load_metadata(bundled_model)
+    # On cpu the bundled model runs its int8 export, with the decisions fitted on its scores.
+    assert summary["backend"]["name"] == "onnx-int8"
+    meta = load_metadata(summary["backend"]["model"])
+    assert meta.export["source_model_version"] == load_metadata(bundled_model).model_version
+    assert meta.decisions["fitted_on"]["backend"] == "onnx-int8"
     classes, unfamiliar_above = set(meta.classes), meta.open_set["threshold"]
     policy = decide.policy_for(meta.decisions, cfg.change_precision)
     assert summary["decisions"] == policy.to_json() and policy.fitted
@@ -86,7 +90,7 @@ def test_end_to_end(ray_local, small_catalog, tmp_path, bundled_model):
         if row["current_category"] in ranked:  # the same calibrated probability
             assert row["p_current"] == pytest.approx(ranked[row["current_category"]], abs=1e-6)
         assert row["run_id"] == summary["run_id"]
-        assert row["model_version"] == load_metadata(bundled_model).model_version
+        assert row["model_version"] == meta.model_version
 
     assert summary["ok"] == n - 3 and summary["errors_by_type"] == {
         "decode_failed": 1, "not_an_image": 1, "fetch_not_found": 1}

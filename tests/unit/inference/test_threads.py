@@ -1,0 +1,88 @@
+"""The CPU actor's thread split: candidates, the choice from timed batches, and what a night's
+summary records of it (on a real local Ray, and in the job's own process)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import RecategorizeConfig
+from pipeline.inference.threads import (
+    TRIAL_BATCHES,
+    WARMUP_BATCHES,
+    Split,
+    SplitTuner,
+    candidates,
+    summarize,
+)
+from pipeline.nightly.recategorize import run
+
+
+def test_candidates_are_half_and_half_then_all_for_both():
+    assert candidates(8) == [Split(4, 4), Split(8, 8)]
+    assert candidates(3) == [Split(1, 2), Split(3, 3)]
+    assert candidates(1) == [Split(1, 1)]
+
+
+def feed(tuner: SplitTuner, seconds_per_batch: dict[Split, float], rows: int = 10) -> list[Split]:
+    """Batches finishing one after another, each taking its split's time; the splits used."""
+    now, used = 0.0, []
+    for _ in range(WARMUP_BATCHES + 2 * TRIAL_BATCHES + 3):
+        split = tuner.current()
+        used.append(split)
+        now += seconds_per_batch[split]
+        tuner.observe(rows, now)
+    return used
+
+
+@pytest.mark.parametrize("faster", [Split(2, 2), Split(1, 1)])
+def test_tuner_tries_each_split_then_keeps_the_fastest(faster):
+    tuner = SplitTuner(candidates(2))
+    slower = next(s for s in candidates(2) if s != faster)
+    used = feed(tuner, {faster: 0.1, slower: 0.3})
+    assert tuner.chosen == faster and used[-3:] == [faster] * 3
+    assert used[:WARMUP_BATCHES + TRIAL_BATCHES] == [Split(1, 1)] * (WARMUP_BATCHES + TRIAL_BATCHES)
+    record = tuner.record()
+    assert (record["model_threads"], record["decode_threads"]) == (faster.model, faster.decode)
+    assert record["how"] == "measured" and record["settled"] is True
+    assert record["rows_per_s"] == {faster.name: pytest.approx(100.0),
+                                    slower.name: pytest.approx(33.3, abs=0.1)}
+
+
+def test_a_fixed_split_is_never_changed():
+    tuner = SplitTuner.fixed(Split(1, 1), "--inference-threads")
+    assert set(feed(tuner, {Split(1, 1): 0.1})) == {Split(1, 1)}
+    assert tuner.record() == {"model_threads": 1, "decode_threads": 1,
+                              "how": "--inference-threads", "settled": True}
+
+
+def test_summary_counts_each_choice():
+    a = {"model_threads": 2, "decode_threads": 2, "how": "measured", "settled": True,
+         "rows_per_s": {"1 model + 1 decode": 50.0, "2 model + 2 decode": 60.0}}
+    b = {"model_threads": 1, "decode_threads": 1, "how": "measured", "settled": False}
+    summary = summarize([b, a, a])
+    assert {c["batches"] for c in summary["choices"]} == {1, 2}
+    assert summary["trials"] == a["rows_per_s"]
+
+
+@pytest.mark.slow
+def test_a_ray_night_records_the_measured_split(ray_local, small_catalog, tmp_path, tiny_model):
+    manifest, _, _ = small_catalog
+    summary = run(RecategorizeConfig(manifest=str(manifest), model=tiny_model,
+                                     output=str(tmp_path / "ray"), batch_size=2, executor="ray",
+                                     device="cpu"))
+    choices = summary["thread_split"]["choices"]
+    assert choices and all(c["how"] == "measured" for c in choices)
+    # Each batch after the trials carries the settled choice, one of the candidates.
+    settled = [c for c in choices if c["settled"]]
+    assert settled and {(c["model_threads"], c["decode_threads"]) for c in settled} <= {
+        (s.model, s.decode) for s in candidates(2)}
+    assert len(summary["thread_split"]["trials"]) == 2
+    assert sum(c["batches"] for c in choices) >= 1
+
+    fixed = run(RecategorizeConfig(manifest=str(manifest), model=tiny_model,
+                                   output=str(tmp_path / "fixed"), batch_size=2, executor="ray",
+                                   device="cpu", inference_threads=1))
+    assert [c["how"] for c in fixed["thread_split"]["choices"]] == ["--inference-threads"]
+    local = run(RecategorizeConfig(manifest=str(manifest), model=tiny_model,
+                                   output=str(tmp_path / "local"), executor="local"))
+    assert local["thread_split"]["choices"][0]["how"].startswith("in process")
