@@ -97,11 +97,11 @@ def ours(manifest: Path, model_uri: str, output: Path, **options) -> int:
     from pipeline.config import RecategorizeConfig
     from pipeline.nightly.recategorize import run
 
-    # The artifact named runs, as the other stages run it: a torch artifact's int8 export is a
-    # row of its own (--compare-with its exports/onnx-int8).
+    # Every row scored (none carried from an earlier run), by the artifact named, as the other
+    # stages run it: a torch artifact's int8 export is a row of its own (--compare-with it).
     backend = "torch" if load_metadata(model_uri).backend == TORCH_BACKEND else "auto"
     summary = run(RecategorizeConfig(manifest=str(manifest), model=model_uri, output=str(output),
-                                     overwrite=True, backend=backend, **options))
+                                     overwrite=True, full=True, backend=backend, **options))
     if summary["errors"]:  # a benchmark of error rows measures nothing
         raise RuntimeError(f"benchmark run had error rows: {summary['errors_by_type']}")
     return summary["rows"]

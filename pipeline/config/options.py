@@ -29,10 +29,12 @@ GROCERY_DATASET = os.path.abspath(os.environ.get(GROCERY_STORE_ENV) or DEFAULT_G
 # names the checkout.
 GROCERY_DATASET_HELP = f"${GROCERY_STORE_ENV} when set, else <checkout>/../shared/datasets/grocery-store"
 # Up to this many rows to score, a night without a Ray cluster scores in its own process: starting
-# a private Ray and an actor pool is fixed seconds that such a night would not earn back, and one
-# process on the same cores decodes and runs the model as fast. Beyond it, Ray's per-chunk fault
-# tolerance and back-pressure are worth their start-up.
-LOCAL_MAX_ROWS = 5_000
+# a private Ray and an actor pool is fixed seconds, and on one machine one process decodes and
+# runs the model on the same cores faster than a one-actor Ray pass, whose own tasks and daemons
+# share those cores (BENCHMARKS.md, "The default night at 6,000 rows"). Beyond it, Ray's
+# isolation (a worker that dies on an image is restarted, not the night) and back-pressure are
+# kept for the long nights where they matter most.
+LOCAL_MAX_ROWS = 20_000
 
 # Every job that runs a model takes --device with the same choices and the same default.
 Device = Literal["auto", "cpu", "cuda"]

@@ -19,6 +19,9 @@ from pipeline.inference.device import cpu_count
 
 TRIAL_BATCHES = 3  # batches timed per candidate
 WARMUP_BATCHES = 1  # the first batch pays for first-touch allocations and caches
+# The first candidate (the split an actor starts with) is kept unless another is this much
+# faster: trials of a few batches are noisy, and a tie is no reason to switch.
+MARGIN = 0.03
 METADATA_KEY = b"thread_split"  # where an output table carries the choice to the writer
 
 
@@ -90,7 +93,9 @@ class SplitTuner:
         if self._index + 1 < len(self.options):
             self._index += 1
         else:
-            self.chosen = max(self.options, key=lambda s: self.rows_per_s[s.name])
+            first, best = self.options[0], max(self.options, key=lambda s: self.rows_per_s[s.name])
+            faster = self.rows_per_s[best.name] > self.rows_per_s[first.name] * (1 + MARGIN)
+            self.chosen = best if faster else first
         return self.current()
 
     def record(self) -> dict:
