@@ -55,10 +55,14 @@ def main() -> None:
         export(ExportConfig(model=MODEL, format=CPU_DEFAULT_FORMAT, output=exported))
         calibrate(CalibrateConfig(model=exported, manifest=MANIFEST, output=calibrated))
         meta = load_metadata(calibrated)
+        notice = Path(target) / "NOTICE.md"  # the export's own notice, kept over the copied one
+        kept = notice.read_text() if notice.exists() else None
         shutil.rmtree(target, ignore_errors=True)
         new = rewrite_artifact(calibrated, target, export=relative(meta.export),
                                decisions=relative(meta.decisions),
                                training=relative(meta.training))
+        if kept:
+            notice.write_text(kept)
     print(json.dumps({"output": target, "model_version": new.model_version,
                       "parity": asdict(new)["export"]["parity"],
                       "fitted_on": new.decisions.get("fitted_on")}, indent=2))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ExitCode, PipelineError
 
 # A storage failure that outlived its retries (pipeline.storage) is worth retrying as a whole:
 # the exit code of "anything else" (README, "Scheduling it nightly").
-STORAGE_EXIT_CODE = 1
+STORAGE_EXIT_CODE = ExitCode.OTHER
 
 
 def _last_line(exc: BaseException) -> str:
@@ -23,10 +23,10 @@ def run_job(main: Callable[[list[str] | None], object], argv: list[str] | None =
         main(argv)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return int(exc.exit_code)
     except OSError as exc:
         print(f"error: storage failed after its retries ({type(exc).__name__}: {_last_line(exc)}); "
               "run the same command again: an interrupted night resumes its finished chunks",
               file=sys.stderr)
-        return STORAGE_EXIT_CODE
-    return 0
+        return int(STORAGE_EXIT_CODE)
+    return int(ExitCode.SUCCESS)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from pipeline.config.options import REPO_ROOT
-from pipeline.errors import ConfigError
+from pipeline.errors import EXIT_MEANINGS, ConfigError
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -114,12 +114,18 @@ def _reword_argparse(message: str) -> str:
     return message
 
 
+def exit_codes_epilog() -> str:
+    """Every job's --help ends with the exit codes, from the one table (`errors.EXIT_MEANINGS`)."""
+    return "exit codes: " + "; ".join(f"{int(code)} {meaning}" for code, meaning in
+                                      sorted(EXIT_MEANINGS.items())).replace("%", "%%")
+
+
 def build_parser(cls: type[BaseModel], description: str, prog: str | None = None
                  ) -> argparse.ArgumentParser:
     """An argparse parser with --config and one flag per field of `cls`, each with its help."""
     parser = _JobArgumentParser(prog=prog, description=description,
                                 usage="%(prog)s [--option VALUE ...]",
-                                formatter_class=_HelpFormatter)
+                                formatter_class=_HelpFormatter, epilog=exit_codes_epilog())
     parser.add_argument(
         "--config", default=None, metavar="YAML",
         help="YAML file setting any option below (keys: option names with underscores); flags "
