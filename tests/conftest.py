@@ -189,6 +189,29 @@ BAD_ROWS = {"bad-corrupt": "decode_failed", "bad-text": "not_an_image",
             "bad-missing": "fetch_not_found"}
 
 
+def catalog_image(folder: Path, i: int) -> str:
+    """The absolute path of photo `i` of a `dated_catalog`."""
+    return str(folder / "images" / f"{i:02d}.jpg")
+
+
+def dated_catalog(folder: Path, sample_images: list[Path], rows: int,
+                  spare: int = 0) -> list[dict]:
+    """`rows` real photos copied under folder/images and listed by absolute path with their
+    true category (each night's manifest lives in its own dated folder, as a scheduler writes
+    them), `spare` more photos copied but not listed (to swap in later), and one row whose image
+    is missing."""
+    (folder / "images").mkdir(parents=True)
+    listed = []
+    for i, src in enumerate(sample_images[:rows + spare]):
+        shutil.copyfile(src, catalog_image(folder, i))
+        if i < rows:
+            listed.append({"product_id": f"p{i:02d}", "image_uri": catalog_image(folder, i),
+                           "current_category": src.parent.name})
+    listed.append({"product_id": "p-missing", "image_uri": str(folder / "images" / "missing.jpg"),
+                   "current_category": None})
+    return listed
+
+
 def make_catalog(root: Path, sample_images: list[Path], good: int = 24) -> tuple[Path, int]:
     """`good` real photos copied under root/images plus a corrupt JPEG, a text file named .jpg
     and a missing file, all relative to the manifest (so the folder can be uploaded as is).

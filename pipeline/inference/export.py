@@ -29,12 +29,7 @@ from pipeline import storage
 from pipeline.config import ExportConfig
 from pipeline.config.tolerances import TOLERANCES, Tolerance
 from pipeline.errors import ConfigError, ModelError
-from pipeline.inference.export_images import (
-    calibration_uris,
-    decode_uris,
-    held_out_uris,
-    sample_balanced,
-)
+from pipeline.inference.export_images import calibration_sample, decode_uris, held_out_uris
 from pipeline.inference.onnx_backend import EMBEDDINGS_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OnnxBackend
 from pipeline.inference.predict import fold_batch_norms
 from pipeline.models.artifact import (
@@ -294,11 +289,8 @@ def export(cfg: ExportConfig) -> dict:
                          "from its source artifact (model_version "
                          f"{source.export.get('source_model_version')})")
     device = local_device(cfg.device).split(":")[0]
-    uris = sample_balanced(calibration_uris(cfg.calibration_source), cfg.calibration_images,
-                           cfg.calibration_seed)
-    if not uris:
-        raise ConfigError(f"--calibration-source {cfg.calibration_source}: no training images")
-    images, ok = decode_uris(cfg.calibration_source, uris, source.input_size)
+    images, ok, uris = calibration_sample(cfg.calibration_source, source.input_size,
+                                          cfg.calibration_images, cfg.calibration_seed)
     module, meta = exportable(cfg.model)
     reference = parity_reference(cfg, module, meta, (images, uris))
     graph = to_onnx(module, meta.input_size)

@@ -102,11 +102,19 @@ def decode_uris(source: str, uris: list[str], size: int,
     return np.concatenate([b["image"] for b in batches])[ok], ok
 
 
-def calibration_images(source: str, size: int, count: int, seed: int) -> tuple[np.ndarray, int]:
-    """A balanced sample of `source`'s training images, decoded; returns them and how many
-    unreadable files were skipped."""
+def calibration_sample(source: str, size: int, count: int,
+                       seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A balanced sample of `source`'s training images, decoded: (the readable images, which of
+    the sampled paths were readable, the sampled paths)."""
     uris = sample_balanced(calibration_uris(source), count, seed)
     if not uris:
         raise ConfigError(f"--calibration-source {source}: no readable training images")
     images, ok = decode_uris(source, uris, size)
+    return images, ok, uris
+
+
+def calibration_images(source: str, size: int, count: int, seed: int) -> tuple[np.ndarray, int]:
+    """A balanced sample of `source`'s training images, decoded; returns them and how many
+    unreadable files were skipped."""
+    images, ok, _ = calibration_sample(source, size, count, seed)
     return images, int((~ok).sum())

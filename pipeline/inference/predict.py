@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,11 +183,9 @@ class OnnxRuntimeBackend:
 
     def __init__(self, model_uri: str, meta: ModelMetadata, device: torch.device,
                  num_threads: int | None = None):
-        from pipeline.inference.onnx_backend import OnnxBackend
-
         self.device = torch.device("cpu")  # where the outputs land
         self.graph, self.target, self.meta = read_weights(model_uri, meta), str(device), meta
-        self.sessions: dict[int | None, OnnxBackend] = {}
+        self.sessions: dict[int | None, Any] = {}  # thread count -> onnx_backend.OnnxBackend
         self.set_threads(num_threads)
 
     def set_threads(self, num_threads: int | None) -> None:

@@ -22,7 +22,13 @@ from typing import Any
 from pipeline import storage
 from pipeline.config.tolerances import TOLERANCES
 from pipeline.errors import ConfigError
-from pipeline.models.artifact import TORCH_BACKEND, ModelMetadata, load_metadata, read_weights
+from pipeline.models.artifact import (
+    METADATA_FILE,
+    TORCH_BACKEND,
+    ModelMetadata,
+    load_metadata,
+    read_weights,
+)
 
 EXPORTS_DIR = "exports"
 EXPORT_FORMATS = ("onnx", "onnx-int8", "onnx-fp16")
@@ -60,20 +66,31 @@ def parity_problems(meta: ModelMetadata) -> list[str]:
                             parity.get("accuracy_drop"))
 
 
-def usable_export(model: str, source: ModelMetadata, fmt: str) -> tuple[ModelMetadata | None, str]:
-    """(the `fmt` export's metadata, "") when it can stand in for `source`, else (None, why not)."""
+def usable_export(model: str, source: ModelMetadata,
+                  fmt: str) -> tuple[ModelMetadata | None, str, bool]:
+    """(the `fmt` export's metadata or None, why it cannot stand in for `source`, whether an
+    export is there at all)."""
     uri = export_uri(model, fmt)
-    if not storage.exists(storage.join(uri, "model.json")):
-        return None, f"it has no {fmt} export ({uri})"
+    if not storage.exists(storage.join(uri, METADATA_FILE)):
+        return None, f"it has no {fmt} export ({uri})", False
     meta = load_metadata(uri)
+    why = ""
     if meta.export.get("source_model_version") != source.model_version:
-        return None, (f"its {fmt} export was made from model "
-                      f"{meta.export.get('source_model_version')}, not these weights")
-    if meta.format != fmt:
-        return None, f"{uri} holds a {meta.format} artifact, not {fmt}"
-    if problems := parity_problems(meta):
-        return None, f"its {fmt} export misses the parity tolerance ({'; '.join(problems)})"
-    return meta, ""
+        why = (f"its {fmt} export was made from model "
+               f"{meta.export.get('source_model_version')}, not these weights")
+    elif meta.format != fmt:
+        why = f"{uri} holds a {meta.format} artifact, not {fmt}"
+    elif problems := parity_problems(meta):
+        why = f"its {fmt} export misses the parity tolerance ({'; '.join(problems)})"
+    return (None if why else meta), why, True
+
+
+def stand_in(model: str, source: ModelMetadata, fmt: str, reason: str) -> BackendChoice:
+    """The `fmt` export runs for `model`. The artifact is one unit: its torch weights are
+    hash-checked too, so a damaged folder stops the night even though they do not run (when
+    torch runs, the night's own check loads them)."""
+    read_weights(model, source)
+    return BackendChoice(export_uri(model, fmt), fmt, reason)
 
 
 def remake_hint(model: str, fmt: str) -> str:
@@ -91,10 +108,6 @@ def choose_backend(model: str, requested: str, device: str,
         raise ConfigError(f"--backend {requested!r} is not a backend; valid choices: "
                           f"{', '.join(BACKENDS)}")
     source = load_metadata(model)
-    if source.backend == TORCH_BACKEND:
-        # The artifact is one unit: damaged torch weights stop the night even when an export
-        # would run, since they say the folder is not what was published.
-        read_weights(model, source)
     own = TORCH_BACKEND if source.backend == TORCH_BACKEND else source.format
     if source.backend != TORCH_BACKEND:
         if requested not in ("auto", own):
@@ -105,23 +118,22 @@ def choose_backend(model: str, requested: str, device: str,
     if requested == "torch":
         return BackendChoice(model, TORCH_BACKEND, "--backend torch")
     if requested != "auto":
-        meta, why = usable_export(model, source, requested)
+        meta, why, _ = usable_export(model, source, requested)
         if meta is None:
             raise ConfigError(f"--backend {requested}: model {source.model_version} cannot run "
                               f"it: {why}. Make it: {remake_hint(model, requested)}")
-        return BackendChoice(export_uri(model, requested), requested, f"--backend {requested}")
+        return stand_in(model, source, requested, f"--backend {requested}")
     if device != "cpu":
         return BackendChoice(model, TORCH_BACKEND, f"{device}: the torch weights (bf16 autocast)")
     if torch_options:
         return BackendChoice(model, TORCH_BACKEND,
                              f"{', '.join(torch_options)} given: torch-only options")
-    meta, why = usable_export(model, source, CPU_DEFAULT_FORMAT)
+    meta, why, present = usable_export(model, source, CPU_DEFAULT_FORMAT)
     if meta is None:
-        exists = storage.exists(storage.join(export_uri(model, CPU_DEFAULT_FORMAT), "model.json"))
         warning = (f"model {source.model_version} runs in torch fp32 on cpu because {why}; "
-                   f"remake it: {remake_hint(model, CPU_DEFAULT_FORMAT)}") if exists else ""
+                   f"remake it: {remake_hint(model, CPU_DEFAULT_FORMAT)}") if present else ""
         return BackendChoice(model, TORCH_BACKEND, f"cpu: {why}", warning)
     parity = meta.export["parity"]
-    return BackendChoice(export_uri(model, CPU_DEFAULT_FORMAT), CPU_DEFAULT_FORMAT,
-                         f"cpu: int8 export within its parity tolerance (top-1 agreement "
-                         f"{parity['top1_agreement']:.3f} on {parity['images']} held-out photos)")
+    return stand_in(model, source, CPU_DEFAULT_FORMAT,
+                    f"cpu: int8 export within its parity tolerance (top-1 agreement "
+                    f"{parity['top1_agreement']:.3f} on {parity['images']} held-out photos)")

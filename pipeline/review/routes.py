@@ -6,6 +6,7 @@ one JSON line with its status (a refused image is an empty 403).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,16 @@ def refused(exc: Refused) -> Response:
     if exc.status == 403:
         return Response(status_code=403)  # nothing about the image, not a byte of it
     return JSONResponse({"error": str(exc)}, exc.status)
+
+
+async def jpeg_response(thumbnail: Callable[[Any], bytes], key: Any) -> Response:
+    """A thumbnail made off the event loop, or the refusal (with no bytes) of one outside the
+    URI policy or unknown."""
+    try:
+        jpeg = await run_in_threadpool(thumbnail, key)
+    except Refused as exc:
+        return refused(exc)
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -91,18 +102,10 @@ class Routes:
                              "items": [self.state.view(i) for i in chosen[offset:offset + limit]]})
 
     async def thumb(self, request: Request) -> Response:
-        try:
-            jpeg = await run_in_threadpool(self.state.thumbnail, request.query_params.get("id"))
-        except Refused as exc:
-            return refused(exc)
-        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        return await jpeg_response(self.state.thumbnail, request.query_params.get("id"))
 
     async def iconic(self, request: Request) -> Response:
-        try:
-            jpeg = await run_in_threadpool(self.state.iconic_thumbnail, request.query_params.get("category"))
-        except Refused as exc:
-            return refused(exc)
-        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        return await jpeg_response(self.state.iconic_thumbnail, request.query_params.get("category"))
 
     async def decide(self, request: Request) -> Response:
         try:

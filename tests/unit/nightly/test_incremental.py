@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import RecategorizeConfig
 from pipeline.nightly.recategorize import run
-from tests.conftest import committed_table, write_manifest
+from tests.conftest import catalog_image, committed_table, dated_catalog, write_manifest
 
 # Columns a carried row and a re-scored row must agree on (scores compared with a tolerance).
 COMPARED = ["product_id", "image_uri", "status", "error_type", "predicted_category",
@@ -21,23 +21,13 @@ ROWS = 10
 
 @pytest.fixture
 def catalog(tmp_path, sample_images):
-    """(folder, rows): ROWS real photos under folder/images plus one missing image, by absolute
-    path: each night's manifest lives in its own dated folder, as a scheduler writes them."""
+    """(folder, rows): ROWS real photos plus one missing image, and two spare photos."""
     folder = tmp_path / "catalog"
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for i, src in enumerate(sample_images[:ROWS + 2]):
-        shutil.copyfile(src, folder / "images" / f"{i:02d}.jpg")
-        if i < ROWS:
-            rows.append({"product_id": f"p{i:02d}", "image_uri": image(folder, i),
-                         "current_category": src.parent.name})
-    rows.append({"product_id": "p-missing", "image_uri": str(folder / "images" / "missing.jpg"),
-                 "current_category": None})
-    return folder, rows
+    return folder, dated_catalog(folder, sample_images, ROWS, spare=2)
 
 
 def image(folder, i: int) -> str:
-    return str(folder / "images" / f"{i:02d}.jpg")
+    return catalog_image(folder, i)
 
 
 def night(folder, rows, name: str, out, model: str, **options) -> dict:

@@ -13,7 +13,7 @@ from pipeline.config.nightly import RecategorizeConfig
 from pipeline.errors import ConfigError
 from pipeline.nightly.recategorize import run
 from pipeline.sinks.reviews import Decision, ReviewsTable
-from tests.conftest import committed_table, write_manifest
+from tests.conftest import committed_table, dated_catalog, write_manifest
 
 ROWS = 10
 # Columns a row left alone by the decisions keeps from one night to the next.
@@ -23,18 +23,9 @@ UNCHANGED = ["product_id", "image_uri", "status", "predicted_category", "current
 
 @pytest.fixture
 def catalog(tmp_path, sample_images):
-    """(folder, rows): ROWS real photos under folder/images plus one missing image."""
+    """(folder, rows): ROWS real photos plus one missing image, and one spare photo."""
     folder = tmp_path / "catalog"
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for i, src in enumerate(sample_images[:ROWS + 1]):
-        shutil.copyfile(src, folder / "images" / f"{i:02d}.jpg")
-        if i < ROWS:
-            rows.append({"product_id": f"p{i:02d}", "image_uri": str(folder / "images" / f"{i:02d}.jpg"),
-                         "current_category": src.parent.name})
-    rows.append({"product_id": "p-missing", "image_uri": str(folder / "images" / "missing.jpg"),
-                 "current_category": None})
-    return folder, rows
+    return folder, dated_catalog(folder, sample_images, ROWS, spare=1)
 
 
 def night(folder, rows, name: str, out, model: str, **options) -> dict:
