@@ -94,7 +94,6 @@ def test_a_ray_night_records_the_measured_split(ray_local, small_catalog, tmp_pa
     assert settled and {(c["model_threads"], c["decode_threads"]) for c in settled} <= {
         (s.model, s.decode) for s in options}
     assert len(summary["thread_split"]["trials"]) == len(options)
-    assert sum(c["batches"] for c in choices) >= 1
 
     local = run(RecategorizeConfig(manifest=str(manifest), model=tiny_model,
                                    output=str(tmp_path / "local"), executor="local"))
