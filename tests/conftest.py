@@ -440,7 +440,7 @@ def night_table(run_id: str, categories: dict[str, str]) -> pa.Table:
     schema = rows.OUTPUT_SCHEMA
     ids = sorted(categories)
     n = len(ids)
-    when = dt.datetime(2026, 12, 1, 1, 0, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 12, 1, 1, 0, tzinfo=dt.UTC)
     known = {
         "product_id": ids,
         "image_uri": [f"s3://images/{p}.jpg" for p in ids],

@@ -13,7 +13,7 @@ from pipeline.errors import OutputError
 
 def utc_now() -> dt.datetime:
     """Now, in UTC (the lease's times are compared across hosts)."""
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def iso(t: dt.datetime) -> str:

@@ -67,7 +67,7 @@ REVIEWED_FILE = "reviewed.parquet"
 
 
 def new_run_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def staging_key(cfg: RecategorizeConfig, manifest_uri: str, model_version: str, opts_key: str,

@@ -181,7 +181,7 @@ def append_history(models: str, record: dict[str, Any]) -> None:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def run(cfg: PromoteConfig) -> dict[str, Any]:

@@ -257,7 +257,7 @@ class RunFolderSink:
         run that took it."""
         fence = fence or (lambda: None)
         output = self.output
-        marker = {**marker, "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        marker = {**marker, "committed_at": dt.datetime.now(dt.UTC).isoformat()}
         try:
             previous = self.committed_run()
         except (ValueError, OSError):  # an unreadable marker being replaced under --overwrite

@@ -132,7 +132,7 @@ class OutputFormatter:
         if REVIEWED_COLUMN in batch:  # a person's decision stands over the model's
             marked = np.asarray(batch[REVIEWED_COLUMN], dtype=bool)
             action[marked], reason[marked] = decide.KEEP, decide.REVIEWED
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         columns = {
             "product_id": _strings(batch["product_id"], n),
             "image_uri": _strings(batch["image_uri"], n),

@@ -24,7 +24,7 @@ from pipeline.sinks.stats import (
     table_stats,
 )
 
-NOW = dt.datetime(2024, 5, 1, 2, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2024, 5, 1, 2, 0, tzinfo=dt.UTC)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
