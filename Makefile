@@ -29,5 +29,5 @@ review: install
 	$(PY) -m jobs.review
 
 test: install
-	$(PY) -m ruff check pipeline jobs tests examples
+	$(PY) -m ruff check pipeline jobs tests examples tools
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=10

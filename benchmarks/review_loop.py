@@ -13,7 +13,7 @@ subprocess, from the checkout), into a scratch folder (`--root`, default a new t
 3. night 2: the same catalog into the same output (an incremental night): the reviewed
    products come back keep / reviewed;
 4. retrain: `jobs.train --reviews ROOT/night/reviews` on `manifests/grocery-cal.parquet` with the
-   bundled model's recipe (README, "The bundled model"): the reviewed calibration photos become
+   bundled model's recipe (docs/training.md, "The bundled model"): the reviewed calibration photos become
    training rows of the candidate, the rest of the calibration split fits its thresholds;
 5. promote: `jobs.promote` of the bundled model into an empty ROOT/models (no current model: it
    is promoted), then of the candidate, both measured on the manifest's `val` split, rows that
@@ -64,7 +64,7 @@ CALIBRATION_SPLIT = "calibration"
 HELD_OUT_SPLIT = "val"
 REVIEWER = "scripted-reviewer (true category)"
 REFUSED_EXIT_CODE = 9  # jobs.promote: the candidate was measured and refused
-# The bundled model's training recipe (README, "The bundled model"), less --epochs.
+# The bundled model's training recipe (docs/training.md, "The bundled model"), less --epochs.
 RECIPE = ["--model-name", "efficientnet_lite0", "--weights", "imagenet", "--train-stages", "3",
           "--lr", "2e-3", "--backbone-lr-scale", "0.25", "--warmup-epochs", "0.5"]
 RECIPE_CPUS_PER_WORKER = 2

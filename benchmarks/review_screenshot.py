@@ -1,4 +1,4 @@
-"""A screenshot of the review page in a real headless Chromium, for the README (docs/review.png).
+"""A screenshot of the review page in a real headless Chromium, for docs/review.md (docs/review.png).
 
     python -m jobs.recategorize --output outputs/recategorize --executor local   # a night first
     .venv/bin/python benchmarks/review_screenshot.py --output outputs/recategorize

@@ -7,6 +7,7 @@ import json
 import sys
 
 from jobs._main import run_job
+from pipeline import logs
 from pipeline.config import AuditConfig, parse_args
 
 PROG = "python -m jobs.audit"
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     # torch, Ray, scikit-learn and cleanlab load only once the arguments are good
     from pipeline.analysis.audit import run
 
-    print(json.dumps(run(cfg), indent=2))
+    result = run(cfg)
+    logs.summary(result, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import sys
 
 from jobs._main import run_job
+from pipeline import logs
 from pipeline.config import CalibrateConfig, parse_args
 
 PROG = "python -m jobs.calibrate"
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     # torch and Ray load only once the arguments are good: --help answers at once
     from pipeline.training.recalibrate import run
 
-    print(json.dumps(run(cfg), indent=2))
+    result = run(cfg)
+    logs.summary(result, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

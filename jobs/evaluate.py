@@ -8,6 +8,7 @@ import json
 import sys
 
 from jobs._main import run_job
+from pipeline import logs
 from pipeline.config import EvaluateConfig, parse_args
 
 PROG = "python -m jobs.evaluate"
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         robust = metrics["robustness"]
         out["robustness"] = {r["condition"]: r["accuracy"] for r in robust["conditions"]} | {
             "mean_corruption_accuracy": robust["mean_corruption_accuracy"]}
-    print(json.dumps(out | {"output": cfg.output}, indent=2))
+    result = out | {"output": cfg.output}
+    logs.summary(result, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

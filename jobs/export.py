@@ -11,6 +11,7 @@ import json
 import sys
 
 from jobs._main import run_job
+from pipeline import logs
 from pipeline.config import ExportConfig, parse_args
 
 PROG = "python -m jobs.export"
@@ -22,10 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.inference.export import export, output_of
 
     meta = export(cfg)
-    print(json.dumps({"output": output_of(cfg), "format": meta["export"]["format"],
-                      "model_version": meta["model_version"],
-                      "source_model_version": meta["export"]["source_model_version"],
-                      "parity": meta["export"]["parity"]}, indent=2))
+    result = {"output": output_of(cfg), "format": meta["export"]["format"],
+              "model_version": meta["model_version"],
+              "source_model_version": meta["export"]["source_model_version"],
+              "parity": meta["export"]["parity"]}
+    logs.summary(result, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from jobs._main import run_job
+from pipeline import logs
 from pipeline.config import MakeManifestConfig, parse_args
 
 PROG = "python -m jobs.make_manifest"
@@ -18,9 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     splits = tuple(s.strip() for s in cfg.splits.split(",") if s.strip())
     rows, held = make_manifest(cfg.source, cfg.output, cfg.layout, splits, cfg.holdout_categories,
                                cfg.holdout_seed, cfg.calibration_share)
-    print(f"wrote {rows} rows to {cfg.output}")
+    text = f"wrote {rows} rows to {cfg.output}"
     if held:
-        print(f"held out {len(held)} categories ({', '.join(held)}) in {holdout_uri(cfg.output)}")
+        text += f"\nheld out {len(held)} categories ({', '.join(held)}) in {holdout_uri(cfg.output)}"
+    logs.summary({"rows": rows, "output": cfg.output, "held_out_categories": held}, text)
 
 
 if __name__ == "__main__":

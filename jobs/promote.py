@@ -9,6 +9,7 @@ import json
 import sys
 
 from jobs._main import run_job
+from pipeline import logs
 from pipeline.config import parse_args
 from pipeline.config.promote import PromoteConfig
 
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     # torch and Ray load only once the arguments are good: --help answers at once
     from pipeline.review.promote import run
 
-    print(json.dumps(run(cfg), indent=2, default=str))
+    result = run(cfg)
+    logs.summary(result, json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

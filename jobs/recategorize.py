@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from jobs._main import run_job
+from pipeline import logs
 from pipeline.config import RecategorizeConfig, parse_args
 
 PROG = "python -m jobs.recategorize"
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     # torch and Ray load only once the arguments are good: --help answers at once
     from pipeline.nightly.recategorize import format_summary, run
 
-    print(format_summary(run(cfg)))
+    summary = run(cfg)
+    logs.summary(summary, format_summary(summary))
 
 
 if __name__ == "__main__":

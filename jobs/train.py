@@ -6,6 +6,7 @@ import json
 import sys
 
 from jobs._main import run_job
+from pipeline import logs
 from pipeline.config import TrainConfig, parse_args
 
 PROG = "python -m jobs.train"
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = run(cfg)
     summary.pop("history", None)
     summary.pop("config", None)
-    print(json.dumps(summary, indent=2))
+    logs.summary(summary, json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from enum import IntEnum
 
 class ExitCode(IntEnum):
     """Every exit code a job returns, defined once: the error classes below take theirs from
-    here, every job's --help lists them (`EXIT_MEANINGS`), and a test checks the README's table
-    against them."""
+    here, every job's --help lists them (`EXIT_MEANINGS`), and a test checks the table in
+    docs/reference.md against them."""
 
     SUCCESS = 0
     OTHER = 1

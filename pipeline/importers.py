@@ -132,6 +132,7 @@ def make_manifest(source: str, output: str, layout: str = "auto",
                   splits: tuple[str, ...] = ("train", "val"), holdout_categories: int = 0,
                   holdout_seed: int = 0, calibration_share: float = 0.0) -> tuple[int, list[str]]:
     """Write the manifest; returns its row count and the held-out categories."""
+    storage.check_writable(storage.parent(output))  # before the scan: exit 5, nothing written
     if layout == "auto":
         layout = "grocery-store" if (Path(source) / "classes.csv").exists() else "folders"
     rows = grocery_store_rows(source, list(splits)) if layout == "grocery-store" else folder_rows(source)

@@ -154,7 +154,7 @@ def remove(uri: str, recursive: bool = True) -> None:
     if is_local(uri):
         # Not fsspec's LocalFileSystem.rm: it compares every folder it removes with
         # os.getcwd(), which raises once the process's current folder is deleted, as a Ray
-        # job's unpacked --working-dir can be under it (README, "Guarantees").
+        # job's unpacked --working-dir can be under it (docs/guarantees.md).
         path = local_path(uri)
         if os.path.isdir(path) and not os.path.islink(path):
             if not recursive:

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from pipeline import logs
 from pipeline.config.options import REPO_ROOT
 from pipeline.errors import EXIT_MEANINGS, ConfigError
 
@@ -131,6 +132,13 @@ def build_parser(cls: type[BaseModel], description: str, prog: str | None = None
         help="YAML file setting any option below (keys: option names with underscores); flags "
         "override it.",
     )
+    # How the job prints, not what it does: read by jobs._main before parsing (pipeline.logs).
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=None,
+                        help="text: lines for a person; json: one JSON object per line (event, "
+                        "run id, counts, durations) for a log store. Default: $CATALOG_LOG_FORMAT, "
+                        "else text.")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="on an error, print its traceback after the one-line message")
     for name, field in cls.model_fields.items():
         kind, choices = _flag_type(field.annotation)
         help_text = (field.description or "").replace("%", "%%")
@@ -148,7 +156,7 @@ def build_parser(cls: type[BaseModel], description: str, prog: str | None = None
 
 # Options naming local files or folders: made absolute when the job's arguments are parsed, so
 # that nothing later depends on the job's current folder (which Ray may delete under a job
-# submitted with --working-dir; README, "Guarantees and failure modes").
+# submitted with --working-dir; docs/guarantees.md).
 PATH_FIELDS = ("manifest", "model", "output", "review_threshold_from", "dataset_root", "exclude",
                "checkpoint_path", "source", "calibration_source")
 # Options that take a path or a name (imagenet, a weights name): made absolute only when a
@@ -214,6 +222,8 @@ def parse_args(cls: type[C], argv: list[str] | None, description: str,
     args = vars(namespace)
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
+    args.pop("log_format", None)
+    args.pop("debug", None)
     file_keys: set[str] = set()
     if config_file:
         from pipeline import storage

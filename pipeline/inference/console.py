@@ -53,6 +53,8 @@ def quiet_ray_data() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Its "Progress bars disabled" warning: they were disabled here, on purpose.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and \
                 not isinstance(handler, logging.FileHandler):

@@ -373,3 +373,9 @@ def check_output(output: str, overwrite: bool) -> None:
     if storage.exists(storage.join(output, METADATA_FILE)) and not overwrite:
         raise ConfigError(f"--output {output} already holds a model artifact; choose another "
                           "folder or pass --overwrite")
+    # Not writable is exit 5 now, before any work; a folder made for the probe goes again, so
+    # a refused export leaves nothing behind.
+    made = not storage.exists(output)
+    storage.check_writable(output)
+    if made and storage.is_local(output):
+        storage.remove(output, recursive=True)

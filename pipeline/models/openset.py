@@ -9,7 +9,7 @@ is often forced, confidently, into the nearest known category. Scores, all from 
   the artifact stores the centroids (`open_set.safetensors`).
 - energy (Liu et al., NeurIPS 2020): -T * logsumexp(logits / T), from the logits alone;
 - max_logit, max_softmax: the negated largest logit or probability (the plain baseline).
-BENCHMARKS.md / the README compare them with categories held out of training.
+BENCHMARKS.md and docs/training.md compare them with categories held out of training.
 
 An artifact carries the score kind and a threshold set on its validation images so that
 `KNOWN_KEEP_SHARE` of familiar products stay below it; products above it go to review.

@@ -3,8 +3,7 @@ the device is looked up here, before the night starts, only as far as the choice
 
 from __future__ import annotations
 
-import sys
-
+from pipeline import logs
 from pipeline.config import RecategorizeConfig
 from pipeline.inference import engine
 from pipeline.models.backends import BackendChoice, choose_backend
@@ -32,5 +31,5 @@ def night_backend(cfg: RecategorizeConfig) -> BackendChoice:
                                                ("--compile", cfg.compile)) if given]
     choice = choose_backend(cfg.model, cfg.backend, night_device(cfg), torch_only)
     if choice.warning:
-        print(f"warning: {choice.warning}", file=sys.stderr, flush=True)
+        logs.warning(choice.warning)
     return choice

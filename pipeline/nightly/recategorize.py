@@ -26,7 +26,6 @@ import datetime as dt
 import functools
 import hashlib
 import json
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import logs, storage
 from pipeline.catalog import Manifest, manifest_files, validate_manifest
 from pipeline.config import RecategorizeConfig
 from pipeline.errors import ConfigError, ErrorBudgetError, OutputError
@@ -95,12 +94,11 @@ def load_artifact_checked(cfg: RecategorizeConfig):
     meta = verify_artifact(cfg.model)
     check_backend_options(meta, cfg.precision, cfg.compile)
     if not meta.decisions:
-        print(
-            f"warning: model {meta.model_version} has no fitted decision thresholds ('decisions' in "
+        logs.warning(
+            f"model {meta.model_version} has no fitted decision thresholds ('decisions' in "
             f"model.json): rows are decided with conservative defaults ({decide.FALLBACK}), so "
             "most disagreements go to review. Fit them on held-out labelled rows: python -m "
-            f"jobs.calibrate --model {cfg.model} --manifest LABELLED_MANIFEST --output NEW_MODEL",
-            file=sys.stderr, flush=True)
+            f"jobs.calibrate --model {cfg.model} --manifest LABELLED_MANIFEST --output NEW_MODEL")
     return meta
 
 
@@ -126,10 +124,9 @@ def table_run_split(held: dict[str, Any] | None,
     parquet_run = (previous or {}).get("run_id")
     if table_run == parquet_run or table_run is None:
         return None
-    print(f"warning: Iceberg table {held['table']} is at run {table_run} while the "
-          f"output's _SUCCESS names run {parquet_run}: a run stopped between its table commit "
-          "and its Parquet commit. This night commits both, which brings them together again",
-          file=sys.stderr, flush=True)
+    logs.warning(f"Iceberg table {held['table']} is at run {table_run} while the output's "
+                 f"_SUCCESS names run {parquet_run}: a run stopped between its table commit and "
+                 "its Parquet commit. This night commits both, which brings them together again")
     return {"table_run_id": table_run, "parquet_run_id": parquet_run}
 
 
@@ -144,8 +141,10 @@ class Phases:
     def mark(self, name: str) -> None:
         """The time since the previous mark is `name`'s."""
         now = time.perf_counter()
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        took = now - self._last
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + took, 3)
         self._last = now
+        logs.event("phase", f"{name}: {took:.1f} s", phase=name, seconds=round(took, 3))
 
 
 def run(cfg: RecategorizeConfig) -> dict:
@@ -253,6 +252,7 @@ def run_night(cfg: RecategorizeConfig, held: contextlib.ExitStack, choice: Backe
     run_id = night.folder.stage(staging_key(cfg, night.manifest.uri, night.meta.model_version,
                                             opts, night.previous), cfg.run_id or new_run_id())
     lease.renew(run_id)  # the lease names the run from here on
+    logs.bind(run_id=run_id)
     reviewed, in_force = keep_decisions(night.decisions, night.folder.plan_folder())
     phases.mark("check output")
 

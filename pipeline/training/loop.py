@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from pipeline.config import TrainConfig
 from pipeline.models.registry import freeze_batchnorm_stats, get_spec
 from pipeline.models.transforms import EvalPreset, TrainPreset, norm_tensors, to_model_input
+from pipeline.training import progress
 from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.recipe import (
     Adversarial,
@@ -264,6 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     w = setup_worker(config)
     cfg = w.cfg
+    lines = config.get("progress")  # the driver's queue (pipeline.training.progress)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     preset, eval_preset = presets(cfg)
@@ -278,23 +280,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(epoch=epoch, lr=w.scheduler.get_last_lr()[0], planned_epochs=w.plan.epochs,
                        epoch_time_s=time.perf_counter() - epoch_start, early_stopped=stop)
         if w.rank == 0:
-            print_progress(metrics, w.plan.epochs,
+            print_progress(lines, metrics, w.plan.epochs,
                            elapsed / (epoch + 1 - w.start_epoch) * (w.plan.epochs - epoch - 1))
         report_epoch(w, metrics, epoch)
         if stop:
             if w.rank == 0:
-                print(f"early stopping: {cfg.monitor} did not improve for "
-                      f"{cfg.early_stopping_patience} epochs (best {w.stopper.best:.4f})", flush=True)
+                progress.send(lines, "early_stop", f"early stopping: {cfg.monitor} did not improve "
+                              f"for {cfg.early_stopping_patience} epochs (best "
+                              f"{w.stopper.best:.4f})", monitor=cfg.monitor, best=w.stopper.best,
+                              patience=cfg.early_stopping_patience)
             break
         epoch += 1
 
 
-def print_progress(metrics: dict, epochs: int, left_s: float) -> None:
-    """One line per epoch a person can follow: loss, accuracy, learning rate, speed, time left."""
+EPOCH_FIELDS = ("train_loss", "train_accuracy", "val_accuracy", "val_coarse_accuracy", "val_loss",
+                "lr", "train_images_per_s", "epoch_time_s")
+
+
+def print_progress(lines: Any, metrics: dict, epochs: int, left_s: float) -> None:
+    """One line per epoch a person can follow: loss, accuracy, learning rate, speed, time left
+    (printed by the driver, through `lines`)."""
     coarse = (f" coarse {metrics['val_coarse_accuracy']:.3f}"
               if "val_coarse_accuracy" in metrics else "")
-    print(f"epoch {metrics['epoch'] + 1}/{epochs} loss {metrics['train_loss']:.3f} "
-          f"train_acc {metrics['train_accuracy']:.3f} val_acc {metrics['val_accuracy']:.3f}"
-          f"{coarse} val_loss {metrics['val_loss']:.3f} lr {metrics['lr']:.2e} "
-          f"{metrics['train_images_per_s']:.0f} img/s epoch {metrics['epoch_time_s']:.0f}s "
-          f"left ~{left_s / 60:.1f} min", flush=True)
+    text = (f"epoch {metrics['epoch'] + 1}/{epochs} loss {metrics['train_loss']:.3f} "
+            f"train_acc {metrics['train_accuracy']:.3f} val_acc {metrics['val_accuracy']:.3f}"
+            f"{coarse} val_loss {metrics['val_loss']:.3f} lr {metrics['lr']:.2e} "
+            f"{metrics['train_images_per_s']:.0f} img/s epoch {metrics['epoch_time_s']:.0f}s "
+            f"left ~{left_s / 60:.1f} min")
+    numbers = {k: float(metrics[k]) for k in EPOCH_FIELDS if k in metrics}
+    progress.send(lines, "epoch", text, epoch=metrics["epoch"] + 1, epochs=epochs,
+                  left_s=round(left_s, 1), **numbers)

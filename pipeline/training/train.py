@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import storage
+from pipeline import logs, storage
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, TrainingError
+from pipeline.inference import console
 from pipeline.models.registry import create_model, get_spec
 from pipeline.training.checkpoint import RUN_NAME, check_resume, checkpoint_root, pick_best
 from pipeline.training.data import (
@@ -34,6 +35,7 @@ from pipeline.training.data import (
 )
 from pipeline.training.finalize import Decoded, fit_calibration, training_summary, write_artifact
 from pipeline.training.loop import train_loop_per_worker
+from pipeline.training.progress import EpochLines
 from pipeline.training.recipe import monitor_mode, start_record
 
 # Ray Train settings the driver passes on to the controller and workers (Ray Train reads them
@@ -75,18 +77,22 @@ def decode_splits(cfg: TrainConfig, data: LabelledData) -> Decoded:
                        if data.calibration is not None else (None, 0))
     val_classes = len(pc.unique(data.val.column("label")))
     cal_rows = data.calibration.num_rows if data.calibration is not None else 0
-    print(f"data: {data.train.num_rows} train rows ({train_bad} unreadable), {data.val.num_rows} "
-          f"val rows ({val_bad} unreadable), {cal_rows} calibration rows ({cal_bad} unreadable), "
-          f"{len(data.classes)} classes ({val_classes} of them in val)", flush=True)
+    logs.event("data", f"data: {data.train.num_rows} train rows ({train_bad} unreadable), "
+               f"{data.val.num_rows} val rows ({val_bad} unreadable), {cal_rows} calibration rows "
+               f"({cal_bad} unreadable), {len(data.classes)} classes ({val_classes} of them in "
+               "val)", train_rows=data.train.num_rows, train_unreadable=train_bad,
+               val_rows=data.val.num_rows, val_unreadable=val_bad, calibration_rows=cal_rows,
+               calibration_unreadable=cal_bad, classes=len(data.classes), val_classes=val_classes)
     return Decoded(train_ds, val_ds, cal_ds, train_bad, val_bad, cal_bad)
 
 
 def fit(cfg: TrainConfig, data: LabelledData, decoded: Decoded, fine_to_coarse: list[int] | None,
         num_coarse: int, device: str, ckpt_root: str):
     """Run `train_loop_per_worker` on Ray Train's workers; returns Ray Train's result."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    lines = EpochLines()
     counts = np.bincount(data.train.column("label").to_numpy(), minlength=len(data.classes))
     ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt_root)
     trainer = TorchTrainer(
@@ -94,7 +100,8 @@ def fit(cfg: TrainConfig, data: LabelledData, decoded: Decoded, fine_to_coarse: 
         train_loop_config={"cfg": cfg.model_dump(), "classes": data.classes,
                            "fine_to_coarse": fine_to_coarse, "num_coarse": num_coarse,
                            "class_counts": counts.tolist(),
-                           "train_rows": data.train.num_rows - decoded.train_bad},
+                           "train_rows": data.train.num_rows - decoded.train_bad,
+                           "progress": lines.queue},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=device == "cuda",
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      placement_strategy=cfg.placement_strategy),
@@ -102,13 +109,18 @@ def fit(cfg: TrainConfig, data: LabelledData, decoded: Decoded, fine_to_coarse: 
             name=RUN_NAME, storage_path=ckpt_path, storage_filesystem=ckpt_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
                                                checkpoint_score_attribute=cfg.monitor,
-                                               checkpoint_score_order=monitor_mode(cfg.monitor))),
+                                               checkpoint_score_order=monitor_mode(cfg.monitor)),
+            # Off a terminal, Ray Train's own INFO lines (worker group start-up, each checkpoint
+            # and report) say nothing a scheduler's log needs; its warnings stay.
+            logging_config=LoggingConfig(log_level="WARNING" if console.plain() else "INFO")),
         datasets={"train": decoded.train, "val": decoded.val},
     )
     try:
         return trainer.fit()
     except Exception as exc:  # Ray wraps worker failures; keep the cause chained
         raise TrainingError(f"training failed: {exc}") from exc
+    finally:
+        lines.close()
 
 
 def load_best(cfg: TrainConfig, num_classes: int, checkpoint) -> nn.Module:

@@ -1,5 +1,5 @@
 """Job-level problems stop the job before it writes anything, with a message naming the problem
-and the exit code the README lists. Real files, no Ray (every check runs before Ray starts)."""
+and the exit code docs/reference.md lists. Real files, no Ray (every check runs before Ray starts)."""
 
 import shutil
 

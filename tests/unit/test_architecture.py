@@ -78,7 +78,7 @@ def test_pipeline_modules_import_no_cycle():
 
 
 # The library module behind each job that reads images: each must build its plan with the
-# scoring engine (README, "Architecture"), so every job shares the URI policy and the limits.
+# scoring engine (docs/architecture.md), so every job shares the URI policy and the limits.
 IMAGE_JOBS = {"recategorize": "nightly.recategorize", "evaluate": "analysis.evaluate",
               "embed": "training.embeddings", "audit": "analysis.audit",
               "calibrate": "training.recalibrate", "export": "inference.export",
@@ -115,7 +115,7 @@ def test_every_job_that_reads_images_scores_through_the_engine():
 # The layer order, lowest first: a module imports only its own layer or lower ones. Model-level
 # code (images, models) never reaches inference, nightly, training or analysis.
 LAYERS = [
-    {"__init__", "errors", "storage", "catalog", "importers", "config", "pages"},
+    {"__init__", "errors", "logs", "storage", "catalog", "importers", "config", "pages"},
     {"images"},
     {"models"},
     {"sinks"},

@@ -125,7 +125,7 @@ def test_all_refused_fails_fast_and_leaves_last_night_current(ray_local, small_c
         assert "stopped early" in line and "were all fetch_failed errors" in line and REFUSED in line
         assert "--allowed-uri-prefixes" in line and "previous run stays current" in line
         assert published(out) == before, attempt
-        assert not (out / "_staging").exists()  # the README: no staging left behind
+        assert not (out / "_staging").exists()  # docs/guarantees.md: no staging left behind
 
     # The fix the message names works.
     code, stdout, err = job(capsys, "--manifest", moved, *common,

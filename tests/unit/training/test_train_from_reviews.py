@@ -12,6 +12,7 @@ import pytest
 
 from jobs._main import run_job
 from jobs.train import main as train_main
+from pipeline import logs
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.importers import make_manifest
@@ -134,7 +135,9 @@ def test_relative_reviews_path_is_recorded_absolute(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_training_with_reviews_records_the_reviewed_rows(ray_local, grocery_root, tmp_path):
+def test_training_with_reviews_records_the_reviewed_rows(ray_local, grocery_root, tmp_path,
+                                                         capfd, monkeypatch):
+    monkeypatch.setenv(logs.FORMAT_ENV, "text")  # restored after: --log-format json sets it
     full = tmp_path / "full.parquet"
     make_manifest(str(grocery_root), str(full))
     table = pq.read_table(full).to_pylist()
@@ -154,8 +157,17 @@ def test_training_with_reviews_records_the_reviewed_rows(ray_local, grocery_root
     code = run_job(train_main, [
         "--manifest", str(manifest), "--reviews", str(tmp_path / "reviews"), "--output",
         str(out), "--epochs", "1", "--input-size", "64", "--batch-size", "8",
-        "--calibration-fraction", "0", "--dataset-root", str(grocery_root)])
+        "--calibration-fraction", "0", "--dataset-root", str(grocery_root),
+        "--log-format", "json"])
     assert code == 0
+    # --log-format json: the job's own lines are JSON objects, the epoch line printed by the
+    # driver (not a worker's prefixed print); Ray Train's INFO lines are off.
+    printed, err = capfd.readouterr()
+    events = [json.loads(line) for line in (err + printed).splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events if e["event"] != "warning"] == ["data", "epoch", "summary"]
+    assert events[1]["epoch"] == 1 and events[1]["job"] == "jobs.train"
+    assert 0 <= events[1]["val_accuracy"] <= 1
+    assert "Checkpoint successfully created" not in err and "epoch 1/1" not in printed + err
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["train_rows"] == 12 * 3 + 1 and summary["unreadable_rows"] == 0
     assert summary["reviews"]["train_rows"] == 3 and summary["reviews"]["relabelled"] == 2
