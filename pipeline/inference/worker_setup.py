@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import warnings
 
 # Ray Train 2.60 starts a PlacementGroupCleaner actor that asks the State API, every few
@@ -20,6 +22,20 @@ PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.pl
 EXCLUDE_RESOURCES_WARNING = r".*ExecutionOptions\.exclude_resources.*"
 
 
+# Ray Train 2.60's worker logs "Reporting training result N: TrainingReport(...)" at INFO for
+# every epoch, on a logger named after its source file (so RunConfig's LoggingConfig, which
+# filters `ray.train` loggers, misses it). The job prints its own line per epoch, with the numbers.
+TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
+
+
+def train_report_logger() -> str:
+    """The file-named logger of Ray Train's per-report line, without importing Ray Train."""
+    spec = importlib.util.find_spec("ray")
+    return os.path.join(os.path.dirname(spec.origin), *TRAIN_REPORT_MODULE) if spec else ""
+
+
 def quiet_local_worker() -> None:
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    if name := train_report_logger():
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_WARNING)

@@ -89,7 +89,7 @@ class LocalCluster:
     def submit(self, submission_id: str, entrypoint: list[str],
                options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         """`ray job submit`, waiting for the end and streaming the job's logs, as a cron job does;
-        run from the checkout's root, as the README's commands are."""
+        run from the checkout's root, as the docs' commands are."""
         return subprocess.run(
             [RAY, "job", "submit", "--address", self.dashboard, "--submission-id", submission_id,
              *options, "--", *entrypoint],
@@ -253,24 +253,34 @@ def test_gpu_node_without_cuda_fails_the_job_early(ray_cluster, small_catalog, t
     assert not (out / "_SUCCESS").exists() and not (out / "predictions").exists()
 
 
-def test_recategorize_job_places_decode_on_cpu_node_and_inference_on_gpu_node(
+def test_recategorize_job_with_working_dir_decodes_on_cpu_node_infers_on_gpu_node_and_commits(
         ray_cluster, small_catalog, tiny_model, tmp_path):
+    """`ray job submit --working-dir .`, as docs/cluster.md says for code not yet released: decode
+    runs on the CPU node (the `decode` resource), inference on the GPU node, and the night
+    commits. The GPU node's agent unpacks the package again into the folder the driver runs in
+    (shared here, as on any one machine), so the driver's current directory is gone by the
+    commit. (One job for both: a second submission, without --working-dir, would run the same
+    placement again; jobs submitted without it are test_gpu_node_without_cuda_fails_the_job_early
+    and test_training_spreads_workers_over_both_nodes.)"""
     manifest, rows_in, expected_errors = small_catalog
     out = tmp_path / "out"
     done = ray_cluster.submit("recategorize-nightly",
-                              _recategorize(manifest, tiny_model, out, "--allow-cpu-fallback"))
+                              _recategorize(manifest, tiny_model, out, "--allow-cpu-fallback"),
+                              options=("--working-dir", "."))
 
-    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     info = ray_cluster.job("recategorize-nightly")
     assert info["status"] == "SUCCEEDED", info["message"]
-    table = pq.read_table(out / "predictions")
-    assert table.num_rows == rows_in
+    assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
+    table = committed_table(out)
     assert sorted(table.column("product_id").to_pylist()) == sorted(
         pq.read_table(manifest).column("product_id").to_pylist())
+    assert pq.read_table(out / "predictions").num_rows == table.num_rows == rows_in
     errors = {r["product_id"]: r["error_type"] for r in table.to_pylist() if r["status"] == "error"}
     assert errors == expected_errors
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] == rows_in and summary["device"] == "cuda"
+    assert not list(out.glob("_staging/*"))  # the run's staging is removed at publish
     assert f"inference actor on node {ray_cluster.gpu_node}" in done.stdout + done.stderr
 
     job_id = info["job_id"]
@@ -281,30 +291,8 @@ def test_recategorize_job_places_decode_on_cpu_node_and_inference_on_gpu_node(
                  if "ScoringActor" in (a.get("repr_name") or a.get("name") or "")]
     assert inference and {a["node_id"] for a in inference} == {ray_cluster.gpu_node}
 
-
-def test_recategorize_submitted_with_working_dir_commits(ray_cluster, small_catalog, tiny_model,
-                                                        tmp_path):
-    """`ray job submit --working-dir .`, as the README says for code not yet released. The GPU
-    node's agent unpacks the package again into the folder the driver runs in (shared here, as
-    on any one machine), so the driver's current directory is gone by the commit."""
-    manifest, rows_in, expected_errors = small_catalog
-    out = tmp_path / "out"
-    done = ray_cluster.submit("recategorize-working-dir",
-                              _recategorize(manifest, tiny_model, out, "--allow-cpu-fallback"),
-                              options=("--working-dir", "."))
-
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    info = ray_cluster.job("recategorize-working-dir")
-    assert info["status"] == "SUCCEEDED", info["message"]
-    assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
-    table = committed_table(out)
-    assert sorted(table.column("product_id").to_pylist()) == sorted(
-        pq.read_table(manifest).column("product_id").to_pylist())
-    errors = {r["product_id"]: r["error_type"] for r in table.to_pylist() if r["status"] == "error"}
-    assert errors == expected_errors and table.num_rows == rows_in
-    assert json.loads((out / "summary.json").read_text())["rows"] == rows_in
-    assert not list(out.glob("_staging/*"))  # the run's staging is removed at publish
-    # The case this test is for happened: an agent removed the unpacked package to unpack it again.
+    # The case --working-dir is here for happened: an agent removed the unpacked package to
+    # unpack it again.
     package = info["runtime_env"]["working_dir"].removeprefix("gcs://").removesuffix(".zip")
     agent_logs = "".join(p.read_text(errors="replace") for p in
                          Path(ray_cluster.temp_dir).glob("session_*/logs/runtime_env*.log"))

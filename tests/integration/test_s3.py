@@ -1,8 +1,10 @@
-"""The jobs against a real S3-compatible server (moto) on loopback, and the same test locally.
+"""The jobs against a real S3-compatible server (moto) on loopback.
 
 Manifest, images and output all live in the bucket; Ray workers reach it through the AWS
 environment set for the whole test session (tests/conftest.py). Credentials never reach the
-outputs or the job's output streams.
+outputs or the job's output streams. The same night on local storage is
+tests/unit/nightly/test_recategorize.py (test_end_to_end on Ray, and the rerun that carries rows
+forward and keeps the previous run readable).
 """
 
 import shutil
@@ -61,24 +63,13 @@ def read_all(uri: str) -> bytes:
     return b"".join(chunks)
 
 
-@pytest.fixture(params=["local", "s3"])
-def location(request, tmp_path):
-    """Where the catalog and the output live: a local folder or a fresh bucket."""
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_bucket")
-
-
 @pytest.mark.slow
-def test_recategorize_end_to_end(ray_local, location, tmp_path, sample_images, tiny_model,
+def test_recategorize_end_to_end(ray_local, s3_bucket, tmp_path, sample_images, tiny_model,
                                  capsys):
     expected = local_catalog(tmp_path / "catalog", sample_images)
-    catalog = storage.join(location, "catalog")
-    if location.startswith("s3://"):
-        upload_tree(tmp_path / "catalog", catalog)
-    else:
-        shutil.copytree(tmp_path / "catalog", catalog)
-    output = storage.join(location, "out")
+    catalog = storage.join(s3_bucket, "catalog")
+    upload_tree(tmp_path / "catalog", catalog)
+    output = storage.join(s3_bucket, "out")
     args = ["--manifest", storage.join(catalog, "manifest.parquet"), "--model", tiny_model,
             "--output", output, "--batch-size", "16", "--executor", "ray"]  # workers on S3
 

@@ -156,3 +156,24 @@ def test_a_fifo_in_the_manifest_folder_is_an_error_row_not_a_hang(tmp_path):
     with pytest.raises(ImageError, match="not a regular file") as caught:
         fetch_bytes(str(fifo), 1000, retries=0, policy=policy, timeout=1)
     assert caught.value.error_type == "fetch_failed"
+
+
+def test_every_job_starts_from_the_nightly_jobs_policy(tmp_path):
+    """The labelled-data jobs' policy is the nightly job's plus --dataset-root, and
+    `--dataset-root ''` makes it the nightly job's exactly (docs/guarantees.md)."""
+    from pipeline.config import EvaluateConfig, RecategorizeConfig, TrainConfig
+    from pipeline.inference.engine import ImageSettings
+
+    catalog = str(tmp_path / "catalog")
+
+    def policy(cfg) -> UriPolicy:
+        return ImageSettings.from_config(cfg, 64, catalog).policy
+
+    nightly = policy(RecategorizeConfig())
+    for job in (EvaluateConfig, TrainConfig):
+        assert policy(job(dataset_root="")) == nightly
+        widened = policy(job(dataset_root=str(tmp_path / "dataset")))
+        assert set(widened.prefixes) == set(nightly.prefixes) | {str(tmp_path / "dataset")}
+        widened.check_uri(str(tmp_path / "dataset" / "a.jpg"))
+        with pytest.raises(ImageError, match="outside the allowed prefixes"):
+            policy(job(dataset_root="")).check_uri(str(tmp_path / "dataset" / "a.jpg"))

@@ -147,16 +147,19 @@ def test_export_refuses_disagreement_beyond_tolerance_and_writes_nothing(tiny_mo
 
 
 @pytest.mark.slow
-def test_export_job_exits_4_on_disagreement_naming_the_tolerance(tiny_model, tmp_path):
+def test_export_job_exits_4_on_disagreement_naming_the_tolerance(tiny_model, tmp_path, capsys):
+    # In this process: `python -m jobs.export` is `sys.exit(run_job(main))`, so run_job's
+    # return value is the job's exit code (tests/integration/test_exit_codes_cli.py gets exit
+    # code 4 through `python -m jobs.export`); a new interpreter would only import torch and
+    # onnxruntime again.
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.export", "--model", tiny_model, "--format", "onnx-int8",
-         "--output", str(out), "--calibration-source", str(SAMPLE_DIR / "images"),
-         "--calibration-images", "16", "--max-logit-error", "1e-9"],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 4, proc.stderr[-2000:]
-    assert "refusing to write the onnx-int8 export" in proc.stderr
-    assert "max_logit_error" in proc.stderr and not out.exists()
+    code, err = _job_exit(
+        ["--model", tiny_model, "--format", "onnx-int8", "--output", str(out),
+         "--calibration-source", str(SAMPLE_DIR / "images"), "--calibration-images", "16",
+         "--max-logit-error", "1e-9"], capsys)
+    assert code == 4, err[-2000:]
+    assert "refusing to write the onnx-int8 export" in err
+    assert "max_logit_error" in err and not out.exists()
 
 
 def _job_exit(argv: list[str], capsys) -> tuple[int, str]:

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -13,6 +14,7 @@ from pipeline.images.preprocess import Preprocessor
 from pipeline.models import decide
 from pipeline.models.artifact import load_metadata
 from pipeline.nightly.recategorize import choose_executor, run
+from pipeline.sinks.parquet import committed_files
 from pipeline.sinks.rows import OUTPUT_SCHEMA
 from tests.conftest import SAMPLE_DIR
 
@@ -141,11 +143,17 @@ def test_rerun_commits_a_new_run_and_a_new_manifest_is_the_normal_case(ray_local
     out = tmp_path / "out"
     cfg = RecategorizeConfig(manifest=str(manifest), model=tiny_model, output=str(out))
     first = run(cfg)
+    files = committed_files(str(out))
     second = run(cfg)
     assert first["run_id"] != second["run_id"]
     assert (second["rows_carried"], second["rows_rescored"]) == (n - len(expected), len(expected))
     table = pq.read_table(out / "predictions")
     assert table.num_rows == n and set(table.column("run_id").to_pylist()) == {second["run_id"]}
+    # The old run stays readable until the run after next (the same on S3:
+    # tests/integration/test_s3.py::test_recategorize_end_to_end).
+    assert json.loads((out / "_SUCCESS").read_text())["run_id"] == second["run_id"]
+    assert files and all(Path(f).exists() for f in files)
+    assert {p.name for p in (out / "runs").iterdir()} == {first["run_id"], second["run_id"]}
 
     # Tomorrow's manifest at a new path with fewer products: committed, the rest gone.
     other = tmp_path / "other.parquet"

@@ -128,6 +128,12 @@ def test_a_decision_for_a_manifest_image_version_and_a_catalog_that_applied_it(
     row = by_product(out)[pid]
     assert (row["action"], row["action_reason"], row["current_category"]) == ("keep", "reviewed", "Kiwi")
     assert second["rows_carried"] == ROWS - 1
+    if executor == "ray":
+        # What Ray adds, a decision applied in the actor to its read-only batches, is shown.
+        # The version check below is the same code on either executor (the night's plan and
+        # sinks.rows.OutputFormatter.prepare, which leaves a batch with no decided row as it
+        # is): the [local] case shows it, a night less on Ray.
+        return
     # the manifest's next image version voids it
     newer = [{**r, "image_version": "v2"} if r["product_id"] == pid else r for r in applied]
     night(folder, newer, "n3", out, tiny_model, reviews=str(reviews), **options)
