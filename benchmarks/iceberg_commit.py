@@ -63,7 +63,7 @@ def night(n: int, run_id: str, changed: np.ndarray | None = None) -> pa.Table:
         pa.array(np.arange(0, n * TOP_K + 1, TOP_K, dtype=np.int32)),
         pa.StructArray.from_arrays([names.take(pa.array(top_index.reshape(-1))),
                                     pa.array(scores.reshape(-1))], names=["category", "score"]))
-    when = dt.datetime(2026, 12, 1, 1, 0, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 12, 1, 1, 0, tzinfo=dt.UTC)
     values = {
         "product_id": ids,
         "image_uri": np.char.add(np.char.add("s3://catalog-images/", ids), ".jpg"),
