@@ -70,6 +70,12 @@ def prepare_output(cfg: TrainConfig, output: str) -> str:
 def decode_splits(cfg: TrainConfig, data: LabelledData) -> Decoded:
     """Every split decoded once (training images with a margin for random crops); prints what
     was read."""
+    from ray.util.debug import log_once
+
+    # Ray Data warns once that "the cluster does not have any available CPUs; the Dataset job
+    # will hang" when a split's decode starts while the previous one's tasks still hold the
+    # cores: they free them a moment later, nothing hangs and there is nothing to act on.
+    log_once("cpu_warning")
     decode_size = round(cfg.input_size * DECODE_MARGIN)
     train_ds, train_bad = decoded_dataset(cfg, data.train, decode_size, data.base_uri)
     val_ds, val_bad = decoded_dataset(cfg, data.val, cfg.input_size, data.base_uri)
