@@ -10,8 +10,6 @@ export's defaults) and judged on the same held-out photos (`jobs.export`'s parit
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import tempfile
 import time
@@ -27,37 +25,6 @@ from pipeline.inference import export as ex
 from pipeline.models.artifact import load_metadata
 
 MODEL = str(Path(__file__).resolve().parents[1] / "examples" / "model")
-
-
-def quantize(graph: bytes, images: np.ndarray, batch: int, reduce_range: bool, weights: str,
-             float_depthwise: bool = False) -> bytes:
-    """One static QDQ variant: per-channel weights, uint8 activations, stem and head float."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, pre, out = (os.path.join(tmp, n) for n in ("a.onnx", "b.onnx", "c.onnx"))
-        Path(src).write_bytes(graph)
-        quant_pre_process(src, pre)
-        nodes = onnx.load(pre).graph.node
-        keep = [next(n.name for n in nodes if n.op_type == "Conv"),
-                next(n.name for n in nodes if ex.LOGITS_OUTPUT in n.output)]
-        if float_depthwise:
-            keep += [n.name for n in nodes if n.op_type == "Conv" and any(
-                a.name == "group" and a.i > 1 for a in n.attribute)]
-        logging.getLogger().setLevel(logging.ERROR)
-        quantize_static(pre, out, ex._CalibrationReader(images, batch), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=reduce_range,
-                        activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8 if weights == "s8" else QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep)
-        return Path(out).read_bytes()
 
 
 def images_per_s(graph: bytes, x: np.ndarray, threads: int, rounds: int) -> float:
@@ -91,9 +58,12 @@ def main() -> int:
     variants = {
         "fp32 (no quantization)": graph,
         "7-bit s8 weights (shipped)": ex.to_int8(graph, images, cfg.batch_size),
-        "7-bit s8, depthwise float": quantize(graph, images, cfg.batch_size, True, "s8", True),
-        "8-bit s8 weights (VNNI only)": quantize(graph, images, cfg.batch_size, False, "s8"),
-        "8-bit u8 weights (U8U8)": quantize(graph, images, cfg.batch_size, False, "u8"),
+        "7-bit s8, depthwise float": ex.to_int8(graph, images, cfg.batch_size,
+                                                float_depthwise=True),
+        "8-bit s8 weights (VNNI only)": ex.to_int8(graph, images, cfg.batch_size,
+                                                   reduce_range=False),
+        "8-bit u8 weights (U8U8)": ex.to_int8(graph, images, cfg.batch_size, reduce_range=False,
+                                              unsigned_weights=True),
     }
     print(f"{len(images)} calibration photos, {len(reference.images)} held-out photos, "
           f"{args.threads} threads, batch 64")

@@ -120,7 +120,8 @@ class _CalibrationReader:
         return next(self.batches, None)
 
 
-def to_int8(model: bytes, images: np.ndarray, batch_size: int, reduce_range: bool = True) -> bytes:
+def to_int8(model: bytes, images: np.ndarray, batch_size: int, reduce_range: bool = True,
+            unsigned_weights: bool = False, float_depthwise: bool = False) -> bytes:
     """Static QDQ quantization: per-channel int8 weights on 7 bits (`reduce_range`), uint8
     activations calibrated (MinMax) on `images`.
 
@@ -130,7 +131,8 @@ def to_int8(model: bytes, images: np.ndarray, batch_size: int, reduce_range: boo
     saturate, so every x86-64 CPU computes the same integers, at the same speed as full range;
     uint8 weights (U8U8) avoid it too but have no fast per-channel kernel. The stem convolution
     (on the normalized photo) and the head (the node that writes the logits) stay float: a
-    sliver of the compute, and they hold a good part of the int8 error."""
+    sliver of the compute, and they hold a good part of the int8 error. `unsigned_weights` and
+    `float_depthwise` are the alternatives benchmarks/int8_formats.py measures against this."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -148,6 +150,8 @@ def to_int8(model: bytes, images: np.ndarray, batch_size: int, reduce_range: boo
         nodes = onnx.load(prepared).graph.node
         stem = next(n.name for n in nodes if n.op_type == "Conv")
         head = next(n.name for n in nodes if LOGITS_OUTPUT in n.output)
+        depthwise = [n.name for n in nodes if float_depthwise and n.op_type == "Conv" and any(
+            a.name == "group" and a.i > 1 for a in n.attribute)]
         # The quantizer logs a line per channel whose folded bias needs a wider scale than
         # input x weight scale; it widens it itself, and the parity check judges the result,
         # so those lines are noise in a scheduler's log.
@@ -157,9 +161,10 @@ def to_int8(model: bytes, images: np.ndarray, batch_size: int, reduce_range: boo
         try:
             quantize_static(prepared, out, _CalibrationReader(images, batch_size),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=[stem, head])
+                            nodes_to_exclude=[stem, head, *depthwise])
         finally:
             root.setLevel(level)
         return Path(out).read_bytes()
