@@ -3,8 +3,9 @@ scikit-learn search it replaced (kept here only as the reference), on synthetic 
 bundled model's shape.
 
 - duplicate candidates: Hamming radius `--phash-max-distance` on random 64-bit hashes. The old
-  search is sklearn `NearestNeighbors(metric="hamming")`, the new one `near_pairs` (a flat faiss
-  binary index). Random hashes have no duplicates, so the cost is the search itself; recall is
+  search is sklearn `NearestNeighbors(metric="hamming")`, the new one `near_pairs` (since
+  issue 26 each row's nearest embeddings, then the hash limit; it was a flat faiss binary
+  index). Random hashes have no duplicates, so the cost is the search itself; recall is
   checked on sample queries against a numpy popcount of every pair.
 - outliers: the `--outlier-neighbours` nearest rows by cosine on 1,280-value embeddings. The old
   search is sklearn `NearestNeighbors(metric="cosine")`, the new one `embedding_index` (IVF,
@@ -124,7 +125,8 @@ def one(n: int, exact_full_rows: int) -> dict:
     scores = mean_neighbour_distances(index, feats, k)
     row["faiss_knn_s"] = time.perf_counter() - start
     row["index_bytes_per_row"] = faiss.serialize_index(index).nbytes / n
-    row["lists"], row["nprobe"] = index.nlist, index.nprobe
+    ivf = faiss.extract_index_ivf(index)  # inside the projection (audit_search.SEARCH_DIM)
+    row["lists"], row["nprobe"] = ivf.nlist, ivf.nprobe
     exact = faiss.IndexFlatIP(EMBEDDING_DIM)
     exact.add(feats)
     sims, truth_ids = exact.search(feats[sample], k + 1)

@@ -14,9 +14,11 @@ then finds:
   flagged a robust number of deviations above the median.
 
 Neighbour searches use faiss, queried in blocks of rows (`audit_search`); the findings are made
-in `audit_checks` and drawn on one page by `audit_page`. The embeddings themselves are still held
-on the driver (N x D float32): the label check's logistic regression and the near-duplicate
-confirmation read them. Rows whose image cannot be read are error rows with the reason.
+in `audit_checks` and drawn on one page by `audit_page`. The embeddings are not held on the
+driver: each batch's are appended, as float16, to an on-disk `EmbeddingStore` in a temporary
+folder (under $TMPDIR, removed when the audit ends) as the batches stream out of the engine, and
+the checks read them back a block at a time. The driver keeps a few small columns per row (ids,
+URIs, categories, hashes). Rows whose image cannot be read are error rows with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import io
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,12 +39,14 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.analysis.audit_checks import (
     Embedded,
+    digests,
     find_duplicates,
     find_label_issues,
     find_outliers,
 )
 from pipeline.analysis.audit_page import report_page
 from pipeline.analysis.audit_search import phash_value
+from pipeline.analysis.audit_store import EmbeddingStore, Scratch
 from pipeline.analysis.findings import (
     DUPLICATES_FILE,
     ERRORS_FILE,
@@ -118,44 +124,102 @@ OUTPUT_COLUMNS = ["row", "product_id", "image_uri", "given_category", "status", 
 
 
 def embed_rows(cfg: AuditConfig, table: pa.Table, base_uri: str, input_size: int
-               ) -> tuple[list[dict[str, np.ndarray]], str, str]:
-    """Every row through the scoring engine: (batches, executor, why)."""
+               ) -> tuple[Iterator[dict[str, np.ndarray]], str, str]:
+    """Every row through the scoring engine: (batches as they come, executor, why)."""
     images = dataclasses.replace(engine.ImageSettings.from_config(cfg, input_size, base_uri),
                                  record_digest=True)
     session = engine.start(cfg, table.num_rows)
-    batches = engine.score(session, images, table, engine.Predictor(
-        AuditEmbedder, AuditSettings(storage.normalize(cfg.model))), columns=OUTPUT_COLUMNS)
-    return batches, session.executor, session.reason
+    predictor = engine.Predictor(AuditEmbedder, AuditSettings(storage.normalize(cfg.model)))
+    return stream(session, images, table, predictor), session.executor, session.reason
 
 
-def collect(batches: list[dict[str, np.ndarray]]) -> Embedded:
-    """The engine's batches as manifest-ordered arrays of the readable rows, plus error rows."""
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([np.asarray(b[name]) for b in batches]) if batches else np.array([])
+def stream(session: engine.Session, images: engine.ImageSettings, table: pa.Table,
+           predictor: engine.Predictor) -> Iterator[dict[str, np.ndarray]]:
+    """`engine.score`, a batch at a time as the batches come (not all held at once; on Ray not
+    necessarily in row order), restricted to OUTPUT_COLUMNS."""
+    if session.executor == "local":
+        score = engine.in_process_scorer(images, session.place, predictor)
+        for start in range(0, table.num_rows, session.place.batch_size):
+            for part in score(table.slice(start, session.place.batch_size)):
+                yield {c: part[c] for c in OUTPUT_COLUMNS}
+        return
+    from pipeline.inference.cluster import surface_job_errors
 
-    row, status = cat("row"), cat("status")
-    ok = status == "ok"
-    # A batch whose rows all failed has features of width 1 (Embedder): only ok rows are stacked.
-    features = [np.stack(list(b["features"]))[np.asarray(b["status"]) == "ok"]
-                for b in batches if (np.asarray(b["status"]) == "ok").any()]
-    feats = np.concatenate(features).astype(np.float32) if features else np.zeros((0, 1), np.float32)
-    order = np.argsort(row[ok], kind="stable")
-    norms = np.linalg.norm(feats, axis=1, keepdims=True)
-    bad = np.argsort(row[~ok], kind="stable")
-    errors = pa.table({name: pa.array(cat(name)[~ok][bad], pa.string())
-                       for name in ERRORS_SCHEMA.names}, schema=ERRORS_SCHEMA)
+    ds = engine.scored(engine.table_dataset(table), images, session.place, predictor)
+    with surface_job_errors():
+        yield from ds.select_columns(OUTPUT_COLUMNS).iter_batches(batch_format="numpy",
+                                                                  batch_size=None)
+
+
+def compact(name: str, values: np.ndarray) -> np.ndarray | pa.Array:
+    """A batch's kept column as held until the checks: strings as Arrow (a few bytes over their
+    length, where a Python string takes about fifty more), digests as 16 bytes, not 64 hex."""
+    if name == "content_hash":
+        return digests(values)
+    if name in ("product_id", "image_uri", "given_category"):
+        return pa.array(values, pa.string())
+    return np.asarray(values, dtype=np.uint64 if name == "phash" else np.int64)
+
+
+KEPT = ("row", "product_id", "image_uri", "given_category", "content_hash", "phash")
+
+
+def collect(batches: Iterator[dict[str, np.ndarray]], folder: Path) -> Embedded:
+    """The engine's batches as manifest-ordered columns of the readable rows, their L2-normalized
+    embeddings appended to a float16 store in `folder` batch by batch, plus the error rows."""
+    kept: dict[str, list] = {name: [] for name in KEPT}
+    failed: list[dict[str, np.ndarray]] = []
+    store = None
+    for batch in batches:
+        ok = np.asarray(batch["status"]) == "ok"
+        if not ok.all():
+            failed.append({name: np.asarray(batch[name])[~ok]
+                           for name in [*ERRORS_SCHEMA.names, "row"]})
+        if not ok.any():  # its features are of width 1 (Embedder)
+            continue
+        feats = np.stack(list(batch["features"]))[ok].astype(np.float32)
+        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), MIN_NORM)
+        if store is None:
+            store = EmbeddingStore(folder / "embeddings.f16", feats.shape[1])
+        store.append(feats)
+        for name in KEPT:
+            kept[name].append(compact(name, np.asarray(batch[name])[ok]))
+    errors = error_table(failed)
+    ok_rows = sum(len(r) for r in kept["row"])
     failure = mass_failure(errors.column("error_type").to_pylist(),
-                           errors.column("error_message").to_pylist(), len(ok), "rows")
-    if failure and not ok.any():
+                           errors.column("error_message").to_pylist(),
+                           ok_rows + errors.num_rows, "rows")
+    if failure and not ok_rows:
         raise ConfigError(f"no image could be read: {failure}")
     if failure:
         print(f"warning: {failure}", file=sys.stderr, flush=True)
-    return Embedded(product_id=cat("product_id")[ok][order].astype(str),
-                    image_uri=cat("image_uri")[ok][order],
-                    given=cat("given_category")[ok][order],
-                    content_hash=cat("content_hash")[ok][order],
-                    phash=cat("phash")[ok][order].astype(np.uint64),
-                    features=(feats / np.maximum(norms, MIN_NORM))[order], errors=errors)
+    if store is None:  # no readable row: empty columns
+        store = EmbeddingStore(folder / "embeddings.f16", 1)
+        kept = {name: [compact(name, np.array([], dtype=object))] for name in KEPT}
+    order = np.argsort(np.concatenate(kept["row"]), kind="stable")
+    features = store.finish()
+    if (order != np.arange(len(order))).any():  # Ray returned batches out of order
+        features = store.reordered(order, folder / "embeddings-ordered.f16")
+        store.path.unlink()
+
+    def column(name: str) -> np.ndarray | pa.Array:
+        parts = kept.pop(name)  # each batch's part is let go once joined
+        if isinstance(parts[0], pa.Array):
+            return pa.concat_arrays(parts).take(order)
+        return np.concatenate(parts)[order]
+
+    return Embedded(product_id=column("product_id"), image_uri=column("image_uri"),
+                    given=column("given_category"), digest=column("content_hash"),
+                    phash=column("phash"), features=features, errors=errors, scratch=str(folder))
+
+
+def error_table(failed: list[dict[str, np.ndarray]]) -> pa.Table:
+    """errors.parquet: the rows whose image could not be read, in manifest order."""
+    row = np.concatenate([f["row"] for f in failed]) if failed else np.zeros(0, np.int64)
+    bad = np.argsort(row, kind="stable")
+    return pa.table({name: pa.array(np.concatenate([f[name] for f in failed])[bad] if failed
+                                    else [], pa.string())
+                     for name in ERRORS_SCHEMA.names}, schema=ERRORS_SCHEMA)
 
 
 # ---- the job ---------------------------------------------------------------------------------
@@ -177,10 +241,11 @@ def run(cfg: AuditConfig) -> dict:
     storage.check_writable(output)
 
     batches, executor, why = embed_rows(cfg, table, base_uri, meta.input_size)
-    data = collect(batches)
-    duplicates, roots = find_duplicates(data, cfg)
-    labels = find_label_issues(data, cfg)
-    outliers = find_outliers(data, roots, cfg)
+    with Scratch() as folder:
+        data = collect(batches, folder)
+        duplicates, roots = find_duplicates(data, cfg)
+        labels = find_label_issues(data, cfg)
+        outliers = find_outliers(data, roots, cfg)
 
     kinds = Counter(duplicates["kind"].to_pylist())
     summary = {

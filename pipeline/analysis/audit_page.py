@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.analysis.audit_checks import Embedded
 from pipeline.analysis.report import thumbnail_jpeg
@@ -26,11 +27,17 @@ def _thumb(uri: str, fetch: Callable[[str], bytes], thumbs: dict[str, str]) -> s
     return thumbs[uri]
 
 
+def image_uris(data: Embedded, products: set[str]) -> dict[str, str]:
+    """product_id -> image URI of the products shown (not a lookup of every row)."""
+    shown = pc.is_in(data.product_id, value_set=pa.array(sorted(products), pa.string()))
+    return dict(zip(data.product_id.filter(shown).to_pylist(),
+                    data.image_uri.filter(shown).to_pylist(), strict=True))
+
+
 def report_page(summary: dict, data: Embedded, fetch: Callable[[str], bytes], duplicates: pa.Table,
                 labels: pa.Table, outliers: pa.Table, items: int) -> str:
     """The audit as one self-contained HTML page: counts, then pictures of each finding."""
     e = esc
-    uri = dict(zip(data.product_id.tolist(), data.image_uri.tolist(), strict=True))
     thumbs: dict[str, str] = {}
     counts = [["rows in the manifest", summary["rows"]], ["readable", summary["ok"]],
               ["unreadable (errors.parquet)", summary["errors"]],
@@ -44,6 +51,11 @@ def report_page(summary: dict, data: Embedded, fetch: Callable[[str], bytes], du
              f"labels from <code>{e(summary['label_column'] or 'none')}</code>.</p>",
              html_table(["finding", "rows"], [[e(a), e(b)] for a, b in counts], "counts")]
     dup = duplicates.sort_by([("similarity", "ascending")]).slice(0, items).to_pylist()
+    flagged = labels.filter(labels["flagged"]).sort_by([("score", "descending")])
+    suspects = flagged.slice(0, items).to_pylist()
+    top = outliers.sort_by([("score", "descending")]).slice(0, items).to_pylist()
+    uri = image_uris(data, {d["product_id"] for d in dup} | {d["duplicate_of"] for d in dup}
+                     | {r["product_id"] for r in suspects + top})
     parts.append(f"<h2>Duplicates ({duplicates.num_rows})</h2><p>Each product beside its group's "
                  "representative; least similar first, where a mistake is likeliest. A product "
                  "linked through another member of the group can be less similar to the "
@@ -52,14 +64,12 @@ def report_page(summary: dict, data: Embedded, fetch: Callable[[str], bytes], du
         f"{_thumb(uri[d['product_id']], fetch, thumbs)}<code>{e(d['product_id'])}</code>",
         f"{_thumb(uri[d['duplicate_of']], fetch, thumbs)}<code>{e(d['duplicate_of'])}</code>",
         e(d["kind"]), f"{d['similarity']:.3f}"] for d in dup]))
-    flagged = labels.filter(labels["flagged"]).sort_by([("score", "descending")])
     parts.append(f"<h2>Suspected labels ({flagged.num_rows})</h2><p>Most suspicious first: the "
                  "given category, and the one the other products' pictures suggest.</p>")
     parts.append(html_table(["product", "given", "suggested", "score"], [[
         f"{_thumb(uri[r['product_id']], fetch, thumbs)}<code>{e(r['product_id'])}</code>",
         e(r["given_category"]), e(r["suggested_category"]), f"{r['score']:.3f}"]
-        for r in flagged.slice(0, items).to_pylist()]))
-    top = outliers.sort_by([("score", "descending")]).slice(0, items).to_pylist()
+        for r in suspects]))
     parts.append(f"<h2>Outliers ({summary['outliers']['flagged']} flagged)</h2><p>The least "
                  "typical images first (mean cosine distance to their nearest distinct images); "
                  "flagged ones may be placeholders, logos or other non-product pictures.</p>")

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.analysis.audit import run
 from pipeline.analysis.audit_search import (
     IVF_PROBES,
-    IVF_TRAIN_ROWS_PER_LIST,
+    IVF_ROWS_PER_LIST,
     PHASH_BITS,
     near_pairs,
     neighbour_distances,
@@ -205,6 +205,19 @@ def test_train_exclude_leaves_out_flagged_training_rows(audited):
     assert cleaned.excluded["rows"] == len(training_side(full)) - len(kept)
 
 
+def test_findings_are_those_the_audit_made_with_every_embedding_in_memory(audited):
+    """Issue 26: the embeddings now stream to a float16 store on disk and the searches and the
+    label check read it by block; on these photos the findings are what the in-memory float32
+    audit found (its output, recorded before the change)."""
+    assert sorted((d["product_id"], d["duplicate_of"], d["kind"])
+                  for d in audited[DUPLICATES_FILE]) == [
+        ("Cantaloupe-4", "Cantaloupe-0", "near"), ("copy", "Banana-1", "exact"),
+        ("resized", "Cantaloupe-2", "near")]
+    assert sorted(r["product_id"] for r in audited[LABEL_ISSUES_FILE] if r["flagged"]) == [
+        "Banana-0", "Cantaloupe-0", "Cantaloupe-4", "Granny-Smith-0"]
+    assert [r["product_id"] for r in audited[OUTLIERS_FILE] if r["flagged"]] == ["blank"]
+
+
 def test_perceptual_hash_is_close_for_a_reencode_and_far_for_another_photo():
     photos = photos_by_category()["Banana"]
     a, b = (decode_image(p.read_bytes(), MODEL_INPUT_PX) for p in photos[:2])
@@ -233,10 +246,10 @@ def test_hash_radius_search_finds_a_pair_at_the_limit_and_not_one_bit_beyond():
 
 
 def test_outlier_distances_of_a_small_catalog_match_the_exact_search():
-    """Below IVF_PROBES x IVF_TRAIN_ROWS_PER_LIST rows every list is scanned: each row's mean
+    """Below IVF_PROBES x IVF_ROWS_PER_LIST rows every list is scanned: each row's mean
     distance to its k nearest others is the exact one, up to the 8-bit codes."""
     rng = np.random.default_rng(0)
-    n, k = IVF_PROBES * IVF_TRAIN_ROWS_PER_LIST - 1, AuditConfig().outlier_neighbours
+    n, k = IVF_PROBES * IVF_ROWS_PER_LIST - 1, AuditConfig().outlier_neighbours
     centres = rng.standard_normal((20, 64))
     feats = (centres[rng.integers(0, 20, n)] + 0.5 * rng.standard_normal((n, 64))).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
